@@ -1,0 +1,30 @@
+//! ResNets of He et al. (2016) — *Deep Residual Learning* and *Identity Mappings* — as trainable candle modules
+//! whose outputs, gradients and BatchNorm statistics match PyTorch's, under the names of the published checkpoints.
+//!
+//! ```no_run
+//! use resnet_core::Model;
+//! let model = Model::by_name("resnet20", 0, &candle_core::Device::Cpu)?;
+//! assert_eq!(model.parameter_count(), 269_722);
+//! # Ok::<(), resnet_core::ResNetError>(())
+//! ```
+
+pub mod batch_norm;
+mod config;
+pub mod conv;
+mod error;
+pub mod max_pool;
+mod model;
+mod network;
+pub mod param_store;
+pub mod registry;
+pub mod residual_unit;
+pub mod shortcut;
+mod weight_layout;
+pub mod weights;
+
+pub use config::{Block, Family, ResNetConfig, Shortcut, Unit};
+pub use error::{ResNetError, Result};
+pub use model::Model;
+pub use network::ResNet;
+pub use registry::{config_for, REGISTERED};
+pub use weight_layout::WeightLayout;

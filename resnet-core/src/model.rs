@@ -1,0 +1,75 @@
+//! A network together with its variables: what training, evaluation and checkpoints work on.
+
+use crate::param_store::ParamStore;
+use crate::{registry, weights, ResNet, ResNetConfig, Result};
+use candle_core::{Device, ModuleT, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct Model {
+    pub net: ResNet,
+    pub params: ParamStore,
+    device: Device,
+}
+
+impl Model {
+    /// Builds `config` with weights initialised from `seed` (He fan-out convolutions, BN γ=1 β=0).
+    pub fn new(config: &ResNetConfig, seed: u64, device: &Device) -> Result<Self> {
+        let params = ParamStore::new(seed);
+        let net = ResNet::new(config, params.var_builder(device))?;
+        Ok(Self {
+            net,
+            params,
+            device: device.clone(),
+        })
+    }
+
+    /// A registered architecture by name (see [`registry::config_for`]).
+    pub fn by_name(name: &str, seed: u64, device: &Device) -> Result<Self> {
+        Self::new(&registry::config_for(name)?, seed, device)
+    }
+
+    pub fn config(&self) -> &ResNetConfig {
+        self.net.config()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.net.forward_t(x, train)
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.params.parameter_count()
+    }
+
+    /// Multiply-adds per image at `h`×`w`.
+    pub fn macs(&self, hw: (usize, usize)) -> u64 {
+        self.net.macs(hw)
+    }
+
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.params.trainable()
+    }
+
+    /// Loads a safetensors file with this model's names (any float dtype, converted to f32).
+    pub fn load_weights(&self, path: &Path) -> Result<()> {
+        weights::load_file(&self.params, path)
+    }
+
+    /// Loads named tensors already in memory (same checks as [`Model::load_weights`]; `source` names them in errors).
+    pub fn load_tensors(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        weights::load_tensors(&self.params, tensors, source)
+    }
+
+    /// Every weight and BN statistic under its published name, on the CPU.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.params
+            .named_vars()
+            .into_iter()
+            .map(|(name, var)| Ok((name, var.as_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    }
+}

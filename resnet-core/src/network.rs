@@ -1,0 +1,128 @@
+//! The whole network: stem, stages of residual units, (final BN-ReLU), global average pool, classifier.
+
+use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::{conv, conv_macs};
+use crate::max_pool::MaxPool2d;
+use crate::residual_unit::ResidualUnit;
+use crate::{Family, ResNetConfig, Unit, WeightLayout};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Conv2d, Init, Linear, VarBuilder};
+
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    config: ResNetConfig,
+    stem_conv: Conv2d,
+    /// BN-ReLU after the stem conv (original units only).
+    stem_norm: Option<BatchNorm>,
+    stem_pool: Option<MaxPool2d>,
+    units: Vec<ResidualUnit>,
+    /// BN-ReLU after the last unit (pre-activation only).
+    final_norm: Option<BatchNorm>,
+    head: Linear,
+}
+
+impl ResNet {
+    pub fn new(config: &ResNetConfig, vb: VarBuilder) -> crate::Result<Self> {
+        config.validate()?;
+        let layout = WeightLayout::of(config);
+        let (stem_width, stem_kernel, stem_stride, stem_pool) = match config.family {
+            Family::Cifar => (config.base_width, 3, 1, None),
+            Family::ImageNet => (config.base_width, 7, 2, Some(MaxPool2d::STEM)),
+        };
+        let stem_conv = conv(3, stem_width, stem_kernel, stem_stride, false, vb.pp(layout.stem_conv()))?;
+        let pre_activation = config.unit == Unit::PreActivation;
+        let stem_norm = match pre_activation {
+            false => Some(batch_norm(stem_width, false, vb.pp(layout.stem_norm()))?),
+            true => None,
+        };
+
+        let mut units = Vec::new();
+        let mut in_ch = stem_width;
+        for (stage, (&depth, width)) in config.stage_depths.iter().zip(config.stage_widths()).enumerate() {
+            for index in 0..depth {
+                let stride = if index == 0 && stage > 0 { 2 } else { 1 };
+                let vb_unit = vb.pp(layout.unit(stage, index));
+                units.push(ResidualUnit::new(config, in_ch, width, stride, vb_unit)?);
+                in_ch = width * config.block.expansion();
+            }
+        }
+
+        let features = config.feature_width();
+        let final_norm = match pre_activation {
+            true => Some(batch_norm(features, false, vb.pp(layout.final_norm()))?),
+            false => None,
+        };
+        let head = head(features, config.num_classes, layout, vb.pp(layout.head()))?;
+        Ok(Self {
+            config: config.clone(),
+            stem_conv,
+            stem_norm,
+            stem_pool,
+            units,
+            final_norm,
+            head,
+        })
+    }
+
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// Multiply-adds of one image of `h`×`w` pixels (convolutions and the classifier, as the papers count).
+    pub fn macs(&self, hw: (usize, usize)) -> u64 {
+        let (mut total, mut hw) = conv_macs(&self.stem_conv, hw);
+        if let Some(pool) = self.stem_pool {
+            hw = (pool.output_size(hw.0), pool.output_size(hw.1));
+        }
+        for unit in &self.units {
+            let (m, out) = unit.macs(hw);
+            total += m;
+            hw = out;
+        }
+        total + (self.config.feature_width() * self.config.num_classes) as u64
+    }
+
+    /// Pooled features `[N, C]` before the classifier.
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, c, _, _) = x.dims4()?;
+        if c != 3 {
+            candle_core::bail!("ResNet input must be [N, 3, H, W], got {:?}", x.shape());
+        }
+        let mut y = self.stem_conv.forward(x)?;
+        if let Some(norm) = &self.stem_norm {
+            y = norm.forward_t(&y, train)?.relu()?;
+        }
+        if let Some(pool) = &self.stem_pool {
+            y = pool.forward(&y)?;
+        }
+        for unit in &self.units {
+            y = unit.forward_t(&y, train)?;
+        }
+        if let Some(norm) = &self.final_norm {
+            y = norm.forward_t(&y, train)?.relu()?;
+        }
+        y.mean((2, 3))
+    }
+}
+
+/// The classifier. timm's resnetv2 keeps it as a 1×1 conv (`[classes, features, 1, 1]`): same numbers, other shape.
+fn head(features: usize, classes: usize, layout: WeightLayout, vb: VarBuilder) -> Result<Linear> {
+    // PyTorch's nn.Linear default: U(−1/√fan_in, 1/√fan_in) for weight and bias.
+    let bound = 1.0 / (features as f64).sqrt();
+    let init = Init::Uniform { lo: -bound, up: bound };
+    let weight = if layout.head_is_conv() {
+        vb.get_with_hints((classes, features, 1, 1), "weight", init)?
+            .reshape((classes, features))?
+    } else {
+        vb.get_with_hints((classes, features), "weight", init)?
+    };
+    let bias = vb.get_with_hints(classes, "bias", init)?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+impl ModuleT for ResNet {
+    /// Logits `[N, classes]`. `train` selects batch statistics (and updates the running ones).
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.head.forward(&self.features_t(x, train)?)
+    }
+}

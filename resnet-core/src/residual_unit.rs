@@ -1,0 +1,111 @@
+//! One residual unit, original or pre-activation, basic or bottleneck, with or without its shortcut.
+//!
+//! Original (post-activation):  y = ReLU(F(x) + shortcut(x)),  F = conv-BN-ReLU-…-conv-BN
+//! Pre-activation:              y = F(x) + shortcut(x),        F = BN-ReLU-conv-…-BN-ReLU-conv
+//! Plain (no shortcut):         the same layers, without the addition.
+
+use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::{conv, conv_macs};
+use crate::shortcut::ShortcutPath;
+use crate::{Block, ResNetConfig, Unit, WeightLayout};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
+
+#[derive(Debug, Clone)]
+pub struct ResidualUnit {
+    unit: Unit,
+    convs: Vec<Conv2d>,
+    /// `norms[k]` follows `convs[k]` in original units and precedes it in pre-activation units.
+    norms: Vec<BatchNorm>,
+    /// `None` in plain nets.
+    shortcut: Option<ShortcutPath>,
+}
+
+/// `(in, out, kernel, stride)` of each convolution of the branch.
+fn branch_convs(block: Block, in_ch: usize, width: usize, stride: usize) -> Vec<(usize, usize, usize, usize)> {
+    match block {
+        Block::Basic => vec![(in_ch, width, 3, stride), (width, width, 3, 1)],
+        Block::Bottleneck => vec![
+            (in_ch, width, 1, 1),
+            (width, width, 3, stride),
+            (width, width * 4, 1, 1),
+        ],
+    }
+}
+
+impl ResidualUnit {
+    /// A unit taking `in_ch` channels to `width · expansion`, striding by `stride`.
+    pub fn new(config: &ResNetConfig, in_ch: usize, width: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let layout = WeightLayout::of(config);
+        let specs = branch_convs(config.block, in_ch, width, stride);
+        let last = specs.len() - 1;
+        let zero = |k: usize| config.zero_init_residual && config.residual && k == last;
+        let mut convs = Vec::with_capacity(specs.len());
+        let mut norms = Vec::with_capacity(specs.len());
+        for (k, &(cin, cout, kernel, s)) in specs.iter().enumerate() {
+            // Zero-init the branch's last affine map: the BN γ after the last conv, or that conv in pre-activation.
+            let (norm_ch, zero_gamma, zero_conv) = match config.unit {
+                Unit::Original => (cout, zero(k), false),
+                Unit::PreActivation => (cin, false, zero(k)),
+            };
+            convs.push(conv(cin, cout, kernel, s, zero_conv, vb.pp(layout.branch_conv(k + 1)))?);
+            norms.push(batch_norm(norm_ch, zero_gamma, vb.pp(layout.branch_norm(k + 1)))?);
+        }
+        let out_ch = width * config.block.expansion();
+        let shortcut = if config.residual {
+            Some(ShortcutPath::new(config.shortcut, config.unit, (in_ch, out_ch, stride), layout, vb)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            unit: config.unit,
+            convs,
+            norms,
+            shortcut,
+        })
+    }
+
+    /// Multiply-adds on an `h`×`w` input, and the output size.
+    pub fn macs(&self, hw: (usize, usize)) -> (u64, (usize, usize)) {
+        let shortcut = self.shortcut.as_ref().map_or(0, |s| s.macs(hw));
+        self.convs.iter().fold((shortcut, hw), |(total, hw), conv| {
+            let (m, out) = conv_macs(conv, hw);
+            (total + m, out)
+        })
+    }
+
+    fn forward_original(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        for (k, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
+            y = norm.forward_t(&conv.forward(&y)?, train)?;
+            if k + 1 < self.convs.len() {
+                y = y.relu()?;
+            }
+        }
+        match &self.shortcut {
+            Some(shortcut) => (y + shortcut.forward_t(x, x, train)?)?.relu(),
+            None => y.relu(),
+        }
+    }
+
+    fn forward_pre_activation(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let pre_activated = self.norms[0].forward_t(x, train)?.relu()?;
+        let mut y = self.convs[0].forward(&pre_activated)?;
+        for (conv, norm) in self.convs.iter().zip(&self.norms).skip(1) {
+            y = conv.forward(&norm.forward_t(&y, train)?.relu()?)?;
+        }
+        match &self.shortcut {
+            Some(shortcut) => y + shortcut.forward_t(x, &pre_activated, train)?,
+            None => Ok(y),
+        }
+    }
+}
+
+impl ModuleT for ResidualUnit {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.unit {
+            Unit::Original => self.forward_original(x, train),
+            Unit::PreActivation => self.forward_pre_activation(x, train),
+        }
+    }
+}

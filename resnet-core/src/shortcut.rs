@@ -1,0 +1,93 @@
+//! The shortcut path of a residual unit: options A, B and C of the paper (Sec. 3.3).
+
+use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::{conv, conv_macs};
+use crate::{Shortcut, Unit, WeightLayout};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
+
+#[derive(Debug, Clone)]
+pub enum ShortcutPath {
+    Identity,
+    /// Option A where the shape changes: subsample by `stride`, zero-pad `before`/`after` channels.
+    ZeroPad { stride: usize, before: usize, after: usize },
+    /// 1×1 convolution (+ BN in original units; pre-activation units feed it the normalised input instead).
+    Projection { conv: Conv2d, norm: Option<BatchNorm> },
+}
+
+impl ShortcutPath {
+    pub fn new(
+        option: Shortcut,
+        unit: Unit,
+        (in_ch, out_ch, stride): (usize, usize, usize),
+        layout: WeightLayout,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let reshapes = stride != 1 || in_ch != out_ch;
+        let project = match option {
+            Shortcut::A => false,
+            Shortcut::B => reshapes,
+            Shortcut::C => true,
+        };
+        if project {
+            let (conv_name, norm_name) = layout.shortcut();
+            let conv = conv(in_ch, out_ch, 1, stride, false, vb.pp(conv_name))?;
+            let norm = match unit {
+                Unit::Original => Some(batch_norm(out_ch, false, vb.pp(norm_name))?),
+                Unit::PreActivation => None,
+            };
+            return Ok(ShortcutPath::Projection { conv, norm });
+        }
+        if !reshapes {
+            return Ok(ShortcutPath::Identity);
+        }
+        if out_ch < in_ch {
+            candle_core::bail!("option-A shortcut cannot shrink {in_ch} to {out_ch} channels");
+        }
+        let extra = out_ch - in_ch;
+        Ok(ShortcutPath::ZeroPad {
+            stride,
+            before: extra / 2,
+            after: extra - extra / 2,
+        })
+    }
+
+    /// `x` is the unit's input; `pre_activated` is BN-ReLU(x) in pre-activation units (else `x` again).
+    pub fn forward_t(&self, x: &Tensor, pre_activated: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            ShortcutPath::Identity => Ok(x.clone()),
+            ShortcutPath::ZeroPad { stride, before, after } => {
+                subsample(x, *stride)?.pad_with_zeros(1, *before, *after)
+            }
+            ShortcutPath::Projection { conv, norm } => {
+                let y = conv.forward(pre_activated)?;
+                match norm {
+                    Some(norm) => norm.forward_t(&y, train),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    pub fn macs(&self, hw: (usize, usize)) -> u64 {
+        match self {
+            ShortcutPath::Projection { conv, .. } => conv_macs(conv, hw).0,
+            _ => 0,
+        }
+    }
+}
+
+/// `x[:, :, ::s, ::s]` without strided views: pad odd sizes, split each spatial dim into (size/s, s), keep index 0.
+fn subsample(x: &Tensor, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let x = x.pad_with_zeros(2, 0, (s - h % s) % s)?;
+    let x = x.pad_with_zeros(3, 0, (s - w % s) % s)?;
+    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    x.reshape((n, c, oh, s, ow, s))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((n, c, oh, ow))
+}

@@ -1,0 +1,88 @@
+//! Reading weights into a model: every tensor checked by name and shape, float16/bfloat16/float32/float64
+//! converted to float32, and every mismatch reported as a typed error naming the file and tensor.
+
+use crate::param_store::ParamStore;
+use crate::{ResNetError, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Names that published checkpoints carry but the model does not need.
+fn ignorable(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
+}
+
+/// Reads every tensor of a safetensors file, validating the container first so truncation is reported as such.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|source| ResNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not_safetensors = |reason: String| ResNetError::NotSafetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(e.to_string()))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|_| ResNetError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            dtype: format!("{:?}", view.dtype()),
+        })?;
+        tensors.insert(name, tensor);
+    }
+    Ok(tensors)
+}
+
+pub fn load_file(params: &ParamStore, path: &Path) -> Result<()> {
+    load_tensors(params, &read_safetensors(path)?, path)
+}
+
+/// Copies `tensors` into `params`. All checks run before anything is written, so a bad file leaves the model as it was.
+pub fn load_tensors(params: &ParamStore, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+    let vars = params.named_vars();
+    let path = || source.to_path_buf();
+    let missing: Vec<String> = vars
+        .iter()
+        .filter(|(n, _)| !tensors.contains_key(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !missing.is_empty() {
+        return Err(ResNetError::MissingTensors { path: path(), missing });
+    }
+    let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    let mut unexpected: Vec<String> = tensors
+        .keys()
+        .filter(|n| !known.contains(n.as_str()) && !ignorable(n))
+        .cloned()
+        .collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(ResNetError::UnexpectedTensors { path: path(), unexpected });
+    }
+    let mut converted = Vec::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let t = &tensors[name];
+        if t.dims() != var.dims() {
+            return Err(ResNetError::ShapeMismatch {
+                path: path(),
+                name: name.clone(),
+                expected: var.dims().to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        if !t.dtype().is_float() {
+            return Err(ResNetError::UnsupportedDtype {
+                path: path(),
+                name: name.clone(),
+                dtype: format!("{:?}", t.dtype()),
+            });
+        }
+        converted.push(t.to_dtype(DType::F32)?.to_device(var.device())?);
+    }
+    for ((_, var), value) in vars.iter().zip(converted) {
+        var.set(&value)?;
+    }
+    Ok(())
+}
