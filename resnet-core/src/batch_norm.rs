@@ -1,7 +1,8 @@
 //! BatchNorm2d with PyTorch's semantics: batch statistics (biased variance) in training and a running
 //! estimate updated with momentum 0.1 from the *unbiased* variance; running statistics in evaluation.
 
-use candle_core::{ModuleT, Result, Tensor, Var};
+use crate::batch_norm_op::{BatchNormTrain, ChannelStats};
+use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 pub const EPS: f64 = 1e-5;
@@ -52,8 +53,38 @@ impl BatchNorm {
         let (n, _c, h, w) = x.dims4()?;
         let count = (n * h * w) as f64;
         if count < 2.0 {
-            candle_core::bail!("BatchNorm in training needs more than one value per channel, got input {:?}", x.shape());
+            candle_core::bail!(
+                "BatchNorm in training needs more than one value per channel, got input {:?}",
+                x.shape()
+            );
         }
+        let (y, mean, var) = if x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.forward_train_fused(&x.contiguous()?)?
+        } else {
+            self.forward_train_composed(x)?
+        };
+        let unbiased = (var * (count / (count - 1.0)))?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (unbiased * MOMENTUM)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok(y)
+    }
+
+    /// CPU: one statistics pass and one output pass, closed-form backward (see `batch_norm_op`).
+    fn forward_train_fused(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let stats = x.apply_op1_no_bwd(&ChannelStats)?;
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let op = BatchNormTrain {
+            mean: mean.to_vec1()?,
+            inv_std: var.to_vec1::<f32>()?.iter().map(|v| 1.0 / (v + EPS as f32).sqrt()).collect(),
+        };
+        let y = x.apply_op3(&self.weight, &self.bias, op)?;
+        Ok((y, mean, var))
+    }
+
+    /// Other devices: the same arithmetic from candle ops, differentiated by candle's autograd.
+    fn forward_train_composed(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let mean = x.mean_keepdim((0, 2, 3))?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -61,14 +92,7 @@ impl BatchNorm {
         let y = x_hat
             .broadcast_mul(&per_channel(&self.weight)?)?
             .broadcast_add(&per_channel(&self.bias)?)?;
-
-        let mean = mean.detach().flatten_all()?;
-        let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0)))?;
-        let rm = ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?;
-        let rv = ((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (unbiased * MOMENTUM)?)?;
-        self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
-        Ok(y)
+        Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod batch_norm;
+pub mod batch_norm_op;
 mod config;
 pub mod conv;
 mod error;
