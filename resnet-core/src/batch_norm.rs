@@ -23,8 +23,10 @@ pub fn batch_norm(channels: usize, zero_gamma: bool, vb: VarBuilder) -> Result<B
     let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
     // The store hands back the variable's own storage, so `Var::from_tensor` aliases it (no copy):
     // updating it here updates what is saved.
-    let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
-    let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
+    let running_mean =
+        Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
+    let running_var =
+        Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
     Ok(BatchNorm {
         weight,
         bias,
@@ -77,7 +79,11 @@ impl BatchNorm {
         let (mean, var) = (stats.get(0)?, stats.get(1)?);
         let op = BatchNormTrain {
             mean: mean.to_vec1()?,
-            inv_std: var.to_vec1::<f32>()?.iter().map(|v| 1.0 / (v + EPS as f32).sqrt()).collect(),
+            inv_std: var
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| 1.0 / (v + EPS as f32).sqrt())
+                .collect(),
         };
         let y = x.apply_op3(&self.weight, &self.bias, op)?;
         Ok((y, mean, var))
@@ -117,5 +123,84 @@ impl ModuleT for BatchNorm {
         } else {
             self.forward_eval(x)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::param_store::ParamStore;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_training_op_equals_candles_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let store = ParamStore::new(3);
+        let bn = batch_norm(5, false, store.var_builder(&dev))?;
+        // γ and β away from 1 and 0, so that every term of the backward shows.
+        store
+            .var("weight")
+            .unwrap()
+            .set(&Tensor::new(&[0.5f32, 1.5, -0.7, 2.0, 1.1], &dev)?)?;
+        store
+            .var("bias")
+            .unwrap()
+            .set(&Tensor::new(&[0.1f32, -0.3, 0.0, 0.4, 2.0], &dev)?)?;
+        let x = Var::randn(1f32, 2.0, (4, 5, 6, 7), &dev)?;
+        let upstream = Tensor::randn(0f32, 1.0, (4, 5, 6, 7), &dev)?;
+
+        let (fused, fm, fv) = bn.forward_train_fused(x.as_tensor())?;
+        let (composed, cm, cv) = bn.forward_train_composed(x.as_tensor())?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_diff(&fm, &cm) < 1e-5 && max_diff(&fv, &cv) < 1e-5);
+
+        let gf = (fused * &upstream)?.sum_all()?.backward()?;
+        let gc = (composed * &upstream)?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), &bn.weight, &bn.bias] {
+            let (a, b) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+            assert!(
+                max_diff(a, b) < 1e-4,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn running_statistics_follow_pytorch() -> Result<()> {
+        // One channel, values 1..=4 (N=4, 1×1): mean 2.5, biased var 1.25, unbiased 5/3.
+        let dev = Device::Cpu;
+        let bn = batch_norm(1, false, ParamStore::new(0).var_builder(&dev))?;
+        let x = Tensor::new(&[1f32, 2., 3., 4.], &dev)?.reshape((4, 1, 1, 1))?;
+        let y = bn.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        let s = (1.25f32 + 1e-5).sqrt();
+        for (got, v) in y.iter().zip([1f32, 2., 3., 4.]) {
+            assert!((got - (v - 2.5) / s).abs() < 1e-6);
+        }
+        let rm = bn.running_mean.as_tensor().to_vec1::<f32>()?[0];
+        let rv = bn.running_var.as_tensor().to_vec1::<f32>()?[0];
+        assert!((rm - 0.25).abs() < 1e-7, "running mean {rm}");
+        assert!(
+            (rv - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6,
+            "running var {rv}"
+        );
+        // Evaluation uses the running statistics.
+        let e = bn.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!((e[0] - (1.0 - rm) / (rv + 1e-5).sqrt()).abs() < 1e-6);
+        Ok(())
     }
 }

@@ -19,8 +19,14 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
 }
 
 /// Calls `f(channel, chunk)` for every contiguous H·W chunk of `data` (NCHW), in order.
-fn chunks_of_channel(data: &[f32], channels: usize, plane: usize) -> impl Iterator<Item = (usize, &[f32])> {
-    data.chunks(plane).enumerate().map(move |(i, chunk)| (i % channels, chunk))
+fn chunks_of_channel(
+    data: &[f32],
+    channels: usize,
+    plane: usize,
+) -> impl Iterator<Item = (usize, &[f32])> {
+    data.chunks(plane)
+        .enumerate()
+        .map(move |(i, chunk)| (i % channels, chunk))
 }
 
 /// Per-channel mean and biased variance of an NCHW tensor, as `[2, C]`, accumulated in f64 (no gradient).

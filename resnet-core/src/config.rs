@@ -78,7 +78,11 @@ impl ResNetConfig {
 
     /// Channels after the last stage: what the head sees.
     pub fn feature_width(&self) -> usize {
-        self.stage_widths().last().copied().unwrap_or(self.base_width) * self.block.expansion()
+        self.stage_widths()
+            .last()
+            .copied()
+            .unwrap_or(self.base_width)
+            * self.block.expansion()
     }
 
     /// The number of weighted layers, as the papers count depth (convolutions plus the classifier).

@@ -5,7 +5,14 @@ use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
 
 /// `kernel`×`kernel` convolution, padding `kernel / 2`, weight `[out, in, k, k]` under `vb`.
 /// He et al. (2015) fan-out: N(0, 2 / (out · k²)), as torchvision's `kaiming_normal_(mode="fan_out")`.
-pub fn conv(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, zero: bool, vb: VarBuilder) -> Result<Conv2d> {
+pub fn conv(
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    zero: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let init = if zero {
         Init::Const(0.0)
     } else {

@@ -29,7 +29,10 @@ impl MaxPool2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
-            candle_core::bail!("max-pool {self:?} needs an input of at least {0}×{0}, got {h}×{w}", self.kernel - 2 * self.padding);
+            candle_core::bail!(
+                "max-pool {self:?} needs an input of at least {0}×{0}, got {h}×{w}",
+                self.kernel - 2 * self.padding
+            );
         }
         if x.device().is_cpu() {
             x.contiguous()?.apply_op1(*self)
@@ -43,7 +46,12 @@ impl MaxPool2d {
     }
 
     /// Visits each output cell with the flat input index of its maximum (first one on ties).
-    fn for_each_argmax(&self, src: &[f32], dims: (usize, usize, usize, usize), mut f: impl FnMut(usize, usize)) {
+    fn for_each_argmax(
+        &self,
+        src: &[f32],
+        dims: (usize, usize, usize, usize),
+        mut f: impl FnMut(usize, usize),
+    ) {
         let (n, c, h, w) = dims;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
         for plane in 0..n * c {
@@ -91,7 +99,10 @@ fn pad_with(x: &Tensor, dim: usize, pad: usize, value: f32) -> Result<Tensor> {
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("max-pool {what}: only f32 is supported on CPU, got {:?}", other.dtype()),
+        other => candle_core::bail!(
+            "max-pool {what}: only f32 is supported on CPU, got {:?}",
+            other.dtype()
+        ),
     };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -127,12 +138,96 @@ impl CustomOp2 for MaxPoolGrad {
         "max-pool2d-padded-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let src = f32_slice(s1, l1, "backward input")?;
         let grad_out = f32_slice(s2, l2, "backward gradient")?;
         let dims = l1.shape().dims4()?;
         let mut grad_in = vec![0f32; src.len()];
-        self.0.for_each_argmax(src, dims, |o, i| grad_in[i] += grad_out[o]);
+        self.0
+            .for_each_argmax(src, dims, |o, i| grad_in[i] += grad_out[o]);
         Ok((CpuStorage::F32(grad_in), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_and_backward_by_hand_on_a_4x4_plane() -> Result<()> {
+        // 4×4 input, 3×3 windows, stride 2, padding 1 → 2×2 output. Windows (rows × cols, −∞ outside):
+        // (0,0): rows −1..1, cols −1..1   (0,1): rows −1..1, cols 1..3
+        // (1,0): rows 1..3, cols −1..1    (1,1): rows 1..3, cols 1..3
+        let x = Var::new(
+            &[[[
+                [1f32, 2., 0., 0.],
+                [5., 5., 0., 7.],
+                [0., 0., 0., 0.],
+                [0., 3., 0., 0.],
+            ]]],
+            &Device::Cpu,
+        )?;
+        let y = MaxPool2d::STEM.forward(x.as_tensor())?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![5., 7., 5., 7.]);
+        // Gradient weights 1, 10, 100, 1000 per output; the tie (5 at (1,0) and (1,1)) goes to the first, (1,0).
+        let weights = Tensor::new(&[[[[1f32, 10.], [100., 1000.]]]], &Device::Cpu)?;
+        let grads = (y * weights)?.sum_all()?.backward()?;
+        let g = grads.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let mut expected = vec![0f32; 16];
+        expected[4] = 1.0 + 100.0; // (1,0) wins windows (0,0) and (1,0)
+        expected[7] = 10.0 + 1000.0; // (1,3) wins windows (0,1) and (1,1)
+        assert_eq!(g, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn output_size_of_the_imagenet_stem() {
+        assert_eq!(MaxPool2d::STEM.output_size(112), 56);
+        assert_eq!(MaxPool2d::STEM.output_size(113), 57);
+        assert_eq!(MaxPool2d::STEM.output_size(1), 1);
+    }
+
+    #[test]
+    fn equals_candles_pool_where_candle_has_a_backward() -> Result<()> {
+        // kernel == stride, no padding: candle's own op is the reference (random data, so no ties).
+        // candle 0.11's backward divides each gradient by the window area (it averages the max mask);
+        // PyTorch routes the whole gradient to the maximum, as we do, hence the factor 4 below.
+        let pool = MaxPool2d {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        };
+        let x = Var::randn(0f32, 1.0, (2, 3, 6, 8), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 3, 4), &Device::Cpu)?;
+        let ours = pool.forward(x.as_tensor())?;
+        let theirs = x.as_tensor().max_pool2d(2)?;
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            theirs.flatten_all()?.to_vec1::<f32>()?
+        );
+        let g_ours = (ours * &w)?
+            .sum_all()?
+            .backward()?
+            .get(&x)
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let g_theirs = (theirs * &w)?
+            .sum_all()?
+            .backward()?
+            .get(&x)
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let g_theirs_scaled: Vec<f32> = g_theirs.iter().map(|g| g * 4.0).collect();
+        assert_eq!(g_ours, g_theirs_scaled);
+        Ok(())
     }
 }

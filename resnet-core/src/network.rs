@@ -29,7 +29,14 @@ impl ResNet {
             Family::Cifar => (config.base_width, 3, 1, None),
             Family::ImageNet => (config.base_width, 7, 2, Some(MaxPool2d::STEM)),
         };
-        let stem_conv = conv(3, stem_width, stem_kernel, stem_stride, false, vb.pp(layout.stem_conv()))?;
+        let stem_conv = conv(
+            3,
+            stem_width,
+            stem_kernel,
+            stem_stride,
+            false,
+            vb.pp(layout.stem_conv()),
+        )?;
         let pre_activation = config.unit == Unit::PreActivation;
         let stem_norm = match pre_activation {
             false => Some(batch_norm(stem_width, false, vb.pp(layout.stem_norm()))?),
@@ -38,7 +45,12 @@ impl ResNet {
 
         let mut units = Vec::new();
         let mut in_ch = stem_width;
-        for (stage, (&depth, width)) in config.stage_depths.iter().zip(config.stage_widths()).enumerate() {
+        for (stage, (&depth, width)) in config
+            .stage_depths
+            .iter()
+            .zip(config.stage_widths())
+            .enumerate()
+        {
             for index in 0..depth {
                 let stride = if index == 0 && stage > 0 { 2 } else { 1 };
                 let vb_unit = vb.pp(layout.unit(stage, index));
@@ -109,7 +121,10 @@ impl ResNet {
 fn head(features: usize, classes: usize, layout: WeightLayout, vb: VarBuilder) -> Result<Linear> {
     // PyTorch's nn.Linear default: U(−1/√fan_in, 1/√fan_in) for weight and bias.
     let bound = 1.0 / (features as f64).sqrt();
-    let init = Init::Uniform { lo: -bound, up: bound };
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
     let weight = if layout.head_is_conv() {
         vb.get_with_hints((classes, features, 1, 1), "weight", init)?
             .reshape((classes, features))?

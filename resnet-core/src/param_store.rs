@@ -32,7 +32,11 @@ impl ParamStore {
 
     /// Every variable, parameters and buffers, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("parameter store lock poisoned");
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .expect("parameter store lock poisoned");
         let mut vars: Vec<(String, Var)> =
             data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -48,7 +52,11 @@ impl ParamStore {
     }
 
     pub fn var(&self, name: &str) -> Option<Var> {
-        let data = self.varmap.data().lock().expect("parameter store lock poisoned");
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .expect("parameter store lock poisoned");
         data.get(name).cloned()
     }
 
@@ -71,7 +79,13 @@ impl ParamStore {
         rand::rngs::StdRng::seed_from_u64(h)
     }
 
-    fn initial_value(&self, shape: &Shape, name: &str, init: Init, dev: &Device) -> candle_core::Result<Tensor> {
+    fn initial_value(
+        &self,
+        shape: &Shape,
+        name: &str,
+        init: Init,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let n = shape.elem_count();
         let mut rng = self.rng_for(name);
         let values: Vec<f32> = match init {
@@ -82,7 +96,10 @@ impl ParamStore {
             }
             Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..up) as f32).collect(),
             kaiming @ Init::Kaiming { .. } => {
-                return Ok(kaiming.var(shape.clone(), DType::F32, dev)?.as_tensor().clone())
+                return Ok(kaiming
+                    .var(shape.clone(), DType::F32, dev)?
+                    .as_tensor()
+                    .clone())
             }
         };
         Tensor::from_vec(values, shape, dev)
@@ -98,7 +115,11 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut data = self.varmap.data().lock().expect("parameter store lock poisoned");
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .expect("parameter store lock poisoned");
         if let Some(var) = data.get(name) {
             if var.shape() != &shape {
                 candle_core::bail!(
@@ -108,14 +129,21 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             }
             return Ok(var.as_tensor().clone());
         }
-        let value = self.initial_value(&shape, name, init, dev)?.to_dtype(dtype)?;
+        let value = self
+            .initial_value(&shape, name, init, dev)?
+            .to_dtype(dtype)?;
         let var = Var::from_tensor(&value)?;
         let tensor = var.as_tensor().clone();
         data.insert(name.to_string(), var);
         Ok(tensor)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         match self.var(name) {
             Some(v) => Ok(v.as_tensor().clone()),
             None => candle_core::bail!("no variable named `{name}`"),

@@ -22,7 +22,12 @@ pub struct ResidualUnit {
 }
 
 /// `(in, out, kernel, stride)` of each convolution of the branch.
-fn branch_convs(block: Block, in_ch: usize, width: usize, stride: usize) -> Vec<(usize, usize, usize, usize)> {
+fn branch_convs(
+    block: Block,
+    in_ch: usize,
+    width: usize,
+    stride: usize,
+) -> Vec<(usize, usize, usize, usize)> {
     match block {
         Block::Basic => vec![(in_ch, width, 3, stride), (width, width, 3, 1)],
         Block::Bottleneck => vec![
@@ -35,7 +40,13 @@ fn branch_convs(block: Block, in_ch: usize, width: usize, stride: usize) -> Vec<
 
 impl ResidualUnit {
     /// A unit taking `in_ch` channels to `width · expansion`, striding by `stride`.
-    pub fn new(config: &ResNetConfig, in_ch: usize, width: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        config: &ResNetConfig,
+        in_ch: usize,
+        width: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let layout = WeightLayout::of(config);
         let specs = branch_convs(config.block, in_ch, width, stride);
         let last = specs.len() - 1;
@@ -48,12 +59,29 @@ impl ResidualUnit {
                 Unit::Original => (cout, zero(k), false),
                 Unit::PreActivation => (cin, false, zero(k)),
             };
-            convs.push(conv(cin, cout, kernel, s, zero_conv, vb.pp(layout.branch_conv(k + 1)))?);
-            norms.push(batch_norm(norm_ch, zero_gamma, vb.pp(layout.branch_norm(k + 1)))?);
+            convs.push(conv(
+                cin,
+                cout,
+                kernel,
+                s,
+                zero_conv,
+                vb.pp(layout.branch_conv(k + 1)),
+            )?);
+            norms.push(batch_norm(
+                norm_ch,
+                zero_gamma,
+                vb.pp(layout.branch_norm(k + 1)),
+            )?);
         }
         let out_ch = width * config.block.expansion();
         let shortcut = if config.residual {
-            Some(ShortcutPath::new(config.shortcut, config.unit, (in_ch, out_ch, stride), layout, vb)?)
+            Some(ShortcutPath::new(
+                config.shortcut,
+                config.unit,
+                (in_ch, out_ch, stride),
+                layout,
+                vb,
+            )?)
         } else {
             None
         };

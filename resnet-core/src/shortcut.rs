@@ -10,9 +10,16 @@ use candle_nn::{Conv2d, VarBuilder};
 pub enum ShortcutPath {
     Identity,
     /// Option A where the shape changes: subsample by `stride`, zero-pad `before`/`after` channels.
-    ZeroPad { stride: usize, before: usize, after: usize },
+    ZeroPad {
+        stride: usize,
+        before: usize,
+        after: usize,
+    },
     /// 1×1 convolution (+ BN in original units; pre-activation units feed it the normalised input instead).
-    Projection { conv: Conv2d, norm: Option<BatchNorm> },
+    Projection {
+        conv: Conv2d,
+        norm: Option<BatchNorm>,
+    },
 }
 
 impl ShortcutPath {
@@ -56,9 +63,11 @@ impl ShortcutPath {
     pub fn forward_t(&self, x: &Tensor, pre_activated: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             ShortcutPath::Identity => Ok(x.clone()),
-            ShortcutPath::ZeroPad { stride, before, after } => {
-                subsample(x, *stride)?.pad_with_zeros(1, *before, *after)
-            }
+            ShortcutPath::ZeroPad {
+                stride,
+                before,
+                after,
+            } => subsample(x, *stride)?.pad_with_zeros(1, *before, *after),
             ShortcutPath::Projection { conv, norm } => {
                 let y = conv.forward(pre_activated)?;
                 match norm {

@@ -22,17 +22,46 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(e.to_string()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| not_safetensors(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
-        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|_| ResNetError::UnsupportedDtype {
-            path: path.to_path_buf(),
-            name: name.clone(),
-            dtype: format!("{:?}", view.dtype()),
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|_| {
+            ResNetError::UnsupportedDtype {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                dtype: format!("{:?}", view.dtype()),
+            }
         })?;
         tensors.insert(name, tensor);
     }
     Ok(tensors)
+}
+
+/// The `__metadata__` strings of a safetensors file (e.g. `normalize_mean`), empty when it has none.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let io = |source| ResNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len).min(100_000_000) as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let bad = |reason: String| ResNetError::NotSafetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let meta = json.get("__metadata__").and_then(|m| m.as_object());
+    Ok(meta
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .collect())
 }
 
 pub fn load_file(params: &ParamStore, path: &Path) -> Result<()> {
@@ -40,7 +69,11 @@ pub fn load_file(params: &ParamStore, path: &Path) -> Result<()> {
 }
 
 /// Copies `tensors` into `params`. All checks run before anything is written, so a bad file leaves the model as it was.
-pub fn load_tensors(params: &ParamStore, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+pub fn load_tensors(
+    params: &ParamStore,
+    tensors: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
     let vars = params.named_vars();
     let path = || source.to_path_buf();
     let missing: Vec<String> = vars
@@ -49,7 +82,10 @@ pub fn load_tensors(params: &ParamStore, tensors: &HashMap<String, Tensor>, sour
         .map(|(n, _)| n.clone())
         .collect();
     if !missing.is_empty() {
-        return Err(ResNetError::MissingTensors { path: path(), missing });
+        return Err(ResNetError::MissingTensors {
+            path: path(),
+            missing,
+        });
     }
     let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
     let mut unexpected: Vec<String> = tensors
@@ -59,7 +95,10 @@ pub fn load_tensors(params: &ParamStore, tensors: &HashMap<String, Tensor>, sour
         .collect();
     if !unexpected.is_empty() {
         unexpected.sort();
-        return Err(ResNetError::UnexpectedTensors { path: path(), unexpected });
+        return Err(ResNetError::UnexpectedTensors {
+            path: path(),
+            unexpected,
+        });
     }
     let mut converted = Vec::with_capacity(vars.len());
     for (name, var) in &vars {

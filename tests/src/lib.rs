@@ -28,11 +28,16 @@ pub fn shared(rel: &str) -> PathBuf {
 /// All tensors of a fixture file, in f32 on the CPU.
 pub fn load_fixture(rel: &str) -> Result<HashMap<String, Tensor>> {
     let path = shared(rel);
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
     tensors
         .into_iter()
         .map(|(k, v)| {
-            let v = if v.dtype().is_float() { v.to_dtype(DType::F32)? } else { v };
+            let v = if v.dtype().is_float() {
+                v.to_dtype(DType::F32)?
+            } else {
+                v
+            };
             Ok((k, v))
         })
         .collect()
@@ -51,13 +56,23 @@ pub fn max_abs(t: &Tensor) -> Result<f32> {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shapes differ: {:?} vs {:?}",
+        a.dims(),
+        b.dims()
+    );
     max_abs(&(a - b)?)
 }
 
 /// ‖a − b‖ / ‖b‖ (Frobenius).
 pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shapes differ: {:?} vs {:?}",
+        a.dims(),
+        b.dims()
+    );
     let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
     let norm = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
     Ok(diff / norm.max(f32::MIN_POSITIVE))

@@ -16,7 +16,10 @@ fn resnet20_train_step_matches_pytorch() -> anyhow::Result<()> {
     let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
 
     let logits_diff = max_abs_diff(&logits, &f["logits0"])?;
-    assert!(logits_diff <= 1e-4 * max_abs(&f["logits0"])?, "logits differ by {logits_diff}");
+    assert!(
+        logits_diff <= 1e-4 * max_abs(&f["logits0"])?,
+        "logits differ by {logits_diff}"
+    );
     let expected_loss = f["loss0"].flatten_all()?.to_vec1::<f32>()?[0];
     let loss_value = loss.to_scalar::<f32>()?;
     assert!(
@@ -26,9 +29,16 @@ fn resnet20_train_step_matches_pytorch() -> anyhow::Result<()> {
 
     // Running statistics after that one forward (momentum 0.1, unbiased variance).
     let stats = strip_prefix(&f, "stats0.");
-    assert_eq!(stats.len(), 38, "fixture should hold mean and var of 19 BNs");
+    assert_eq!(
+        stats.len(),
+        38,
+        "fixture should hold mean and var of 19 BNs"
+    );
     for (name, expected) in &stats {
-        let ours = model.params.var(name).unwrap_or_else(|| panic!("model has no {name}"));
+        let ours = model
+            .params
+            .var(name)
+            .unwrap_or_else(|| panic!("model has no {name}"));
         let diff = max_abs_diff(ours.as_tensor(), expected)?;
         assert!(diff <= 1e-5, "{name}: running stat differs by {diff}");
     }
@@ -37,10 +47,16 @@ fn resnet20_train_step_matches_pytorch() -> anyhow::Result<()> {
     let grads = loss.backward()?;
     let expected_grads = strip_prefix(&f, "grad0.");
     let trainable = model.trainable_vars();
-    assert_eq!(trainable.len(), expected_grads.len(), "one gradient per parameter");
+    assert_eq!(
+        trainable.len(),
+        expected_grads.len(),
+        "one gradient per parameter"
+    );
     let mut worst = (String::new(), 0f32);
     for (name, var) in &trainable {
-        let ours = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let ours = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let rel = rel_norm_diff(ours, &expected_grads[name])?;
         assert!(rel <= 1e-3, "{name}: gradient differs, ‖a−b‖/‖b‖ = {rel}");
         if rel > worst.1 {
