@@ -64,6 +64,11 @@ impl Model {
         weights::load_tensors(&self.params, tensors, source)
     }
 
+    /// Saves every weight and BN statistic under its published name, atomically (see [`weights::save_file`]).
+    pub fn save_weights(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+        weights::save_file(&self.state_dict()?, metadata, path)
+    }
+
     /// Every weight and BN statistic under its published name, on the CPU.
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         self.params

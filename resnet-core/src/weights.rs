@@ -125,3 +125,39 @@ pub fn load_tensors(
     }
     Ok(())
 }
+
+/// Writes `tensors` (+ string metadata) as one safetensors file, atomically: a temporary file beside the target,
+/// fsync, rename, fsync of the folder. A crash at any instant leaves either the old file or the new one.
+pub fn save_file(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    use std::io::Write;
+    let io = |source| ResNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut sorted: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        sorted.push((name, t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let meta = (!metadata.is_empty()).then_some(metadata);
+    let bytes = safetensors::serialize(sorted.iter().map(|(n, t)| (n.as_str(), t)), meta)
+        .map_err(|e| ResNetError::Candle(candle_core::Error::wrap(e)))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("weights");
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself must reach the disk too.
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
