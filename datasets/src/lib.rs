@@ -1,6 +1,19 @@
 //! Input pipelines for CIFAR-10/100 and ImageFolder datasets, with the papers' preprocessing.
+//!
+//! `DataSource::open(dir)` recognises, in this order: CIFAR-10 binaries (`cifar-10-batches-bin/` or the files
+//! themselves), CIFAR-100 binaries (`cifar-100-binary/`), an ImageFolder tree with `train/` and `val/` or `test/`
+//! splits, or a bare ImageFolder root (`<class>/*.jpg`). A `Loader` turns a split into shuffled, augmented batches.
 
+pub mod cifar_binary;
+pub mod dataset;
 mod error;
+pub mod image_folder;
+pub mod loader;
+pub mod pipeline;
 pub mod transforms;
 
+pub use dataset::{DataSource, DatasetKind, Split};
 pub use error::{DatasetError, Result};
+pub use loader::{Batch, Loader, LoaderConfig};
+pub use pipeline::{Augmentation, Normalization, Pipeline};
+pub use transforms::Normalize;

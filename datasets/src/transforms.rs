@@ -88,3 +88,138 @@ pub fn image_tensor(path: &Path, normalize: &Normalize, device: &Device) -> Resu
     normalize.apply(&mut chw, w * h);
     Ok(Tensor::from_vec(chw, (1, 3, h, w), device)?)
 }
+
+/// Zero-pads by `padding` on every side, then crops `size`×`size` at `(x, y)` of the padded image
+/// (the CIFAR augmentation of He et al.: padding 4, offsets uniform in 0..=8).
+pub fn pad_crop(img: &RgbImage, padding: u32, x: u32, y: u32, size: u32) -> RgbImage {
+    RgbImage::from_fn(size, size, |cx, cy| {
+        let (sx, sy) = (
+            (cx + x) as i64 - padding as i64,
+            (cy + y) as i64 - padding as i64,
+        );
+        if sx < 0 || sy < 0 || sx >= img.width() as i64 || sy >= img.height() as i64 {
+            image::Rgb([0, 0, 0])
+        } else {
+            *img.get_pixel(sx as u32, sy as u32)
+        }
+    })
+}
+
+pub fn hflip(img: &RgbImage) -> RgbImage {
+    image::imageops::flip_horizontal(img)
+}
+
+pub fn crop(img: &RgbImage, x: u32, y: u32, w: u32, h: u32) -> RgbImage {
+    image::imageops::crop_imm(img, x, y, w, h).to_image()
+}
+
+/// Bilinear resize (a triangle filter widened when shrinking, as PIL's `BILINEAR` that torchvision uses).
+pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if (w, h) == img.dimensions() {
+        return img.clone();
+    }
+    image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle)
+}
+
+/// Scales so the shorter side is `size`; the longer side is truncated as torchvision's `Resize(int)` does.
+pub fn resize_shorter(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (nw, nh) = if w <= h {
+        (size, (size as u64 * h as u64 / w as u64) as u32)
+    } else {
+        ((size as u64 * w as u64 / h as u64) as u32, size)
+    };
+    resize(img, nw, nh)
+}
+
+/// Top-left corner of torchvision's `CenterCrop`: `round((side − size) / 2)`.
+pub fn center_offset(side: u32, size: u32) -> u32 {
+    ((side.saturating_sub(size)) as f64 / 2.0).round() as u32
+}
+
+pub fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w < size || h < size {
+        // torchvision zero-pads an image smaller than the crop, centred, then crops.
+        let (cw, ch) = (w.max(size), h.max(size));
+        let mut canvas = RgbImage::new(cw, ch);
+        image::imageops::replace(
+            &mut canvas,
+            img,
+            ((cw - w) / 2) as i64,
+            ((ch - h) / 2) as i64,
+        );
+        return center_crop(&canvas, size);
+    }
+    crop(
+        img,
+        center_offset(w, size),
+        center_offset(h, size),
+        size,
+        size,
+    )
+}
+
+/// The ten crops of the paper's evaluation: four corners and the centre, then their horizontal flips.
+pub fn ten_crop(img: &RgbImage, size: u32) -> Vec<RgbImage> {
+    let (w, h) = img.dimensions();
+    let corners = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size)];
+    let mut crops: Vec<RgbImage> = corners
+        .iter()
+        .map(|&(x, y)| crop(img, x, y, size, size))
+        .collect();
+    crops.push(center_crop(img, size));
+    let flipped: Vec<RgbImage> = crops.iter().map(hflip).collect();
+    crops.extend(flipped);
+    crops
+}
+
+/// Inception-style crop box (torchvision `RandomResizedCrop.get_params`): area in `scale` of the image,
+/// aspect ratio log-uniform in `ratio`, 10 tries, then a centre crop at the clamped ratio.
+pub fn random_resized_crop_box(
+    (w, h): (u32, u32),
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl rand::Rng,
+) -> (u32, u32, u32, u32) {
+    let area = (w * h) as f64;
+    let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..scale.1);
+        let aspect = rng.random_range(log_lo..log_hi).exp();
+        let cw = (target * aspect).sqrt().round() as u32;
+        let ch = (target / aspect).sqrt().round() as u32;
+        if cw > 0 && ch > 0 && cw <= w && ch <= h {
+            let x = rng.random_range(0..=w - cw);
+            let y = rng.random_range(0..=h - ch);
+            return (x, y, cw, ch);
+        }
+    }
+    let in_ratio = w as f64 / h as f64;
+    let (cw, ch) = if in_ratio < ratio.0 {
+        (w, (w as f64 / ratio.0).round() as u32)
+    } else if in_ratio > ratio.1 {
+        ((h as f64 * ratio.1).round() as u32, h)
+    } else {
+        (w, h)
+    };
+    ((w - cw) / 2, (h - ch) / 2, cw, ch)
+}
+
+/// AlexNet's PCA colour augmentation (as fb.resnet.torch `Lighting(0.1, …)`): adds
+/// `V · (α ⊙ λ)` to every pixel of CHW data in [0, 1], α ~ N(0, `alpha_std`²).
+pub fn lighting(chw: &mut [f32], plane: usize, alpha_std: f32, rng: &mut impl rand::Rng) {
+    const EIGVAL: [f32; 3] = [0.2175, 0.0188, 0.0045];
+    const EIGVEC: [[f32; 3]; 3] = [
+        [-0.5675, 0.7192, 0.4009],
+        [-0.5808, -0.0045, -0.8140],
+        [-0.5836, -0.6948, 0.4203],
+    ];
+    use rand_distr::Distribution;
+    let normal = rand_distr::Normal::new(0.0f32, alpha_std.max(1e-12)).expect("positive std");
+    let alpha: [f32; 3] = std::array::from_fn(|_| normal.sample(rng));
+    for (c, channel) in chw.chunks_mut(plane).enumerate() {
+        let shift: f32 = (0..3).map(|k| EIGVEC[c][k] * alpha[k] * EIGVAL[k]).sum();
+        channel.iter_mut().for_each(|v| *v += shift);
+    }
+}

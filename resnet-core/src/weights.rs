@@ -128,7 +128,11 @@ pub fn load_tensors(
 
 /// Writes `tensors` (+ string metadata) as one safetensors file, atomically: a temporary file beside the target,
 /// fsync, rename, fsync of the folder. A crash at any instant leaves either the old file or the new one.
-pub fn save_file(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+pub fn save_file(
+    tensors: &HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
     use std::io::Write;
     let io = |source| ResNetError::Io {
         path: path.to_path_buf(),
@@ -146,7 +150,10 @@ pub fn save_file(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, St
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("weights");
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("weights");
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;

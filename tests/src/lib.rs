@@ -77,3 +77,46 @@ pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let norm = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
     Ok(diff / norm.max(f32::MIN_POSITIVE))
 }
+
+/// The real CIFAR-10 JPEG images of `../shared/data`, extracted once into the target folder:
+/// `ROOT/train/<class>/*.jpg` and `ROOT/test/<class>/*.jpg`.
+pub fn cifar10_jpg_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = test_data_dir().join("cifar10-jpg");
+        for split in ["train", "test"] {
+            if root.join(split).join("truck").is_dir() {
+                continue;
+            }
+            let archive = shared(&format!("data/cifar10-jpg-{split}.tar.gz"));
+            // Extract beside, then rename: concurrent test binaries never see a half-extracted folder.
+            let tmp = root.join(format!(".{split}-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp).unwrap();
+            let status = std::process::Command::new("tar")
+                .arg("xzf")
+                .arg(&archive)
+                .arg("-C")
+                .arg(&tmp)
+                .status()
+                .expect("running tar");
+            assert!(status.success(), "tar failed on {}", archive.display());
+            let _ = std::fs::rename(tmp.join(split), root.join(split));
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        root
+    })
+    .clone()
+}
+
+/// A fresh temporary folder for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = test_data_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Scratch space of the tests: `target/test-data` of the workspace.
+pub fn test_data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-data")
+}

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use tests::max_abs_diff;
 
 fn values(model: &Model, name: &str) -> Vec<f32> {
-    let var = model.params.var(name).unwrap_or_else(|| panic!("no {name}"));
+    let var = model
+        .params
+        .var(name)
+        .unwrap_or_else(|| panic!("no {name}"));
     var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
 }
 
@@ -19,14 +22,25 @@ fn convolutions_get_he_fan_out_normal_weights_from_the_seed() {
     let std = (w.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
     let expected = (2.0f32 / (64.0 * 9.0)).sqrt();
     assert!(mean.abs() < 0.002, "mean {mean}");
-    assert!((std / expected - 1.0).abs() < 0.02, "std {std}, He fan-out {expected}");
+    assert!(
+        (std / expected - 1.0).abs() < 0.02,
+        "std {std}, He fan-out {expected}"
+    );
     assert_eq!(values(&a, "layer1.0.bn1.weight"), vec![1.0; 16]);
     assert_eq!(values(&a, "layer1.0.bn1.bias"), vec![0.0; 16]);
 
     let same = Model::by_name("resnet56", 11, &Device::Cpu).unwrap();
-    assert_eq!(values(&same, "layer3.4.conv2.weight"), w, "same seed, same weights");
+    assert_eq!(
+        values(&same, "layer3.4.conv2.weight"),
+        w,
+        "same seed, same weights"
+    );
     let other = Model::by_name("resnet56", 12, &Device::Cpu).unwrap();
-    assert_ne!(values(&other, "layer3.4.conv2.weight"), w, "another seed, other weights");
+    assert_ne!(
+        values(&other, "layer3.4.conv2.weight"),
+        w,
+        "another seed, other weights"
+    );
 }
 
 #[test]
@@ -36,16 +50,25 @@ fn zero_init_residual_zeroes_the_last_affine_map_of_every_branch() {
     let model = Model::new(&config, 0, &Device::Cpu).unwrap();
     for stage in 1..=3 {
         for i in 0..3 {
-            assert_eq!(values(&model, &format!("layer{stage}.{i}.bn2.weight")), vec![0.0; 16 << (stage - 1)]);
-            assert!(values(&model, &format!("layer{stage}.{i}.bn1.weight")).iter().all(|&v| v == 1.0));
+            assert_eq!(
+                values(&model, &format!("layer{stage}.{i}.bn2.weight")),
+                vec![0.0; 16 << (stage - 1)]
+            );
+            assert!(values(&model, &format!("layer{stage}.{i}.bn1.weight"))
+                .iter()
+                .all(|&v| v == 1.0));
         }
     }
     // Pre-activation branches end in a conv, not a BN: that conv starts at zero.
     let mut preact = config_for("resnetv2_50").unwrap();
     preact.zero_init_residual = true;
     let model = Model::new(&preact, 0, &Device::Cpu).unwrap();
-    assert!(values(&model, "stages.2.blocks.3.conv3.weight").iter().all(|&v| v == 0.0));
-    assert!(values(&model, "stages.2.blocks.3.norm3.weight").iter().all(|&v| v == 1.0));
+    assert!(values(&model, "stages.2.blocks.3.conv3.weight")
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(values(&model, "stages.2.blocks.3.norm3.weight")
+        .iter()
+        .all(|&v| v == 1.0));
 }
 
 #[test]
@@ -67,9 +90,18 @@ fn saved_weights_carry_the_running_statistics_and_metadata() -> anyhow::Result<(
 
     let reloaded = Model::by_name("resnet20", 99, &dev)?;
     reloaded.load_weights(&path)?;
-    assert_eq!(values(&reloaded, "bn1.running_mean"), values(&model, "bn1.running_mean"));
-    assert_eq!(values(&reloaded, "layer3.2.bn2.running_var"), values(&model, "layer3.2.bn2.running_var"));
-    let diff = max_abs_diff(&reloaded.forward_t(&x, false)?, &model.forward_t(&x, false)?)?;
+    assert_eq!(
+        values(&reloaded, "bn1.running_mean"),
+        values(&model, "bn1.running_mean")
+    );
+    assert_eq!(
+        values(&reloaded, "layer3.2.bn2.running_var"),
+        values(&model, "layer3.2.bn2.running_var")
+    );
+    let diff = max_abs_diff(
+        &reloaded.forward_t(&x, false)?,
+        &model.forward_t(&x, false)?,
+    )?;
     assert_eq!(diff, 0.0);
     Ok(())
 }
