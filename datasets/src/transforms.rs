@@ -132,9 +132,9 @@ pub fn resize_shorter(img: &RgbImage, size: u32) -> RgbImage {
     resize(img, nw, nh)
 }
 
-/// Top-left corner of torchvision's `CenterCrop`: `round((side − size) / 2)`.
+/// Top-left corner of torchvision's `CenterCrop`: Python's `round((side − size) / 2)`, ties to even.
 pub fn center_offset(side: u32, size: u32) -> u32 {
-    ((side.saturating_sub(size)) as f64 / 2.0).round() as u32
+    ((side.saturating_sub(size)) as f64 / 2.0).round_ties_even() as u32
 }
 
 pub fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
