@@ -8,6 +8,16 @@ use crate::{Family, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Conv2d, Init, Linear, VarBuilder};
 
+/// A row of [`ResNet::layers`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerSummary {
+    pub name: String,
+    /// `(channels, height, width)` of the output.
+    pub output: (usize, usize, usize),
+    pub params: usize,
+    pub macs: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ResNet {
     config: ResNetConfig,
@@ -82,16 +92,51 @@ impl ResNet {
 
     /// Multiply-adds of one image of `h`×`w` pixels (convolutions and the classifier, as the papers count).
     pub fn macs(&self, hw: (usize, usize)) -> u64 {
-        let (mut total, mut hw) = conv_macs(&self.stem_conv, hw);
+        self.layers(hw).iter().map(|l| l.macs).sum()
+    }
+
+    /// One row per stem, residual unit and head: output shape, parameters and multiply-adds for an `h`×`w` input.
+    pub fn layers(&self, hw: (usize, usize)) -> Vec<LayerSummary> {
+        let layout = WeightLayout::of(&self.config);
+        let mut rows = Vec::with_capacity(self.units.len() + 2);
+        let (stem_macs, mut hw) = conv_macs(&self.stem_conv, hw);
         if let Some(pool) = self.stem_pool {
             hw = (pool.output_size(hw.0), pool.output_size(hw.1));
         }
+        let stem_ch = self.stem_conv.weight().dim(0).unwrap_or(0);
+        rows.push(LayerSummary {
+            name: "stem".into(),
+            output: (stem_ch, hw.0, hw.1),
+            params: self.stem_conv.weight().elem_count()
+                + self.stem_norm.as_ref().map_or(0, |n| 2 * n.channels()),
+            macs: stem_macs,
+        });
+        let mut names = self
+            .config
+            .stage_depths
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &d)| (0..d).map(move |i| (s, i)));
         for unit in &self.units {
-            let (m, out) = unit.macs(hw);
-            total += m;
+            let (macs, out) = unit.macs(hw);
             hw = out;
+            let (s, i) = names.next().unwrap_or_default();
+            rows.push(LayerSummary {
+                name: layout.unit(s, i),
+                output: (unit.out_channels(), hw.0, hw.1),
+                params: unit.parameter_count(),
+                macs,
+            });
         }
-        total + (self.config.feature_width() * self.config.num_classes) as u64
+        let features = self.config.feature_width();
+        rows.push(LayerSummary {
+            name: layout.head().into(),
+            output: (self.config.num_classes, 1, 1),
+            params: self.final_norm.as_ref().map_or(0, |n| 2 * n.channels())
+                + (features + 1) * self.config.num_classes,
+            macs: (features * self.config.num_classes) as u64,
+        });
+        rows
     }
 
     /// Pooled features `[N, C]` before the classifier.

@@ -102,6 +102,25 @@ impl ResidualUnit {
         })
     }
 
+    /// Trainable scalars of the unit (convolutions, BN affine maps, projection).
+    pub fn parameter_count(&self) -> usize {
+        let convs: usize = self.convs.iter().map(|c| c.weight().elem_count()).sum();
+        let norms: usize = self.norms.iter().map(|n| 2 * n.channels()).sum();
+        convs
+            + norms
+            + self
+                .shortcut
+                .as_ref()
+                .map_or(0, ShortcutPath::parameter_count)
+    }
+
+    /// Channels out of the unit.
+    pub fn out_channels(&self) -> usize {
+        self.convs
+            .last()
+            .map_or(0, |c| c.weight().dim(0).unwrap_or(0))
+    }
+
     fn forward_original(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.clone();
         for (k, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {

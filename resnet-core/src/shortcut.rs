@@ -78,6 +78,15 @@ impl ShortcutPath {
         }
     }
 
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            ShortcutPath::Projection { conv, norm } => {
+                conv.weight().elem_count() + norm.as_ref().map_or(0, |n| 2 * n.channels())
+            }
+            _ => 0,
+        }
+    }
+
     pub fn macs(&self, hw: (usize, usize)) -> u64 {
         match self {
             ShortcutPath::Projection { conv, .. } => conv_macs(conv, hw).0,
