@@ -4,7 +4,7 @@
 //! (seed, epoch, sample index) only, so the same seed gives the same batches whatever the thread count.
 
 use crate::dataset::Split;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Processed};
 use crate::{DatasetError, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -165,7 +165,7 @@ impl Loader {
         let b = self.config.batch_size;
         let ids = &order[(index * b).min(order.len())..((index + 1) * b).min(order.len())];
         let seed = self.config.seed;
-        let results: Vec<(usize, Result<(Vec<f32>, (usize, usize))>)> = self.pool.install(|| {
+        let results: Vec<(usize, Result<Processed>)> = self.pool.install(|| {
             ids.par_iter()
                 .map(|&i| {
                     let mut rng =

@@ -36,6 +36,9 @@ pub enum Normalization {
     PerPixelMean(Arc<Vec<f32>>),
 }
 
+/// CHW pixels of one processed image and its `(height, width)`.
+pub type Processed = (Vec<f32>, (usize, usize));
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
     pub augmentation: Augmentation,
@@ -86,7 +89,7 @@ impl Pipeline {
     }
 
     /// CHW f32 pixels after augmentation, colour augmentation and normalisation.
-    pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Result<(Vec<f32>, (usize, usize))> {
+    pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Result<Processed> {
         let out = self.augment(img, rng);
         let (w, h) = (out.width() as usize, out.height() as usize);
         let mut chw = to_chw(&out);

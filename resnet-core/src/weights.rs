@@ -7,9 +7,12 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Names that published checkpoints carry but the model does not need.
+/// Prefix of the optimizer state inside the project's training checkpoints.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// Names that checkpoints carry but the model does not need: PyTorch's BN counter, our optimizer state.
 fn ignorable(name: &str) -> bool {
-    name.ends_with("num_batches_tracked")
+    name.ends_with("num_batches_tracked") || name.starts_with(OPTIMIZER_PREFIX)
 }
 
 /// Reads every tensor of a safetensors file, validating the container first so truncation is reported as such.

@@ -1,1 +1,222 @@
-fn main() {}
+//! `resnet-train`: train any registered ResNet with the papers' recipes. With no flags: the paper's CIFAR-10
+//! ResNet-20 (`--recipe cifar-paper --model resnet20`).
+
+mod checkpoint;
+mod metrics_log;
+mod recipe;
+mod schedule;
+mod trainer;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use recipe::{Recipe, Schedule};
+use resnet_core::parse_device;
+use std::path::PathBuf;
+use trainer::{RunOptions, Trainer};
+
+#[derive(Parser)]
+#[command(
+    name = "resnet-train",
+    version,
+    about = "Train ResNets with the procedures of He et al. (2016)"
+)]
+#[command(
+    after_help = "Examples:\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20"
+)]
+struct Cli {
+    /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …).
+    #[arg(long, default_value = "resnet20")]
+    model: String,
+    /// Dataset folder: CIFAR-10/100 binaries or an ImageFolder with train/ and val/ or test/.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder: config.json, metrics.csv, checkpoints.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cifar-paper, preact-cifar, imagenet-paper or quick.
+    #[arg(long, default_value = "cifar-paper")]
+    recipe: String,
+    /// Stop after this many iterations (overrides the recipe).
+    #[arg(long, conflicts_with = "epochs")]
+    iterations: Option<u64>,
+    /// Stop after this many epochs (converted to iterations).
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    momentum: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    nesterov: bool,
+    /// No weight decay on BN parameters and biases.
+    #[arg(long)]
+    no_decay_norm_bias: bool,
+    /// Learning-rate milestones (iterations), e.g. 32000,48000.
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<u64>>,
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Start each residual branch at zero (last BN γ = 0).
+    #[arg(long)]
+    zero_init_residual: bool,
+    /// Training images held out for validation (the paper: 5000), 0 for none.
+    #[arg(long)]
+    holdout: Option<usize>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    log_every: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a checkpoint every N iterations (and at the end).
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every: u64,
+    /// Numbered checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Continue the run in this folder from its newest readable checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Decode threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Fail on the first unreadable image instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn positive(name: &str, v: Option<f64>) -> Result<()> {
+    match v {
+        Some(v) if !(v > 0.0 && v.is_finite()) => {
+            bail!("--{name} must be a positive number, got {v}")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The named recipe with every flag applied.
+fn resolve_recipe(cli: &Cli) -> Result<Recipe> {
+    let config = resnet_core::config_for(&cli.model)?;
+    let mut r = Recipe::named(&cli.recipe, &cli.model, config.depth()).with_context(|| {
+        format!(
+            "unknown recipe `{}`: expected one of {}",
+            cli.recipe,
+            recipe::NAMES.join(", ")
+        )
+    })?;
+    positive("lr", cli.lr)?;
+    if cli.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
+    for (name, v) in [
+        ("momentum", cli.momentum),
+        ("weight-decay", cli.weight_decay),
+        ("label-smoothing", cli.label_smoothing),
+    ] {
+        if let Some(v) =
+            v.filter(|v| !(*v >= 0.0 && *v < 1.0 || name == "weight-decay" && *v >= 0.0))
+        {
+            bail!("--{name} must be in [0, 1), got {v}");
+        }
+    }
+    r.batch_size = cli.batch_size.unwrap_or(r.batch_size);
+    r.sgd.lr = cli.lr.unwrap_or(r.sgd.lr);
+    r.sgd.momentum = cli.momentum.unwrap_or(r.sgd.momentum);
+    r.sgd.weight_decay = cli.weight_decay.unwrap_or(r.sgd.weight_decay);
+    r.sgd.nesterov |= cli.nesterov;
+    r.sgd.decay_norm_and_bias &= !cli.no_decay_norm_bias;
+    if let Some(m) = &cli.milestones {
+        r.schedule = Schedule::Step {
+            milestones: m.clone(),
+            factor: 0.1,
+        };
+    }
+    r.label_smoothing = cli.label_smoothing.unwrap_or(r.label_smoothing);
+    r.zero_init_residual |= cli.zero_init_residual;
+    r.validation_holdout = cli.holdout.unwrap_or(r.validation_holdout);
+    r.eval_every = cli.eval_every.unwrap_or(r.eval_every);
+    r.log_every = cli.log_every.unwrap_or(r.log_every);
+    if cli.iterations == Some(0) || cli.epochs == Some(0) {
+        bail!("--iterations / --epochs must be at least 1");
+    }
+    if let Some(n) = cli.iterations {
+        r.iterations = n;
+    }
+    Ok(r)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut recipe = resolve_recipe(&cli)?;
+    let device = parse_device(&cli.device)?;
+    let (out, resume) = match (&cli.resume, &cli.out) {
+        (Some(dir), _) => (dir.clone(), true),
+        (None, Some(out)) => (out.clone(), false),
+        (None, None) => (PathBuf::from("runs").join(&recipe.model), false),
+    };
+    let data = match &cli.data {
+        Some(d) => d.clone(),
+        None if resume => resume_data(&out)?,
+        None => bail!(
+            "no --data given: pass a CIFAR-10 folder (cifar-10-batches-bin/ or an ImageFolder with train/ and test/); \
+             downloading CIFAR-10 from the Hugging Face hub is not built yet"
+        ),
+    };
+    if let Some(epochs) = cli.epochs {
+        let source = datasets::DataSource::open(&data)?;
+        let train = source
+            .train
+            .as_ref()
+            .or(source.test.as_ref())
+            .map_or(0, |s| s.len());
+        let per_epoch =
+            (train.saturating_sub(recipe.validation_holdout) / recipe.batch_size).max(1) as u64;
+        recipe.iterations = epochs * per_epoch;
+    }
+    if !resume {
+        eprintln!("recipe:\n{}", serde_json::to_string_pretty(&recipe)?);
+    }
+    let options = RunOptions {
+        data,
+        out: out.clone(),
+        seed: cli.seed,
+        checkpoint_every: cli.checkpoint_every,
+        keep: cli.keep.max(1),
+        threads: cli.threads,
+        strict: cli.strict,
+        device,
+    };
+    let mut trainer = Trainer::new(recipe, options, resume, cli.iterations)?;
+    let error = trainer.run()?;
+    match error {
+        Some(e) => println!("finished: test error {e:.2} %; run in {}", out.display()),
+        None => println!("finished; run in {}", out.display()),
+    }
+    Ok(())
+}
+
+/// The data folder a run was started with (from its config.json).
+fn resume_data(out: &std::path::Path) -> Result<PathBuf> {
+    let path = out.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (pass --data)", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    json["data"]
+        .as_str()
+        .map(PathBuf::from)
+        .with_context(|| format!("{} has no data folder (pass --data)", path.display()))
+}

@@ -1,0 +1,160 @@
+//! Training recipes by name. Each is printed in full at start and saved with the run; every value can be
+//! overridden by a flag.
+
+use resnet_core::optim::SgdConfig;
+use serde::{Deserialize, Serialize};
+
+/// How the learning rate changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Schedule {
+    /// ×`factor` at each milestone (iterations).
+    Step {
+        milestones: Vec<u64>,
+        factor: f64,
+    },
+    /// ×`factor` when the test error has not improved by `threshold` points for `patience` evaluations.
+    Plateau {
+        factor: f64,
+        patience: u32,
+        threshold: f64,
+    },
+    /// Cosine decay from the base lr to 0 over the run.
+    Cosine,
+    Constant,
+}
+
+/// A low learning rate at the start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Warmup {
+    None,
+    /// `lr` until the training error of the last 50 iterations is below `error_below` percent, at most
+    /// `max_iterations` (the paper's ResNet-110: 0.01 until training error < 80 %, about 400 iterations).
+    UntilTrainError {
+        lr: f64,
+        error_below: f64,
+        max_iterations: u64,
+    },
+    /// `lr` for the first `iterations`.
+    Constant {
+        lr: f64,
+        iterations: u64,
+    },
+    /// Linear from 0 to the base lr over `iterations`.
+    Linear {
+        iterations: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// 4-pixel pad, random 32×32 crop, flip.
+    Cifar,
+    /// Shorter side in [256, 480], random 224 crop, flip, PCA lighting.
+    ScaleAugment,
+    /// torchvision's RandomResizedCrop(224) + flip.
+    RandomResizedCrop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub name: String,
+    pub model: String,
+    pub batch_size: usize,
+    pub sgd: SgdConfig,
+    pub schedule: Schedule,
+    pub warmup: Warmup,
+    /// Stop after this many iterations.
+    pub iterations: u64,
+    /// Hold out this many training images as a validation set (the paper's 45k/5k), 0 for none.
+    pub validation_holdout: usize,
+    pub augment: Augment,
+    pub label_smoothing: f64,
+    pub zero_init_residual: bool,
+    /// Evaluate (and log a row) every this many iterations, and at the end.
+    pub eval_every: u64,
+    /// Log a training row every this many iterations.
+    pub log_every: u64,
+}
+
+pub const NAMES: &[&str] = &["cifar-paper", "preact-cifar", "imagenet-paper", "quick"];
+
+impl Recipe {
+    /// A named recipe for `model` (the warm-up of the deep CIFAR nets depends on the depth).
+    pub fn named(name: &str, model: &str, depth: usize) -> Option<Recipe> {
+        let cifar = |name: &str, warmup: Warmup| Recipe {
+            name: name.into(),
+            model: model.into(),
+            batch_size: 128,
+            sgd: SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                nesterov: false,
+                decay_norm_and_bias: true,
+            },
+            schedule: Schedule::Step {
+                milestones: vec![32_000, 48_000],
+                factor: 0.1,
+            },
+            warmup,
+            iterations: 64_000,
+            validation_holdout: 5_000,
+            augment: Augment::Cifar,
+            label_smoothing: 0.0,
+            zero_init_residual: false,
+            eval_every: 390,
+            log_every: 50,
+        };
+        let paper_warmup = Warmup::UntilTrainError {
+            lr: 0.01,
+            error_below: 80.0,
+            max_iterations: 2_000,
+        };
+        Some(match name {
+            "cifar-paper" => cifar(
+                name,
+                if depth >= 110 {
+                    paper_warmup
+                } else {
+                    Warmup::None
+                },
+            ),
+            "preact-cifar" => cifar(
+                name,
+                if depth >= 1001 {
+                    paper_warmup
+                } else {
+                    Warmup::None
+                },
+            ),
+            "imagenet-paper" => Recipe {
+                batch_size: 256,
+                schedule: Schedule::Plateau {
+                    factor: 0.1,
+                    patience: 5,
+                    threshold: 0.1,
+                },
+                warmup: Warmup::None,
+                iterations: 600_000,
+                validation_holdout: 0,
+                augment: Augment::ScaleAugment,
+                eval_every: 5_000,
+                log_every: 100,
+                ..cifar(name, Warmup::None)
+            },
+            "quick" => Recipe {
+                batch_size: 64,
+                schedule: Schedule::Constant,
+                iterations: 200,
+                validation_holdout: 0,
+                eval_every: 100,
+                log_every: 20,
+                ..cifar(name, Warmup::None)
+            },
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,358 @@
+//! The training loop: SGD on shuffled augmented batches, scheduled learning rate, periodic evaluation,
+//! metrics rows and atomic checkpoints; resumable exactly from any checkpoint.
+
+use crate::checkpoint::{self, TrainingState, BEST, LAST};
+use crate::metrics_log::{MetricsLog, Row};
+use crate::recipe::{Augment, Recipe};
+use crate::schedule::LrSchedule;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use datasets::{
+    Augmentation, DataSource, Loader, LoaderConfig, Normalization, Normalize, Pipeline, Split,
+};
+use resnet_core::optim::Sgd;
+use resnet_core::{config_for, Family, Model};
+use resnet_infer::evaluate::{evaluate, EvalOptions};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Per-channel statistics of the CIFAR-10 training set on [0, 1] pixels (the common normalisation).
+pub const CIFAR10_NORMALIZE: Normalize = Normalize {
+    mean: [0.4914, 0.4822, 0.4465],
+    std: [0.2470, 0.2435, 0.2616],
+};
+
+pub struct RunOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub keep: usize,
+    pub threads: usize,
+    pub strict: bool,
+    pub device: Device,
+}
+
+pub struct Trainer {
+    recipe: Recipe,
+    model: Model,
+    sgd: Sgd,
+    schedule: LrSchedule,
+    loader: Loader,
+    test: Option<Split>,
+    normalize: Normalize,
+    state: TrainingState,
+    options: RunOptions,
+    log: MetricsLog,
+}
+
+/// Cross-entropy with optional label smoothing ε: (1−ε)·CE + ε·mean over classes of −log p.
+fn loss_fn(logits: &Tensor, labels: &Tensor, smoothing: f64) -> candle_core::Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&log_p, labels)?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = log_p.mean(D::Minus1)?.mean_all()?.neg()?;
+    (nll * (1.0 - smoothing))? + (uniform * smoothing)?
+}
+
+impl Trainer {
+    /// A new run with `recipe`, or (`resume`) the continuation of the checkpoint in `options.out` with its own
+    /// recipe, where `extend_to` may raise the iteration count.
+    pub fn new(
+        recipe: Recipe,
+        options: RunOptions,
+        resume: bool,
+        extend_to: Option<u64>,
+    ) -> Result<Self> {
+        let restored = if resume {
+            Some(checkpoint::restore(&options.out)?)
+        } else {
+            None
+        };
+        let recipe = match &restored {
+            Some(r) => Recipe {
+                iterations: extend_to.unwrap_or(r.state.recipe.iterations),
+                ..r.state.recipe.clone()
+            },
+            None => recipe,
+        };
+        let seed = restored.as_ref().map_or(options.seed, |r| r.state.seed);
+
+        let mut config = config_for(&recipe.model)?;
+        config.zero_init_residual = recipe.zero_init_residual;
+        let source = DataSource::open(&options.data)?;
+        eprintln!("data: {}", source.summary());
+        let train = source
+            .train
+            .clone()
+            .or_else(|| source.test.clone())
+            .context("the dataset has no images")?;
+        if source.train.is_none() {
+            eprintln!(
+                "warning: no train/ split found: training on all of {}",
+                options.data.display()
+            );
+        }
+        config.num_classes = train.classes.len();
+        let (train, val) =
+            if recipe.validation_holdout > 0 && train.len() > 2 * recipe.validation_holdout {
+                let (t, v) = train.split_off_validation(recipe.validation_holdout, 0);
+                eprintln!(
+                    "held out {} training images for validation (fixed split); training on {}",
+                    v.len(),
+                    t.len()
+                );
+                (t, Some(v))
+            } else {
+                (train, None)
+            };
+        let test = source
+            .test
+            .clone()
+            .filter(|_| source.train.is_some())
+            .or(val);
+
+        let model = Model::new(&config, seed, &options.device)?;
+        let (normalize, augmentation) = match (config.family, recipe.augment) {
+            (Family::Cifar, _) | (_, Augment::Cifar) => {
+                (CIFAR10_NORMALIZE, Augmentation::CifarTrain { padding: 4 })
+            }
+            (Family::ImageNet, Augment::ScaleAugment) => (
+                Normalize::IMAGENET,
+                Augmentation::ScaleAugment {
+                    min: 256,
+                    max: 480,
+                    crop: 224,
+                    lighting: 0.1,
+                },
+            ),
+            (Family::ImageNet, Augment::RandomResizedCrop) => (
+                Normalize::IMAGENET,
+                Augmentation::RandomResizedCrop { crop: 224 },
+            ),
+        };
+        let loader = Loader::new(
+            train,
+            Pipeline::new(augmentation, Normalization::PerChannel(normalize)),
+            LoaderConfig {
+                batch_size: recipe.batch_size,
+                shuffle: true,
+                seed,
+                threads: options.threads,
+                prefetch: 4,
+                drop_last: true,
+                strict: options.strict,
+            },
+        )?;
+        let mut sgd = Sgd::new(model.trainable_vars(), recipe.sgd);
+        let mut schedule = LrSchedule::new(
+            recipe.sgd.lr,
+            recipe.schedule.clone(),
+            recipe.warmup.clone(),
+            recipe.iterations,
+        );
+        let mut state = TrainingState {
+            iteration: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            seed,
+            schedule: schedule.state.clone(),
+            best_test_error: f64::INFINITY,
+            recipe: recipe.clone(),
+        };
+        if let Some(r) = &restored {
+            model.load_tensors(&r.tensors, &r.path)?;
+            sgd.load_state(&checkpoint::optimizer_tensors(&r.tensors))?;
+            schedule.state = r.state.schedule.clone();
+            state = TrainingState {
+                recipe: recipe.clone(),
+                ..r.state.clone()
+            };
+            eprintln!(
+                "resumed from {} at iteration {}",
+                r.path.display(),
+                state.iteration
+            );
+        }
+        std::fs::create_dir_all(&options.out)
+            .with_context(|| format!("creating {}", options.out.display()))?;
+        std::fs::write(
+            options.out.join("config.json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "recipe": recipe, "network": config, "seed": seed, "data": options.data, "normalize": {"mean": normalize.mean, "std": normalize.std},
+            }))?,
+        )?;
+        let log = MetricsLog::open(&options.out, restored.as_ref().map(|r| r.state.iteration))?;
+        Ok(Self {
+            recipe,
+            model,
+            sgd,
+            schedule,
+            loader,
+            test,
+            normalize,
+            state,
+            options,
+            log,
+        })
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        let out = &self.options.out;
+        checkpoint::save(
+            &checkpoint::numbered_path(out, self.state.iteration),
+            &self.model,
+            &self.sgd,
+            &self.state,
+            &self.normalize,
+        )?;
+        checkpoint::save(
+            &out.join(LAST),
+            &self.model,
+            &self.sgd,
+            &self.state,
+            &self.normalize,
+        )?;
+        checkpoint::prune(out, self.options.keep);
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<Option<(f64, f64)>> {
+        let Some(test) = self.test.clone() else {
+            return Ok(None);
+        };
+        let options = EvalOptions {
+            batch_size: 250,
+            normalize: self.normalize,
+            threads: self.options.threads,
+            device: self.options.device.clone(),
+            ..Default::default()
+        };
+        let report = evaluate(&self.model, test, &options)?;
+        let (top1, top5) = (report.accuracy.top1_error, report.accuracy.top5_error);
+        self.schedule.observe_eval(top1);
+        if top1 < self.state.best_test_error {
+            self.state.best_test_error = top1;
+            checkpoint::save(
+                &self.options.out.join(BEST),
+                &self.model,
+                &self.sgd,
+                &self.state,
+                &self.normalize,
+            )?;
+        }
+        Ok(Some((top1, top5)))
+    }
+
+    /// Trains until the recipe's iteration count; returns the final test error if there is a test split.
+    pub fn run(&mut self) -> Result<Option<f64>> {
+        let total = self.recipe.iterations;
+        let device = self.options.device.clone();
+        let (mut loss_sum, mut err_sum, mut rows_n, mut images) = (0.0, 0.0, 0u64, 0usize);
+        let mut since = Instant::now();
+        let mut final_error = None;
+        while self.state.iteration < total {
+            let epoch = self.state.epoch;
+            for batch in self.loader.epoch(epoch, self.state.batch_in_epoch) {
+                let batch = batch?;
+                if batch.is_empty() {
+                    continue;
+                }
+                let it = self.state.iteration;
+                let lr = self.schedule.lr(it);
+                self.sgd.set_lr(lr);
+                let (x, y) = batch.to_tensors(&device)?;
+                let logits = self.model.forward_t(&x, true)?;
+                let loss = loss_fn(&logits, &y, self.recipe.label_smoothing)?;
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                if !loss_value.is_finite() {
+                    bail!(
+                        "the loss became {loss_value} at iteration {}: training stopped; the last good checkpoint is {}",
+                        it + 1,
+                        self.options.out.join(LAST).display()
+                    );
+                }
+                let grads = loss.backward()?;
+                self.sgd.step(&grads)?;
+                let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                let wrong = predicted
+                    .iter()
+                    .zip(&batch.labels)
+                    .filter(|(p, l)| p != l)
+                    .count();
+                let error = 100.0 * wrong as f64 / batch.len() as f64;
+                self.schedule.observe_train_error(error);
+                self.state.iteration += 1;
+                self.state.batch_in_epoch += 1;
+                self.state.schedule = self.schedule.state.clone();
+                loss_sum += loss_value;
+                err_sum += error;
+                rows_n += 1;
+                images += batch.len();
+
+                let it = self.state.iteration;
+                let eval_now =
+                    it == total || (self.recipe.eval_every > 0 && it % self.recipe.eval_every == 0);
+                let log_now = eval_now || it % self.recipe.log_every.max(1) == 0;
+                if log_now {
+                    let ips = images as f64 / since.elapsed().as_secs_f64().max(1e-9);
+                    let mut row = Row {
+                        iteration: it,
+                        epoch: self.state.epoch,
+                        lr,
+                        train_loss: Some(loss_sum / rows_n as f64),
+                        train_error: Some(err_sum / rows_n as f64),
+                        images_per_second: Some(ips),
+                        ..Default::default()
+                    };
+                    if eval_now {
+                        if let Some((top1, top5)) = self.evaluate()? {
+                            row.test_top1_error = Some(top1);
+                            row.test_top5_error = Some(top5);
+                            final_error = Some(top1);
+                        }
+                    }
+                    self.log.append(&row)?;
+                    let eta = (total - it) as f64 * self.recipe.batch_size as f64 / ips.max(1e-9);
+                    let test = row
+                        .test_top1_error
+                        .map_or(String::new(), |e| format!(", test error {e:.2} %"));
+                    eprintln!(
+                        "iteration {it}/{total} (epoch {}): lr {lr}, loss {:.4}, train error {:.2} %{test}, {ips:.1} img/s, ETA {:.0} s",
+                        self.state.epoch,
+                        row.train_loss.unwrap_or(0.0),
+                        row.train_error.unwrap_or(0.0),
+                        eta
+                    );
+                    (loss_sum, err_sum, rows_n, images) = (0.0, 0.0, 0, 0);
+                    since = Instant::now();
+                }
+                if it == total
+                    || (self.options.checkpoint_every > 0
+                        && it % self.options.checkpoint_every == 0)
+                {
+                    self.checkpoint()?;
+                }
+                if it >= total {
+                    break;
+                }
+            }
+            if self.state.iteration < total
+                || self.state.batch_in_epoch >= self.loader.batches_per_epoch()
+            {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+            }
+        }
+        let skipped = self.loader.skipped();
+        if !skipped.is_empty() {
+            eprintln!(
+                "warning: {} unreadable image(s) were skipped",
+                skipped.len()
+            );
+        }
+        Ok(final_error)
+    }
+}
