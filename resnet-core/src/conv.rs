@@ -1,7 +1,45 @@
 //! Bias-free convolutions with He (fan-out) initialisation, as every ResNet convolution.
 
-use candle_core::Result;
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use crate::conv_op::Conv2dOp;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// A bias-free convolution, square kernel, padding `kernel / 2`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = Conv2dOp {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)
+        } else {
+            // Other devices: candle's own convolution until they have a fast path.
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        }
+    }
+}
 
 /// `kernel`×`kernel` convolution, padding `kernel / 2`, weight `[out, in, k, k]` under `vb`.
 /// He et al. (2015) fan-out: N(0, 2 / (out · k²)), as torchvision's `kaiming_normal_(mode="fan_out")`.
@@ -22,19 +60,17 @@ pub fn conv(
         }
     };
     let weight = vb.get_with_hints((out_ch, in_ch, kernel, kernel), "weight", init)?;
-    let config = Conv2dConfig {
-        padding: kernel / 2,
+    Ok(Conv2d {
+        weight,
         stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::new(weight, None, config))
+        padding: kernel / 2,
+    })
 }
 
 /// Multiply-adds of `conv` on an `h`×`w` input, and the output size.
 pub fn conv_macs(conv: &Conv2d, (h, w): (usize, usize)) -> (u64, (usize, usize)) {
-    let cfg = conv.config();
     let (out_ch, in_ch, kh, kw) = conv.weight().dims4().unwrap_or((0, 0, 0, 0));
-    let oh = (h + 2 * cfg.padding - kh) / cfg.stride + 1;
-    let ow = (w + 2 * cfg.padding - kw) / cfg.stride + 1;
+    let oh = (h + 2 * conv.padding - kh) / conv.stride + 1;
+    let ow = (w + 2 * conv.padding - kw) / conv.stride + 1;
     ((oh * ow * out_ch * in_ch * kh * kw) as u64, (oh, ow))
 }

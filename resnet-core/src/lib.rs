@@ -12,6 +12,7 @@ pub mod batch_norm;
 pub mod batch_norm_op;
 mod config;
 pub mod conv;
+pub mod conv_op;
 mod device;
 mod error;
 pub mod max_pool;

@@ -1,12 +1,13 @@
 //! The whole network: stem, stages of residual units, (final BN-ReLU), global average pool, classifier.
 
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs};
 use crate::max_pool::MaxPool2d;
 use crate::residual_unit::ResidualUnit;
 use crate::{Family, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{Conv2d, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 
 /// A row of [`ResNet::layers`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

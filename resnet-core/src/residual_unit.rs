@@ -5,11 +5,12 @@
 //! Plain (no shortcut):         the same layers, without the addition.
 
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs};
 use crate::shortcut::ShortcutPath;
 use crate::{Block, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct ResidualUnit {

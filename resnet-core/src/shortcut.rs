@@ -1,10 +1,11 @@
 //! The shortcut path of a residual unit: options A, B and C of the paper (Sec. 3.3).
 
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs};
 use crate::{Shortcut, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub enum ShortcutPath {
