@@ -49,7 +49,7 @@ pub enum Warmup {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Augment {
+pub enum TrainTransform {
     /// 4-pixel pad, random 32×32 crop, flip.
     Cifar,
     /// Shorter side in [256, 480], random 224 crop, flip, PCA lighting.
@@ -70,7 +70,7 @@ pub struct Recipe {
     pub iterations: u64,
     /// Hold out this many training images as a validation set (the paper's 45k/5k), 0 for none.
     pub validation_holdout: usize,
-    pub augment: Augment,
+    pub augment: TrainTransform,
     pub label_smoothing: f64,
     pub zero_init_residual: bool,
     /// Evaluate (and log a row) every this many iterations, and at the end.
@@ -102,7 +102,7 @@ impl Recipe {
             warmup,
             iterations: 64_000,
             validation_holdout: 5_000,
-            augment: Augment::Cifar,
+            augment: TrainTransform::Cifar,
             label_smoothing: 0.0,
             zero_init_residual: false,
             eval_every: 390,
@@ -140,7 +140,7 @@ impl Recipe {
                 warmup: Warmup::None,
                 iterations: 600_000,
                 validation_holdout: 0,
-                augment: Augment::ScaleAugment,
+                augment: TrainTransform::ScaleAugment,
                 eval_every: 5_000,
                 log_every: 100,
                 ..cifar(name, Warmup::None)

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{self, TrainingState, BEST, LAST};
 use crate::metrics_log::{MetricsLog, Row};
-use crate::recipe::{Augment, Recipe};
+use crate::recipe::{Recipe, TrainTransform};
 use crate::schedule::LrSchedule;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -116,10 +116,10 @@ impl Trainer {
 
         let model = Model::new(&config, seed, &options.device)?;
         let (normalize, augmentation) = match (config.family, recipe.augment) {
-            (Family::Cifar, _) | (_, Augment::Cifar) => {
+            (Family::Cifar, _) | (_, TrainTransform::Cifar) => {
                 (CIFAR10_NORMALIZE, Augmentation::CifarTrain { padding: 4 })
             }
-            (Family::ImageNet, Augment::ScaleAugment) => (
+            (Family::ImageNet, TrainTransform::ScaleAugment) => (
                 Normalize::IMAGENET,
                 Augmentation::ScaleAugment {
                     min: 256,
@@ -128,7 +128,7 @@ impl Trainer {
                     lighting: 0.1,
                 },
             ),
-            (Family::ImageNet, Augment::RandomResizedCrop) => (
+            (Family::ImageNet, TrainTransform::RandomResizedCrop) => (
                 Normalize::IMAGENET,
                 Augmentation::RandomResizedCrop { crop: 224 },
             ),
@@ -293,9 +293,9 @@ impl Trainer {
                 images += batch.len();
 
                 let it = self.state.iteration;
-                let eval_now =
-                    it == total || (self.recipe.eval_every > 0 && it % self.recipe.eval_every == 0);
-                let log_now = eval_now || it % self.recipe.log_every.max(1) == 0;
+                let eval_now = it == total
+                    || (self.recipe.eval_every > 0 && it.is_multiple_of(self.recipe.eval_every));
+                let log_now = eval_now || it.is_multiple_of(self.recipe.log_every.max(1));
                 if log_now {
                     let ips = images as f64 / since.elapsed().as_secs_f64().max(1e-9);
                     let mut row = Row {
@@ -331,7 +331,7 @@ impl Trainer {
                 }
                 if it == total
                     || (self.options.checkpoint_every > 0
-                        && it % self.options.checkpoint_every == 0)
+                        && it.is_multiple_of(self.options.checkpoint_every))
                 {
                     self.checkpoint()?;
                 }
