@@ -122,15 +122,14 @@ fn resolve_recipe(cli: &Cli) -> Result<Recipe> {
     if cli.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
-    for (name, v) in [
-        ("momentum", cli.momentum),
-        ("weight-decay", cli.weight_decay),
-        ("label-smoothing", cli.label_smoothing),
-    ] {
-        if let Some(v) =
-            v.filter(|v| !(*v >= 0.0 && *v < 1.0 || name == "weight-decay" && *v >= 0.0))
-        {
-            bail!("--{name} must be in [0, 1), got {v}");
+    let ranges = [
+        ("momentum", cli.momentum, 1.0),
+        ("label-smoothing", cli.label_smoothing, 1.0),
+        ("weight-decay", cli.weight_decay, f64::INFINITY),
+    ];
+    for (name, value, end) in ranges {
+        if let Some(v) = value.filter(|v| !(0.0..end).contains(v)) {
+            bail!("--{name} must be in [0, {end}), got {v}");
         }
     }
     r.batch_size = cli.batch_size.unwrap_or(r.batch_size);

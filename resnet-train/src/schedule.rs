@@ -137,7 +137,7 @@ mod tests {
             error_below: 80.0,
             max_iterations: 2_000,
         };
-        let mut s = LrSchedule::new(0.1, Schedule::Constant, warmup, 64_000);
+        let mut s = LrSchedule::new(0.1, Schedule::Constant, warmup.clone(), 64_000);
         for _ in 0..20 {
             s.observe_train_error(90.0);
         }
