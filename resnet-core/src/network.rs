@@ -155,6 +155,11 @@ impl ResNet {
         }
         for unit in &self.units {
             y = unit.forward_t(&y, train)?;
+            if !train {
+                // The weights are variables, so every result keeps its inputs alive for a backward pass;
+                // in evaluation nothing needs them: cut the graph so each activation is freed after use.
+                y = y.detach();
+            }
         }
         if let Some(norm) = &self.final_norm {
             y = norm.forward_t(&y, train)?.relu()?;

@@ -11,6 +11,10 @@ use resnet_infer::{class_names, evaluate, load_model, metrics::top_k};
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "resnet-infer",
