@@ -14,6 +14,10 @@ use resnet_core::parse_device;
 use std::path::PathBuf;
 use trainer::{RunOptions, Trainer};
 
+/// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "resnet-train",

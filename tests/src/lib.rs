@@ -120,3 +120,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn test_data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-data")
 }
+
+/// The same caching allocator as the binaries, so full-size parity tests run at the binaries' speed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
