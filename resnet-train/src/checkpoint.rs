@@ -22,7 +22,8 @@ pub struct TrainingState {
     pub batch_in_epoch: usize,
     pub seed: u64,
     pub schedule: ScheduleState,
-    pub best_test_error: f64,
+    /// Lowest test error so far (percent); `None` before the first evaluation.
+    pub best_test_error: Option<f64>,
     pub recipe: Recipe,
 }
 

@@ -76,12 +76,12 @@ struct Cli {
     log_every: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write a checkpoint every N iterations (and at the end).
-    #[arg(long, default_value_t = 1000)]
-    checkpoint_every: u64,
-    /// Numbered checkpoints to keep.
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
+    /// Write a checkpoint every N iterations and at the end (default 1000; a resumed run keeps its own).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Numbered checkpoints to keep (default 3; a resumed run keeps its own).
+    #[arg(long)]
+    keep: Option<usize>,
     /// Continue the run in this folder from its newest readable checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -97,7 +97,22 @@ struct Cli {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors as one line (help and version print as usual).
+        Err(e) if e.use_stderr() => {
+            eprintln!(
+                "{}",
+                e.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -170,9 +185,19 @@ fn run(cli: Cli) -> Result<()> {
         (None, Some(out)) => (out.clone(), false),
         (None, None) => (PathBuf::from("runs").join(&recipe.model), false),
     };
+    let saved = if resume {
+        Some(saved_config(&out)?)
+    } else {
+        None
+    };
+    let saved_value = |key: &str| saved.as_ref().and_then(|c| c[key].as_u64());
     let data = match &cli.data {
         Some(d) => d.clone(),
-        None if resume => resume_data(&out)?,
+        None if resume => saved
+            .as_ref()
+            .and_then(|c| c["data"].as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("{} has no data folder: pass --data", out.join("config.json").display()))?,
         None => bail!(
             "no --data given: pass a CIFAR-10 folder (cifar-10-batches-bin/ or an ImageFolder with train/ and test/); \
              downloading CIFAR-10 from the Hugging Face hub is not built yet"
@@ -189,20 +214,30 @@ fn run(cli: Cli) -> Result<()> {
             (train.saturating_sub(recipe.validation_holdout) / recipe.batch_size).max(1) as u64;
         recipe.iterations = epochs * per_epoch;
     }
-    if !resume {
-        eprintln!("recipe:\n{}", serde_json::to_string_pretty(&recipe)?);
-    }
     let options = RunOptions {
         data,
         out: out.clone(),
         seed: cli.seed,
-        checkpoint_every: cli.checkpoint_every,
-        keep: cli.keep.max(1),
+        checkpoint_every: cli
+            .checkpoint_every
+            .or(saved_value("checkpoint_every"))
+            .unwrap_or(1000),
+        keep: cli
+            .keep
+            .or(saved_value("keep").map(|k| k as usize))
+            .unwrap_or(3)
+            .max(1),
         threads: cli.threads,
         strict: cli.strict,
         device,
     };
     let mut trainer = Trainer::new(recipe, options, resume, cli.iterations)?;
+    if !resume {
+        eprintln!(
+            "recipe:\n{}",
+            serde_json::to_string_pretty(trainer.recipe())?
+        );
+    }
     let error = trainer.run()?;
     match error {
         Some(e) => println!("finished: test error {e:.2} %; run in {}", out.display()),
@@ -211,15 +246,15 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// The data folder a run was started with (from its config.json).
-fn resume_data(out: &std::path::Path) -> Result<PathBuf> {
+/// The `config.json` a run was started with.
+fn saved_config(out: &std::path::Path) -> Result<serde_json::Value> {
     let path = out.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (pass --data)", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    json["data"]
-        .as_str()
-        .map(PathBuf::from)
-        .with_context(|| format!("{} has no data folder (pass --data)", path.display()))
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot resume from {}: reading {}",
+            out.display(),
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }

@@ -12,7 +12,8 @@ pub struct ScheduleState {
     pub warmup_done: bool,
     /// Product of the plateau reductions so far.
     pub plateau_scale: f64,
-    pub best_error: f64,
+    /// Lowest evaluation error so far; `None` before the first.
+    pub best_error: Option<f64>,
     pub bad_evaluations: u32,
     pub recent_train_errors: VecDeque<f64>,
 }
@@ -36,7 +37,7 @@ impl LrSchedule {
             state: ScheduleState {
                 warmup_done: false,
                 plateau_scale: 1.0,
-                best_error: f64::INFINITY,
+                best_error: None,
                 bad_evaluations: 0,
                 recent_train_errors: VecDeque::new(),
             },
@@ -95,8 +96,12 @@ impl LrSchedule {
             threshold,
         } = self.schedule
         {
-            if error < self.state.best_error - threshold {
-                self.state.best_error = error;
+            if self
+                .state
+                .best_error
+                .is_none_or(|best| error < best - threshold)
+            {
+                self.state.best_error = Some(error);
                 self.state.bad_evaluations = 0;
             } else {
                 self.state.bad_evaluations += 1;

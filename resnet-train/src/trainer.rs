@@ -159,7 +159,7 @@ impl Trainer {
             batch_in_epoch: 0,
             seed,
             schedule: schedule.state.clone(),
-            best_test_error: f64::INFINITY,
+            best_test_error: None,
             recipe: recipe.clone(),
         };
         if let Some(r) = &restored {
@@ -181,7 +181,9 @@ impl Trainer {
         std::fs::write(
             options.out.join("config.json"),
             serde_json::to_string_pretty(&serde_json::json!({
-                "recipe": recipe, "network": config, "seed": seed, "data": options.data, "normalize": {"mean": normalize.mean, "std": normalize.std},
+                "recipe": recipe, "network": config, "seed": seed, "data": options.data,
+            "checkpoint_every": options.checkpoint_every, "keep": options.keep,
+            "normalize": {"mean": normalize.mean, "std": normalize.std},
             }))?,
         )?;
         let log = MetricsLog::open(&options.out, restored.as_ref().map(|r| r.state.iteration))?;
@@ -199,8 +201,23 @@ impl Trainer {
         })
     }
 
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
+    }
+
     fn checkpoint(&self) -> Result<()> {
         let out = &self.options.out;
+        // Never replace a good checkpoint with weights that have overflowed.
+        for (name, var) in self.model.trainable_vars() {
+            let norm = var.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()?;
+            if !norm.is_finite() {
+                bail!(
+                    "parameter {name} is no longer finite at iteration {}: training stopped; the last good checkpoint is {}",
+                    self.state.iteration,
+                    out.join(LAST).display()
+                );
+            }
+        }
         checkpoint::save(
             &checkpoint::numbered_path(out, self.state.iteration),
             &self.model,
@@ -233,8 +250,8 @@ impl Trainer {
         let report = evaluate(&self.model, test, &options)?;
         let (top1, top5) = (report.accuracy.top1_error, report.accuracy.top5_error);
         self.schedule.observe_eval(top1);
-        if top1 < self.state.best_test_error {
-            self.state.best_test_error = top1;
+        if self.state.best_test_error.is_none_or(|best| top1 < best) {
+            self.state.best_test_error = Some(top1);
             checkpoint::save(
                 &self.options.out.join(BEST),
                 &self.model,

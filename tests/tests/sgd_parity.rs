@@ -1,6 +1,6 @@
 //! SGD with momentum against torch.optim.SGD: the arithmetic alone (≤ 1e-6) and 3 training steps of
-//! CIFAR ResNet-20 (losses ≤ 1e-4 abs, final parameters ‖a−b‖ ≤ 1e-2‖b‖, as ../shared/fixtures/README.md,
-//! except the float32-chaotic BN biases: see below).
+//! CIFAR ResNet-20 (losses ≤ 1e-4 abs, final parameters ‖a−b‖ ≤ 1e-2‖b‖ as ../shared/fixtures/README.md,
+//! plus 1e-4 absolute for the float32-chaotic, near-zero BN biases: see below).
 
 use candle_core::{backprop::GradStore, DType, Device, Var};
 use resnet_core::optim::{Sgd, SgdConfig};
@@ -69,19 +69,17 @@ fn three_resnet20_training_steps_match_pytorch() -> anyhow::Result<()> {
                 assert!(d <= 1e-4, "{tag} {name}: {d}");
             } else {
                 let rel = rel_norm_diff(ours.as_tensor(), expected)?;
-                // BN biases start at 0 and stay near 1e-3 over 3 steps; they are chaotic in float32: perturbing
-                // conv1.weight alone by 1e-7 (relative) moves layer1.0.bn1.bias by 3.6e-2 and bn1.bias by 2.5e-2
-                // (measured with this model). Ours differ from PyTorch by at most 1.6e-2 there, so they get 2e-2;
-                // every other tensor gets the fixture's 1e-2 (measured worst: 6e-4).
-                let tol = if name.ends_with("bias")
-                    && expected.rank() == 1
-                    && !name.starts_with("linear")
-                {
-                    2e-2
-                } else {
-                    1e-2
-                };
-                assert!(rel <= tol, "{tag} {name}: ‖a−b‖/‖b‖ = {rel} > {tol}");
+                // ‖a−b‖ ≤ 1e-2‖b‖ + 1e-4. The absolute 1e-4 matters only for the BN biases, which start at 0,
+                // stay near 3e-3 over 3 steps and are chaotic in float32: perturbing conv1.weight alone by 1e-7
+                // (relative) moves layer1.0.bn1.bias by 3.6e-2 relative, 1e-4 absolute (measured with this
+                // model). Every weight tensor has ‖b‖ ≥ 0.1, where the bound is the fixture's 1e-2.
+                let norm = expected.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+                let diff = rel * norm;
+                let tol = 1e-2 * norm + 1e-4;
+                assert!(
+                    diff <= tol,
+                    "{tag} {name}: ‖a−b‖ = {diff} > {tol} (relative {rel})"
+                );
             }
         }
     }
