@@ -51,7 +51,16 @@ impl BatchNorm {
         Ok((scale, shift))
     }
 
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+    /// BN followed by ReLU; in training on the CPU both run as one op.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_train(x, true)
+        } else {
+            self.forward_eval(x)?.relu()
+        }
+    }
+
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (n, _c, h, w) = x.dims4()?;
         let count = (n * h * w) as f64;
         if count < 2.0 {
@@ -61,9 +70,10 @@ impl BatchNorm {
             );
         }
         let (y, mean, var) = if x.device().is_cpu() && x.dtype() == DType::F32 {
-            self.forward_train_fused(&x.contiguous()?)?
+            self.forward_train_fused(&x.contiguous()?, relu)?
         } else {
-            self.forward_train_composed(x)?
+            let (y, mean, var) = self.forward_train_composed(x)?;
+            (if relu { y.relu()? } else { y }, mean, var)
         };
         let unbiased = (var * (count / (count - 1.0)))?;
         let rm = ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?;
@@ -74,7 +84,7 @@ impl BatchNorm {
     }
 
     /// CPU: one statistics pass and one output pass, closed-form backward (see `batch_norm_op`).
-    fn forward_train_fused(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let stats = x.apply_op1_no_bwd(&ChannelStats)?;
         let (mean, var) = (stats.get(0)?, stats.get(1)?);
         let op = BatchNormTrain {
@@ -84,6 +94,7 @@ impl BatchNorm {
                 .iter()
                 .map(|v| 1.0 / (v + EPS as f32).sqrt())
                 .collect(),
+            relu,
         };
         let y = x.apply_op3(&self.weight, &self.bias, op)?;
         Ok((y, mean, var))
@@ -119,7 +130,7 @@ impl ModuleT for BatchNorm {
             );
         }
         if train {
-            self.forward_train(x)
+            self.forward_train(x, false)
         } else {
             self.forward_eval(x)
         }
@@ -162,7 +173,7 @@ mod tests {
         let x = Var::randn(1f32, 2.0, (4, 5, 6, 7), &dev)?;
         let upstream = Tensor::randn(0f32, 1.0, (4, 5, 6, 7), &dev)?;
 
-        let (fused, fm, fv) = bn.forward_train_fused(x.as_tensor())?;
+        let (fused, fm, fv) = bn.forward_train_fused(x.as_tensor(), false)?;
         let (composed, cm, cv) = bn.forward_train_composed(x.as_tensor())?;
         assert!(max_diff(&fused, &composed) < 1e-5);
         assert!(max_diff(&fm, &cm) < 1e-5 && max_diff(&fv, &cv) < 1e-5);

@@ -1,11 +1,13 @@
-//! Training-mode BatchNorm as one op with a closed-form backward (as PyTorch's native kernel), on the CPU.
+//! Training-mode BatchNorm (optionally followed by ReLU) as one op with a closed-form backward, as PyTorch's
+//! native kernel, on the CPU; threaded over channels and planes.
 //!
 //! Why not compose candle ops: the composed graph is ~15 ops with full-size temporaries, and its sums are
 //! accumulated in f32 one element at a time, which loses the small per-channel gradient sums (BN biases)
-//! to rounding. Here every per-channel sum is accumulated in f64.
+//! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = match storage {
@@ -18,15 +20,9 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
     }
 }
 
-/// Calls `f(channel, chunk)` for every contiguous H·W chunk of `data` (NCHW), in order.
-fn chunks_of_channel(
-    data: &[f32],
-    channels: usize,
-    plane: usize,
-) -> impl Iterator<Item = (usize, &[f32])> {
-    data.chunks(plane)
-        .enumerate()
-        .map(move |(i, chunk)| (i % channels, chunk))
+/// The H·W planes of channel `ch` in NCHW data.
+fn planes_of(data: &[f32], (n, c, plane): (usize, usize, usize), ch: usize) -> impl Iterator<Item = &[f32]> {
+    (0..n).map(move |i| &data[(i * c + ch) * plane..(i * c + ch + 1) * plane])
 }
 
 /// Per-channel mean and biased variance of an NCHW tensor, as `[2, C]`, accumulated in f64 (no gradient).
@@ -40,27 +36,30 @@ impl CustomOp1 for ChannelStats {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "statistics")?;
         let (n, c, h, w) = layout.shape().dims4()?;
+        let dims = (n, c, h * w);
         let count = (n * h * w) as f64;
-        let mut sum = vec![0f64; c];
-        for (ch, chunk) in chunks_of_channel(x, c, h * w) {
-            sum[ch] += chunk.iter().map(|&v| v as f64).sum::<f64>();
-        }
-        let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
-        let mut sq = vec![0f64; c];
-        for (ch, chunk) in chunks_of_channel(x, c, h * w) {
-            let m = mean[ch];
-            sq[ch] += chunk.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>();
-        }
-        let mut out: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-        out.extend(sq.iter().map(|&s| (s / count) as f32));
+        let stats: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let sum: f64 = planes_of(x, dims, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+                let mean = sum / count;
+                let sq: f64 = planes_of(x, dims, ch)
+                    .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
+                    .sum();
+                (mean as f32, (sq / count) as f32)
+            })
+            .collect();
+        let mut out: Vec<f32> = stats.iter().map(|s| s.0).collect();
+        out.extend(stats.iter().map(|s| s.1));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
 
-/// `y = (x − mean) · inv_std · γ + β` with the batch's statistics; arguments `(x, γ, β)`.
+/// `y = (x − mean) · inv_std · γ + β` with the batch's statistics, then ReLU if `relu`; arguments `(x, γ, β)`.
 pub struct BatchNormTrain {
     pub mean: Vec<f32>,
     pub inv_std: Vec<f32>,
+    pub relu: bool,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -81,12 +80,15 @@ impl CustomOp3 for BatchNormTrain {
         let gamma = contiguous_f32(s2, l2, "weight")?;
         let beta = contiguous_f32(s3, l3, "bias")?;
         let (_, c, h, w) = l1.shape().dims4()?;
-        let mut y = Vec::with_capacity(x.len());
-        for (ch, chunk) in chunks_of_channel(x, c, h * w) {
+        let plane = h * w;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (out, inp))| {
+            let ch = i % c;
             let scale = gamma[ch] * self.inv_std[ch];
             let shift = beta[ch] - self.mean[ch] * scale;
-            y.extend(chunk.iter().map(|&v| v * scale + shift));
-        }
+            let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v * scale + shift).max(floor));
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -95,15 +97,17 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = gamma.dim(0)?;
         let grad_op = BatchNormTrainGrad {
             mean: self.mean.clone(),
             inv_std: self.inv_std.clone(),
+            gamma: gamma.to_vec1()?,
+            relu: self.relu,
         };
-        let packed = x.apply_op3_no_bwd(gamma, &grad.contiguous()?, &grad_op)?;
+        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, y, &grad_op)?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgamma = packed.narrow(0, n, c)?;
@@ -112,11 +116,24 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// PyTorch's closed form, arguments `(x, γ, dy)`, output packed as `[dx (N·C·H·W), dγ (C), dβ (C)]`:
-/// dβ = Σ dy, dγ = Σ dy·x̂, dx = γ·inv_std/M · (M·dy − dβ − x̂·dγ).
+/// PyTorch's closed form, arguments `(x, dy, y)`, output packed as `[dx (N·C·H·W), dγ (C), dβ (C)]`:
+/// g = dy·[y > 0] with ReLU (else dy); dβ = Σ g, dγ = Σ g·x̂, dx = γ·inv_std/M · (M·g − dβ − x̂·dγ).
 struct BatchNormTrainGrad {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    gamma: Vec<f32>,
+    relu: bool,
+}
+
+impl BatchNormTrainGrad {
+    #[inline]
+    fn masked(&self, g: f32, y: f32) -> f32 {
+        if self.relu && y <= 0.0 {
+            0.0
+        } else {
+            g
+        }
+    }
 }
 
 impl CustomOp3 for BatchNormTrainGrad {
@@ -134,35 +151,45 @@ impl CustomOp3 for BatchNormTrainGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, "backward input")?;
-        let gamma = contiguous_f32(s2, l2, "backward weight")?;
-        let dy = contiguous_f32(s3, l3, "backward gradient")?;
+        let dy = contiguous_f32(s2, l2, "backward gradient")?;
+        let y = contiguous_f32(s3, l3, "backward output")?;
         let (n, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
+        let dims = (n, c, plane);
         let count = (n * plane) as f64;
-        let mut dbeta = vec![0f64; c];
-        let mut dgamma = vec![0f64; c];
-        for ((ch, xs), gs) in chunks_of_channel(x, c, plane).zip(dy.chunks(plane)) {
-            let (m, inv) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
-            for (&xv, &gv) in xs.iter().zip(gs) {
-                dbeta[ch] += gv as f64;
-                dgamma[ch] += gv as f64 * (xv as f64 - m) * inv;
-            }
-        }
-        let mut out = Vec::with_capacity(x.len() + 2 * c);
-        for ((ch, xs), gs) in chunks_of_channel(x, c, plane).zip(dy.chunks(plane)) {
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (m, inv) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
+                let (mut dbeta, mut dgamma) = (0f64, 0f64);
+                for ((xs, gs), ys) in planes_of(x, dims, ch).zip(planes_of(dy, dims, ch)).zip(planes_of(y, dims, ch)) {
+                    for ((&xv, &gv), &yv) in xs.iter().zip(gs).zip(ys) {
+                        let g = self.masked(gv, yv) as f64;
+                        dbeta += g;
+                        dgamma += g * (xv as f64 - m) * inv;
+                    }
+                }
+                (dgamma, dbeta)
+            })
+            .collect();
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, tail) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
+            let ch = i % c;
             let inv = self.inv_std[ch];
-            let k = gamma[ch] * inv;
-            let mean_dbeta = (dbeta[ch] / count) as f32;
-            let mean_dgamma = (dgamma[ch] / count) as f32;
+            let k = self.gamma[ch] * inv;
+            let mean_dgamma = (sums[ch].0 / count) as f32;
+            let mean_dbeta = (sums[ch].1 / count) as f32;
             let m = self.mean[ch];
-            out.extend(
-                xs.iter()
-                    .zip(gs)
-                    .map(|(&xv, &gv)| k * (gv - mean_dbeta - (xv - m) * inv * mean_dgamma)),
-            );
+            let span = i * plane..(i + 1) * plane;
+            for (((d, &xv), &gv), &yv) in d.iter_mut().zip(&x[span.clone()]).zip(&dy[span.clone()]).zip(&y[span]) {
+                *d = k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma);
+            }
+        });
+        for ch in 0..c {
+            tail[ch] = sums[ch].0 as f32;
+            tail[c + ch] = sums[ch].1 as f32;
         }
-        out.extend(dgamma.iter().map(|&v| v as f32));
-        out.extend(dbeta.iter().map(|&v| v as f32));
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }

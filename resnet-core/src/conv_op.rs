@@ -144,8 +144,13 @@ impl Geometry {
         let (p, ow) = (self.p(), self.ow);
         self.for_each_span(|row, oy, start, lo, hi, s| {
             let src = &dcol[row * p + oy * ow + lo..row * p + oy * ow + hi];
-            for (i, v) in src.iter().enumerate() {
-                dx[start + i * s] += v;
+            if s == 1 {
+                // Contiguous: lets the compiler vectorise the accumulation.
+                dx[start..start + src.len()].iter_mut().zip(src).for_each(|(d, v)| *d += v);
+            } else {
+                for (i, v) in src.iter().enumerate() {
+                    dx[start + i * s] += v;
+                }
             }
         });
     }

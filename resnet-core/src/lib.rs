@@ -8,6 +8,7 @@
 //! # Ok::<(), resnet_core::ResNetError>(())
 //! ```
 
+mod add_relu;
 pub mod batch_norm;
 pub mod batch_norm_op;
 mod config;

@@ -148,7 +148,7 @@ impl ResNet {
         }
         let mut y = self.stem_conv.forward(x)?;
         if let Some(norm) = &self.stem_norm {
-            y = norm.forward_t(&y, train)?.relu()?;
+            y = norm.forward_relu(&y, train)?;
         }
         if let Some(pool) = &self.stem_pool {
             y = pool.forward(&y)?;
@@ -162,7 +162,7 @@ impl ResNet {
             }
         }
         if let Some(norm) = &self.final_norm {
-            y = norm.forward_t(&y, train)?.relu()?;
+            y = norm.forward_relu(&y, train)?;
         }
         y.mean((2, 3))
     }

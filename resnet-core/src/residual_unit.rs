@@ -4,6 +4,7 @@
 //! Pre-activation:              y = F(x) + shortcut(x),        F = BN-ReLU-conv-…-BN-ReLU-conv
 //! Plain (no shortcut):         the same layers, without the addition.
 
+use crate::add_relu::add_relu;
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs};
@@ -125,22 +126,24 @@ impl ResidualUnit {
     fn forward_original(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.clone();
         for (k, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
-            y = norm.forward_t(&conv.forward(&y)?, train)?;
-            if k + 1 < self.convs.len() {
-                y = y.relu()?;
-            }
+            let z = conv.forward(&y)?;
+            y = if k + 1 < self.convs.len() {
+                norm.forward_relu(&z, train)?
+            } else {
+                norm.forward_t(&z, train)?
+            };
         }
         match &self.shortcut {
-            Some(shortcut) => (y + shortcut.forward_t(x, x, train)?)?.relu(),
+            Some(shortcut) => add_relu(&y, &shortcut.forward_t(x, x, train)?),
             None => y.relu(),
         }
     }
 
     fn forward_pre_activation(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let pre_activated = self.norms[0].forward_t(x, train)?.relu()?;
+        let pre_activated = self.norms[0].forward_relu(x, train)?;
         let mut y = self.convs[0].forward(&pre_activated)?;
         for (conv, norm) in self.convs.iter().zip(&self.norms).skip(1) {
-            y = conv.forward(&norm.forward_t(&y, train)?.relu()?)?;
+            y = conv.forward(&norm.forward_relu(&y, train)?)?;
         }
         match &self.shortcut {
             Some(shortcut) => y + shortcut.forward_t(x, &pre_activated, train)?,
