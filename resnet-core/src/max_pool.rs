@@ -6,6 +6,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxPool2d {
@@ -45,42 +46,33 @@ impl MaxPool2d {
         }
     }
 
-    /// Visits each output cell with the flat input index of its maximum (first one on ties).
-    fn for_each_argmax(
-        &self,
-        src: &[f32],
-        dims: (usize, usize, usize, usize),
-        mut f: impl FnMut(usize, usize),
-    ) {
-        let (n, c, h, w) = dims;
-        let (oh, ow) = (self.output_size(h), self.output_size(w));
-        for plane in 0..n * c {
-            let base = plane * h * w;
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_idx = usize::MAX;
-                    for ky in 0..self.kernel {
-                        let y = (oy * self.stride + ky) as isize - self.padding as isize;
-                        if y < 0 || y >= h as isize {
+    /// Visits each output cell of one `h`×`w` plane with the index of its maximum in the plane (first on ties).
+    fn for_each_argmax(&self, src: &[f32], (h, w): (usize, usize), mut f: impl FnMut(usize, usize)) {
+        let ow = self.output_size(w);
+        for oy in 0..self.output_size(h) {
+            for ox in 0..ow {
+                let mut best = f32::NEG_INFINITY;
+                let mut best_idx = usize::MAX;
+                for ky in 0..self.kernel {
+                    let y = (oy * self.stride + ky) as isize - self.padding as isize;
+                    if y < 0 || y >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..self.kernel {
+                        let x = (ox * self.stride + kx) as isize - self.padding as isize;
+                        if x < 0 || x >= w as isize {
                             continue;
                         }
-                        for kx in 0..self.kernel {
-                            let x = (ox * self.stride + kx) as isize - self.padding as isize;
-                            if x < 0 || x >= w as isize {
-                                continue;
-                            }
-                            let idx = base + y as usize * w + x as usize;
-                            let v = src[idx];
-                            // Strict `>`: the first maximum wins ties; NaN propagates, as in PyTorch.
-                            if v > best || v.is_nan() || best_idx == usize::MAX {
-                                best = v;
-                                best_idx = idx;
-                            }
+                        let idx = y as usize * w + x as usize;
+                        let v = src[idx];
+                        // Strict `>`: the first maximum wins ties; NaN propagates, as in PyTorch.
+                        if v > best || v.is_nan() || best_idx == usize::MAX {
+                            best = v;
+                            best_idx = idx;
                         }
                     }
-                    f((plane * oh + oy) * ow + ox, best_idx);
                 }
+                f(oy * ow + ox, best_idx);
             }
         }
     }
@@ -120,7 +112,9 @@ impl CustomOp1 for MaxPool2d {
         let (n, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
         let mut out = vec![0f32; n * c * oh * ow];
-        self.for_each_argmax(src, (n, c, h, w), |o, i| out[o] = src[i]);
+        out.par_chunks_mut(oh * ow).zip(src.par_chunks(h * w)).for_each(|(o, plane)| {
+            self.for_each_argmax(plane, (h, w), |oi, ii| o[oi] = plane[ii]);
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 
@@ -147,10 +141,13 @@ impl CustomOp2 for MaxPoolGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let src = f32_slice(s1, l1, "backward input")?;
         let grad_out = f32_slice(s2, l2, "backward gradient")?;
-        let dims = l1.shape().dims4()?;
+        let (_, _, h, w) = l1.shape().dims4()?;
+        let (oh, ow) = (self.0.output_size(h), self.0.output_size(w));
         let mut grad_in = vec![0f32; src.len()];
-        self.0
-            .for_each_argmax(src, dims, |o, i| grad_in[i] += grad_out[o]);
+        grad_in
+            .par_chunks_mut(h * w)
+            .zip(src.par_chunks(h * w).zip(grad_out.par_chunks(oh * ow)))
+            .for_each(|(gi, (plane, go))| self.0.for_each_argmax(plane, (h, w), |oi, ii| gi[ii] += go[oi]));
         Ok((CpuStorage::F32(grad_in), l1.shape().clone()))
     }
 }

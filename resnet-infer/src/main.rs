@@ -129,6 +129,7 @@ struct BenchArgs {
 }
 
 fn main() {
+    resnet_infer::keep_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

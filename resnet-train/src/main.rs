@@ -97,6 +97,7 @@ struct Cli {
 }
 
 fn main() {
+    resnet_infer::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Usage errors as one line (help and version print as usual).
