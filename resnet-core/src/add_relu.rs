@@ -30,16 +30,32 @@ impl CustomOp2 for AddRelu {
         "add-relu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
         let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (a, b))| *o = (a + b).max(0.0));
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                o.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (a, b))| *o = (a + b).max(0.0));
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _a: &Tensor, _b: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
         Ok((Some(g.clone()), Some(g)))
     }
@@ -53,12 +69,22 @@ impl CustomOp2 for ReluMask {
         "relu-mask"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (g, y) = (slice(s1, l1)?, slice(s2, l2)?);
         let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (g, y))| {
-            o.iter_mut().zip(g.iter().zip(y)).for_each(|(o, (g, y))| *o = if *y > 0.0 { *g } else { 0.0 });
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(o, (g, y))| {
+                o.iter_mut()
+                    .zip(g.iter().zip(y))
+                    .for_each(|(o, (g, y))| *o = if *y > 0.0 { *g } else { 0.0 });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -75,12 +101,18 @@ mod tests {
         let up = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu)?;
         let fused = add_relu(a.as_tensor(), b.as_tensor())?;
         let reference = (a.as_tensor() + b.as_tensor())?.relu()?;
-        assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, reference.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            fused.flatten_all()?.to_vec1::<f32>()?,
+            reference.flatten_all()?.to_vec1::<f32>()?
+        );
         let gf = (fused * &up)?.sum_all()?.backward()?;
         let gr = (reference * &up)?.sum_all()?.backward()?;
         for v in [&a, &b] {
             let (x, y) = (gf.get(v).unwrap(), gr.get(v).unwrap());
-            assert_eq!(x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(
+                x.flatten_all()?.to_vec1::<f32>()?,
+                y.flatten_all()?.to_vec1::<f32>()?
+            );
         }
         Ok(())
     }

@@ -21,7 +21,11 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
 }
 
 /// The H·W planes of channel `ch` in NCHW data.
-fn planes_of(data: &[f32], (n, c, plane): (usize, usize, usize), ch: usize) -> impl Iterator<Item = &[f32]> {
+fn planes_of(
+    data: &[f32],
+    (n, c, plane): (usize, usize, usize),
+    ch: usize,
+) -> impl Iterator<Item = &[f32]> {
     (0..n).map(move |i| &data[(i * c + ch) * plane..(i * c + ch + 1) * plane])
 }
 
@@ -41,7 +45,9 @@ impl CustomOp1 for ChannelStats {
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum: f64 = planes_of(x, dims, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum();
+                let sum: f64 = planes_of(x, dims, ch)
+                    .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
+                    .sum();
                 let mean = sum / count;
                 let sq: f64 = planes_of(x, dims, ch)
                     .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
@@ -82,13 +88,18 @@ impl CustomOp3 for BatchNormTrain {
         let (_, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (out, inp))| {
-            let ch = i % c;
-            let scale = gamma[ch] * self.inv_std[ch];
-            let shift = beta[ch] - self.mean[ch] * scale;
-            let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
-            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v * scale + shift).max(floor));
-        });
+        y.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (out, inp))| {
+                let ch = i % c;
+                let scale = gamma[ch] * self.inv_std[ch];
+                let shift = beta[ch] - self.mean[ch] * scale;
+                let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+                out.iter_mut()
+                    .zip(inp)
+                    .for_each(|(o, &v)| *o = (v * scale + shift).max(floor));
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -162,7 +173,10 @@ impl CustomOp3 for BatchNormTrainGrad {
             .map(|ch| {
                 let (m, inv) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
                 let (mut dbeta, mut dgamma) = (0f64, 0f64);
-                for ((xs, gs), ys) in planes_of(x, dims, ch).zip(planes_of(dy, dims, ch)).zip(planes_of(y, dims, ch)) {
+                for ((xs, gs), ys) in planes_of(x, dims, ch)
+                    .zip(planes_of(dy, dims, ch))
+                    .zip(planes_of(y, dims, ch))
+                {
                     for ((&xv, &gv), &yv) in xs.iter().zip(gs).zip(ys) {
                         let g = self.masked(gv, yv) as f64;
                         dbeta += g;
@@ -182,7 +196,12 @@ impl CustomOp3 for BatchNormTrainGrad {
             let mean_dbeta = (sums[ch].1 / count) as f32;
             let m = self.mean[ch];
             let span = i * plane..(i + 1) * plane;
-            for (((d, &xv), &gv), &yv) in d.iter_mut().zip(&x[span.clone()]).zip(&dy[span.clone()]).zip(&y[span]) {
+            for (((d, &xv), &gv), &yv) in d
+                .iter_mut()
+                .zip(&x[span.clone()])
+                .zip(&dy[span.clone()])
+                .zip(&y[span])
+            {
                 *d = k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma);
             }
         });

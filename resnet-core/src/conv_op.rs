@@ -146,7 +146,10 @@ impl Geometry {
             let src = &dcol[row * p + oy * ow + lo..row * p + oy * ow + hi];
             if s == 1 {
                 // Contiguous: lets the compiler vectorise the accumulation.
-                dx[start..start + src.len()].iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                dx[start..start + src.len()]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(d, v)| *d += v);
             } else {
                 for (i, v) in src.iter().enumerate() {
                     dx[start + i * s] += v;
@@ -265,7 +268,16 @@ impl Conv2dOp {
             y.par_chunks_mut(rows * p).enumerate().for_each(|(b, yb)| {
                 let m = yb.len() / p;
                 let wb = &w[b * rows * k..(b * rows + m) * k];
-                matmul((m, p, k), yb, false, wb, (k, 1), col, (p, 1), Parallelism::None);
+                matmul(
+                    (m, p, k),
+                    yb,
+                    false,
+                    wb,
+                    (k, 1),
+                    col,
+                    (p, 1),
+                    Parallelism::None,
+                );
             });
         };
         per_image(&mut out, g.image_out(), g.n, |i, y, par| {

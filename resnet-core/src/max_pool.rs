@@ -47,7 +47,12 @@ impl MaxPool2d {
     }
 
     /// Visits each output cell of one `h`×`w` plane with the index of its maximum in the plane (first on ties).
-    fn for_each_argmax(&self, src: &[f32], (h, w): (usize, usize), mut f: impl FnMut(usize, usize)) {
+    fn for_each_argmax(
+        &self,
+        src: &[f32],
+        (h, w): (usize, usize),
+        mut f: impl FnMut(usize, usize),
+    ) {
         let ow = self.output_size(w);
         for oy in 0..self.output_size(h) {
             for ox in 0..ow {
@@ -112,9 +117,11 @@ impl CustomOp1 for MaxPool2d {
         let (n, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
         let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(src.par_chunks(h * w)).for_each(|(o, plane)| {
-            self.for_each_argmax(plane, (h, w), |oi, ii| o[oi] = plane[ii]);
-        });
+        out.par_chunks_mut(oh * ow)
+            .zip(src.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                self.for_each_argmax(plane, (h, w), |oi, ii| o[oi] = plane[ii]);
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 
@@ -147,7 +154,10 @@ impl CustomOp2 for MaxPoolGrad {
         grad_in
             .par_chunks_mut(h * w)
             .zip(src.par_chunks(h * w).zip(grad_out.par_chunks(oh * ow)))
-            .for_each(|(gi, (plane, go))| self.0.for_each_argmax(plane, (h, w), |oi, ii| gi[ii] += go[oi]));
+            .for_each(|(gi, (plane, go))| {
+                self.0
+                    .for_each_argmax(plane, (h, w), |oi, ii| gi[ii] += go[oi])
+            });
         Ok((CpuStorage::F32(grad_in), l1.shape().clone()))
     }
 }

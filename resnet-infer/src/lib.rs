@@ -2,6 +2,7 @@
 
 pub mod class_names;
 pub mod evaluate;
+pub mod hub;
 pub mod loading;
 pub mod metrics;
 

@@ -1,10 +1,11 @@
 //! `--model NAME --weights SRC` to a ready model: the architecture from the name (or the checkpoint's own
 //! metadata), the head size from the file, and the normalisation the weights were trained with.
 
+use crate::hub::{architecture_from_config, normalize_from_config, HubSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use datasets::Normalize;
-use resnet_core::{config_for, weights, Model, ResNetConfig, WeightLayout};
+use resnet_core::{config_for, transformers_names, weights, Model, ResNetConfig, WeightLayout};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -17,9 +18,17 @@ pub struct LoadedModel {
     pub metadata: HashMap<String, String>,
 }
 
-/// Resolves `weights` (a local file) and builds the network it holds.
+/// Resolves `weights` (a local file or `hub:OWNER/REPO[@REV][:FILE]`) and builds the network it holds.
+/// transformers-layout files are renamed to torchvision names first.
 pub fn load_model(model: Option<&str>, weights_src: &str, device: &Device) -> Result<LoadedModel> {
-    let path = PathBuf::from(weights_src);
+    let (path, hub_config) = match HubSource::parse(weights_src) {
+        Some(source) => {
+            let source = source?;
+            let path = source.fetch(&source.file)?;
+            (path, source.config())
+        }
+        None => (PathBuf::from(weights_src), None),
+    };
     if !path.is_file() {
         bail!(
             "weights file {} does not exist (expected a .safetensors file)",
@@ -27,8 +36,12 @@ pub fn load_model(model: Option<&str>, weights_src: &str, device: &Device) -> Re
         );
     }
     let metadata = weights::read_metadata(&path)?;
-    let tensors = weights::read_safetensors(&path)?;
-    let (name, config) = architecture(model, &metadata, &tensors)
+    let mut tensors = weights::read_safetensors(&path)?;
+    if transformers_names::is_transformers_layout(tensors.keys()) {
+        tensors = transformers_names::to_torchvision(tensors);
+    }
+    let from_hub = hub_config.as_ref().and_then(architecture_from_config);
+    let (name, config) = architecture(model, &metadata, &tensors, from_hub)
         .with_context(|| format!("choosing the network for {}", path.display()))?;
     let net = Model::new(&config, 0, device)?;
     net.load_tensors(&to_device(tensors, device)?, &path)?;
@@ -39,7 +52,7 @@ pub fn load_model(model: Option<&str>, weights_src: &str, device: &Device) -> Re
         (Some(m), Some(s)) => Some(
             Normalize::parse(m, s).with_context(|| format!("metadata of {}", path.display()))?,
         ),
-        _ => None,
+        _ => hub_config.as_ref().and_then(normalize_from_config),
     };
     Ok(LoadedModel {
         name,
@@ -60,16 +73,22 @@ fn to_device(tensors: HashMap<String, Tensor>, device: &Device) -> Result<HashMa
         .collect()
 }
 
-/// The configuration: `--model`, else the checkpoint's `config`/`model` metadata; the class count from the head.
+/// The configuration: `--model`, else the checkpoint's `config`/`model` metadata, else the hub's `config.json`;
+/// the class count from the head.
 fn architecture(
     model: Option<&str>,
     metadata: &HashMap<String, String>,
     tensors: &HashMap<String, Tensor>,
+    from_hub: Option<(String, Option<usize>)>,
 ) -> Result<(String, ResNetConfig)> {
     let from_meta = metadata
         .get("config")
         .map(|c| serde_json::from_str::<ResNetConfig>(c));
-    let (name, mut config) = match (model, metadata.get("model")) {
+    let saved = metadata
+        .get("model")
+        .cloned()
+        .or(from_hub.map(|(name, _)| name));
+    let (name, mut config) = match (model, saved.as_ref()) {
         (Some(name), saved) => {
             if let Some(saved) = saved.filter(|s| s.as_str() != name) {
                 eprintln!("note: the checkpoint says it is a {saved}; building {name} as asked");

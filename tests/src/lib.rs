@@ -2,6 +2,8 @@
 //!
 //! Tests that need a fixture fail loudly when it is missing: they never skip.
 
+pub mod mock_hub;
+
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
