@@ -256,44 +256,102 @@ fn per_image(
 
 impl Conv2dOp {
     fn forward(&self, g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (k, p) = (g.k(), g.p());
-        let mut out = vec![0f32; g.n * g.image_out()];
-        // Y = W · col, by blocks of output channels: one block per thread when there are fewer images than
-        // threads (measured: faster than the GEMM's own threading, whose synchronisation dominates at batch 1).
-        let blocks = |y: &mut [f32], col: &[f32], par: Parallelism| {
-            if matches!(par, Parallelism::None) {
-                return matmul((g.c_out, p, k), y, false, w, (k, 1), col, (p, 1), par);
-            }
-            let rows = g.c_out.div_ceil(rayon::current_num_threads());
-            y.par_chunks_mut(rows * p).enumerate().for_each(|(b, yb)| {
-                let m = yb.len() / p;
-                let wb = &w[b * rows * k..(b * rows + m) * k];
-                matmul(
-                    (m, p, k),
-                    yb,
-                    false,
-                    wb,
-                    (k, 1),
-                    col,
-                    (p, 1),
-                    Parallelism::None,
-                );
-            });
-        };
-        per_image(&mut out, g.image_out(), g.n, |i, y, par| {
-            let xi = &x[i * g.image_in()..(i + 1) * g.image_in()];
-            if g.is_pointwise() {
-                blocks(y, xi, par);
-            } else {
-                with_columns(k * p, |col| {
-                    g.im2col(xi, col);
-                    blocks(y, col, par);
-                });
-            }
+        conv_forward(g, x, w, None)
+    }
+}
+
+/// `Y = W · col(X)`, then per-channel `+ bias` and ReLU when an epilogue is given (folded inference).
+fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+    let (k, p) = (g.k(), g.p());
+    let mut out = vec![0f32; g.n * g.image_out()];
+    // Y = W · col, by blocks of output channels: one block per thread when there are fewer images than
+    // threads (measured: faster than the GEMM's own threading, whose synchronisation dominates at batch 1).
+    let blocks = |y: &mut [f32], col: &[f32], par: Parallelism| {
+        if matches!(par, Parallelism::None) {
+            return matmul((g.c_out, p, k), y, false, w, (k, 1), col, (p, 1), par);
+        }
+        let rows = g.c_out.div_ceil(rayon::current_num_threads());
+        y.par_chunks_mut(rows * p).enumerate().for_each(|(b, yb)| {
+            let m = yb.len() / p;
+            let wb = &w[b * rows * k..(b * rows + m) * k];
+            matmul(
+                (m, p, k),
+                yb,
+                false,
+                wb,
+                (k, 1),
+                col,
+                (p, 1),
+                Parallelism::None,
+            );
         });
-        out
+    };
+    per_image(&mut out, g.image_out(), g.n, |i, y, par| {
+        let xi = &x[i * g.image_in()..(i + 1) * g.image_in()];
+        if g.is_pointwise() {
+            blocks(y, xi, par);
+        } else {
+            with_columns(k * p, |col| {
+                g.im2col(xi, col);
+                blocks(y, col, par);
+            });
+        }
+        if let Some(e) = epilogue {
+            let floor = if e.relu { 0.0 } else { f32::NEG_INFINITY };
+            for (row, b) in y.chunks_mut(p).zip(&e.bias) {
+                row.iter_mut().for_each(|v| *v = (*v + b).max(floor));
+            }
+        }
+    });
+    out
+}
+
+/// What follows a folded convolution: its bias (the folded BN shift) and an optional ReLU.
+#[derive(Debug, Clone)]
+pub struct Epilogue {
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+/// Inference-only convolution with the BN folded in: `ReLU?(conv(x, W') + b)`, arguments `(x, W')`.
+#[derive(Debug, Clone)]
+pub struct FoldedConv2dOp {
+    pub stride: usize,
+    pub padding: usize,
+    pub epilogue: Epilogue,
+}
+
+impl CustomOp2 for FoldedConv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-folded"
     }
 
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = Conv2dOp {
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let g = Geometry::new(xl.shape(), wl.shape(), &op)?;
+        let out = conv_forward(
+            &g,
+            contiguous(xs, xl, "input")?,
+            contiguous(ws, wl, "weight")?,
+            Some(&self.epilogue),
+        );
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.n, g.c_out, g.oh, g.ow)),
+        ))
+    }
+}
+
+impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
         let mut dx = vec![0f32; g.n * g.image_in()];

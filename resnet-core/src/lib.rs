@@ -16,6 +16,7 @@ pub mod conv;
 pub mod conv_op;
 mod device;
 mod error;
+pub mod folded;
 pub mod max_pool;
 mod model;
 mod network;

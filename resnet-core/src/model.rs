@@ -41,6 +41,11 @@ impl Model {
         self.net.forward_t(x, train)
     }
 
+    /// The evaluation-mode network, with BatchNorm folded into the convolutions when `fold` and possible.
+    pub fn predictor(&self, fold: bool) -> Result<crate::folded::Predictor> {
+        Ok(crate::folded::Predictor::new(&self.net, fold)?)
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.params.parameter_count()
     }

@@ -21,15 +21,15 @@ pub struct LayerSummary {
 
 #[derive(Debug, Clone)]
 pub struct ResNet {
-    config: ResNetConfig,
-    stem_conv: Conv2d,
+    pub(crate) config: ResNetConfig,
+    pub(crate) stem_conv: Conv2d,
     /// BN-ReLU after the stem conv (original units only).
-    stem_norm: Option<BatchNorm>,
-    stem_pool: Option<MaxPool2d>,
-    units: Vec<ResidualUnit>,
+    pub(crate) stem_norm: Option<BatchNorm>,
+    pub(crate) stem_pool: Option<MaxPool2d>,
+    pub(crate) units: Vec<ResidualUnit>,
     /// BN-ReLU after the last unit (pre-activation only).
-    final_norm: Option<BatchNorm>,
-    head: Linear,
+    pub(crate) final_norm: Option<BatchNorm>,
+    pub(crate) head: Linear,
 }
 
 impl ResNet {

@@ -15,12 +15,12 @@ use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct ResidualUnit {
-    unit: Unit,
-    convs: Vec<Conv2d>,
+    pub(crate) unit: Unit,
+    pub(crate) convs: Vec<Conv2d>,
     /// `norms[k]` follows `convs[k]` in original units and precedes it in pre-activation units.
-    norms: Vec<BatchNorm>,
+    pub(crate) norms: Vec<BatchNorm>,
     /// `None` in plain nets.
-    shortcut: Option<ShortcutPath>,
+    pub(crate) shortcut: Option<ShortcutPath>,
 }
 
 /// `(in, out, kernel, stride)` of each convolution of the branch.

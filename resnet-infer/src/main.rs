@@ -66,6 +66,9 @@ struct WeightsArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Keep BatchNorm as separate layers (by default it is folded into the convolutions).
+    #[arg(long)]
+    no_fold: bool,
     /// Print one JSON object (eval, summary, bench) or one per image (classify) as the last output.
     #[arg(long)]
     json: bool,
@@ -122,6 +125,9 @@ struct BenchArgs {
     /// Timed iterations (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iterations: usize,
+    /// Inference with BatchNorm as separate layers instead of folded into the convolutions.
+    #[arg(long)]
+    no_fold: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long)]
@@ -170,6 +176,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         crop_pct: args.common.crop_pct,
         strict: args.strict,
         device,
+        fold: !args.common.no_fold,
         ..Default::default()
     };
     let report = evaluate(&loaded.model, split, &options)?;
@@ -204,13 +211,14 @@ fn classify(args: ClassifyArgs) -> Result<()> {
     };
     let pipeline = eval_pipeline(loaded.model.config().family, &options)?;
     let names = class_names::for_head(loaded.model.config().num_classes);
+    let predictor = loaded.model.predictor(!args.common.no_fold)?;
     // Evaluation pipelines draw no random numbers; the generator only satisfies the signature.
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for path in &args.images {
         let img = datasets::transforms::open_rgb(path)?;
         let (chw, (h, w)) = pipeline.apply(&img, &mut rng)?;
         let x = Tensor::from_vec(chw, (1, 3, h, w), &device)?;
-        let probs = candle_nn::ops::softmax(&loaded.model.forward_t(&x, false)?, D::Minus1)?;
+        let probs = candle_nn::ops::softmax(&predictor.forward(&x)?, D::Minus1)?;
         let probs = probs.flatten_all()?.to_vec1::<f32>()?;
         let top: Vec<serde_json::Value> = top_k(&probs, 5)
             .into_iter()
@@ -308,12 +316,13 @@ fn bench(args: BenchArgs) -> Result<()> {
     let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % classes).collect();
     let y = Tensor::new(labels.as_slice(), &device)?;
     let mut sgd = resnet_core::optim::Sgd::new(model.trainable_vars(), Default::default());
+    let predictor = model.predictor(!args.no_fold)?;
     let mut step = || -> Result<()> {
         if args.train {
             let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)?;
             sgd.step(&loss.backward()?)?;
         } else {
-            model.forward_t(&x, false)?.to_device(&Device::Cpu)?;
+            predictor.forward(&x)?.to_device(&Device::Cpu)?;
         }
         Ok(())
     };

@@ -1,0 +1,184 @@
+//! Inference with every BatchNorm folded into the convolution before it (`W' = W·γ/σ`, `b = β − μ·γ/σ`), and
+//! the ReLU that follows applied in the same pass: no normalisation pass is left at inference time.
+//!
+//! Original (post-activation) units fold completely. Pre-activation units normalise the *input* of a
+//! convolution, after a ReLU, which no convolution before them can absorb; those nets run unfolded.
+
+use crate::batch_norm::BatchNorm;
+use crate::conv::Conv2d;
+use crate::conv_op::{Epilogue, FoldedConv2dOp};
+use crate::max_pool::MaxPool2d;
+use crate::shortcut::ShortcutPath;
+use crate::{ResNet, Unit};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::Linear;
+
+/// `ReLU?(BN(conv(x)))` as one convolution with a bias.
+#[derive(Debug, Clone)]
+struct FoldedConv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+    relu: bool,
+}
+
+impl FoldedConv {
+    fn new(conv: &Conv2d, norm: &BatchNorm, relu: bool) -> Result<Self> {
+        let (scale, shift) = norm.eval_affine()?;
+        let weight = conv
+            .weight()
+            .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?
+            .detach();
+        Ok(Self {
+            weight,
+            bias: shift.detach(),
+            stride: conv.stride(),
+            padding: conv.padding(),
+            relu,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = FoldedConv2dOp {
+                stride: self.stride,
+                padding: self.padding,
+                epilogue: Epilogue {
+                    bias: self.bias.to_vec1()?,
+                    relu: self.relu,
+                },
+            };
+            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &op);
+        }
+        let y = x
+            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        if self.relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum FoldedShortcut {
+    Unchanged(ShortcutPath),
+    Projection(FoldedConv),
+}
+
+#[derive(Debug, Clone)]
+struct FoldedUnit {
+    branch: Vec<FoldedConv>,
+    shortcut: Option<FoldedShortcut>,
+}
+
+/// A network of original units with its BatchNorms folded, for evaluation only.
+#[derive(Debug, Clone)]
+pub struct FoldedResNet {
+    stem: FoldedConv,
+    pool: Option<MaxPool2d>,
+    units: Vec<FoldedUnit>,
+    head: Linear,
+}
+
+impl FoldedResNet {
+    /// `None` for pre-activation nets (see the module docs).
+    pub fn new(net: &ResNet) -> Result<Option<Self>> {
+        if net.config.unit != Unit::Original {
+            return Ok(None);
+        }
+        let Some(stem_norm) = &net.stem_norm else {
+            return Ok(None);
+        };
+        let mut units = Vec::with_capacity(net.units.len());
+        for unit in &net.units {
+            let last = unit.convs.len() - 1;
+            let branch = unit
+                .convs
+                .iter()
+                .zip(&unit.norms)
+                .enumerate()
+                .map(|(k, (conv, norm))| FoldedConv::new(conv, norm, k < last))
+                .collect::<Result<Vec<_>>>()?;
+            let shortcut = match &unit.shortcut {
+                None => None,
+                Some(ShortcutPath::Projection {
+                    conv,
+                    norm: Some(norm),
+                }) => Some(FoldedShortcut::Projection(FoldedConv::new(
+                    conv, norm, false,
+                )?)),
+                Some(other) => Some(FoldedShortcut::Unchanged(other.clone())),
+            };
+            units.push(FoldedUnit { branch, shortcut });
+        }
+        Ok(Some(Self {
+            stem: FoldedConv::new(&net.stem_conv, stem_norm, true)?,
+            pool: net.stem_pool,
+            units,
+            head: net.head.clone(),
+        }))
+    }
+
+    /// Logits `[N, classes]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.stem.forward(&x.detach())?;
+        if let Some(pool) = &self.pool {
+            y = pool.forward(&y)?.detach();
+        }
+        for unit in &self.units {
+            let mut b = y.clone();
+            for conv in &unit.branch {
+                b = conv.forward(&b)?;
+            }
+            y = match &unit.shortcut {
+                Some(FoldedShortcut::Projection(conv)) => {
+                    crate::add_relu::add_relu(&b, &conv.forward(&y)?)?
+                }
+                Some(FoldedShortcut::Unchanged(path)) => {
+                    crate::add_relu::add_relu(&b, &path.forward_t(&y, &y, false)?)?
+                }
+                None => b.relu()?,
+            }
+            .detach();
+        }
+        self.head.forward(&y.mean((2, 3))?.detach())
+    }
+}
+
+/// What evaluation runs: the folded network where it exists (and was asked for), else the network itself.
+#[derive(Debug, Clone)]
+pub enum Predictor {
+    Folded(FoldedResNet, crate::ResNetConfig),
+    Unfolded(ResNet),
+}
+
+impl Predictor {
+    pub fn new(net: &ResNet, fold: bool) -> Result<Self> {
+        Ok(match fold.then(|| FoldedResNet::new(net)).transpose()?.flatten() {
+            Some(folded) => Predictor::Folded(folded, net.config().clone()),
+            None => Predictor::Unfolded(net.clone()),
+        })
+    }
+
+    pub fn config(&self) -> &crate::ResNetConfig {
+        match self {
+            Predictor::Folded(_, config) => config,
+            Predictor::Unfolded(net) => net.config(),
+        }
+    }
+
+    pub fn is_folded(&self) -> bool {
+        matches!(self, Predictor::Folded(..))
+    }
+
+    /// Evaluation-mode logits.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Predictor::Folded(net, _) => net.forward(x),
+            Predictor::Unfolded(net) => candle_core::ModuleT::forward_t(net, x, false),
+        }
+    }
+}
