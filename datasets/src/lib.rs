@@ -14,6 +14,7 @@ pub mod transforms;
 
 pub use dataset::{DataSource, DatasetKind, Split};
 pub use error::{DatasetError, Result};
+pub use image::RgbImage;
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use pipeline::{Augmentation, Normalization, Pipeline};
 pub use transforms::Normalize;

@@ -41,11 +41,13 @@ impl Default for LoaderConfig {
     }
 }
 
-/// One batch: NCHW f32 pixels, labels, and the dataset indices they came from.
+/// One batch: NCHW f32 pixels, labels, and the dataset indices they came from. With several views per
+/// sample (ten-crop), N = samples × views and the views of a sample are consecutive.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Vec<f32>,
     pub shape: (usize, usize, usize, usize),
+    pub views: usize,
     pub labels: Vec<u32>,
     pub indices: Vec<usize>,
 }
@@ -181,6 +183,7 @@ impl Loader {
         let mut batch = Batch {
             images: Vec::new(),
             shape: (0, 3, 0, 0),
+            views: self.pipeline.views(),
             labels: Vec::with_capacity(ids.len()),
             indices: Vec::with_capacity(ids.len()),
         };
@@ -209,7 +212,7 @@ impl Loader {
             batch.labels.push(self.split.label(i));
             batch.indices.push(i);
         }
-        batch.shape.0 = batch.labels.len();
+        batch.shape.0 = batch.labels.len() * batch.views;
         Ok(batch)
     }
 

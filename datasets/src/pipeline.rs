@@ -2,7 +2,7 @@
 
 use crate::transforms::{
     center_crop, crop, hflip, lighting, pad_crop, random_resized_crop_box, resize, resize_shorter,
-    to_chw, Normalize,
+    ten_crop, to_chw, zero_pad, Normalize,
 };
 use crate::{DatasetError, Result};
 use image::RgbImage;
@@ -26,6 +26,11 @@ pub enum Augmentation {
     RandomResizedCrop { crop: u32 },
     /// Evaluation: shorter side to `resize`, centre `crop`² (resize = crop / crop_pct).
     CenterCrop { resize: u32, crop: u32 },
+    /// Evaluation, the paper's 10-crop: shorter side to `resize` (0: as it is), zero-pad by `pad`, then the four
+    /// corner and the centre `crop`² crops and their mirror images: ten views per image.
+    TenCrop { resize: u32, pad: u32, crop: u32 },
+    /// Evaluation of a fully-convolutional net at one scale: the whole image, shorter side `size`.
+    ResizeShorter { size: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -53,10 +58,37 @@ impl Pipeline {
         }
     }
 
+    /// Images each sample becomes (10 for ten-crop, else 1).
+    pub fn views(&self) -> usize {
+        match self.augmentation {
+            Augmentation::TenCrop { .. } => 10,
+            _ => 1,
+        }
+    }
+
+    /// The geometric part: the views of one image (one, except for ten-crop).
+    pub fn augment_views(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<RgbImage> {
+        match self.augmentation {
+            Augmentation::TenCrop { resize, pad, crop } => {
+                let img = if resize > 0 {
+                    resize_shorter(img, resize)
+                } else {
+                    img.clone()
+                };
+                ten_crop(&zero_pad(&img, pad), crop)
+            }
+            _ => vec![self.augment(img, rng)],
+        }
+    }
+
     /// The geometric part: an RGB image of the output size.
     pub fn augment(&self, img: &RgbImage, rng: &mut impl Rng) -> RgbImage {
         match self.augmentation {
             Augmentation::None => img.clone(),
+            Augmentation::ResizeShorter { size } => resize_shorter(img, size),
+            Augmentation::TenCrop { .. } => {
+                self.augment_views(img, rng).swap_remove(4) // the centre crop
+            }
             Augmentation::CifarTrain { padding } => {
                 let (x, y) = (
                     rng.random_range(0..=2 * padding),
@@ -88,18 +120,24 @@ impl Pipeline {
         }
     }
 
-    /// CHW f32 pixels after augmentation, colour augmentation and normalisation.
+    /// CHW f32 pixels after augmentation, colour augmentation and normalisation; for ten-crop, the ten views
+    /// one after the other.
     pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Result<Processed> {
-        let out = self.augment(img, rng);
-        let (w, h) = (out.width() as usize, out.height() as usize);
-        let mut chw = to_chw(&out);
-        if let Augmentation::ScaleAugment { lighting: std, .. } = self.augmentation {
-            if std > 0.0 {
-                lighting(&mut chw, w * h, std, rng);
+        let views = self.augment_views(img, rng);
+        let (w, h) = views[0].dimensions();
+        let (w, h) = (w as usize, h as usize);
+        let mut out = Vec::with_capacity(views.len() * 3 * w * h);
+        for view in &views {
+            let mut chw = to_chw(view);
+            if let Augmentation::ScaleAugment { lighting: std, .. } = self.augmentation {
+                if std > 0.0 {
+                    lighting(&mut chw, w * h, std, rng);
+                }
             }
+            self.normalize(&mut chw, (h, w))?;
+            out.extend_from_slice(&chw);
         }
-        self.normalize(&mut chw, (h, w))?;
-        Ok((chw, (h, w)))
+        Ok((out, (h, w)))
     }
 
     pub fn normalize(&self, chw: &mut [f32], (h, w): (usize, usize)) -> Result<()> {

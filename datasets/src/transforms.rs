@@ -19,6 +19,12 @@ impl Normalize {
         std: [0.229, 0.224, 0.225],
     };
 
+    /// Per-channel statistics of the CIFAR-10 training set (the common CIFAR normalisation).
+    pub const CIFAR10: Normalize = Normalize {
+        mean: [0.4914, 0.4822, 0.4465],
+        std: [0.2470, 0.2435, 0.2616],
+    };
+
     /// Parses `"0.485,0.456,0.406"`-style triples (as in safetensors metadata and the `--mean/--std` flags).
     pub fn parse(mean: &str, std: &str) -> Result<Self> {
         let triple = |what: &str, s: &str| -> Result<[f32; 3]> {
@@ -103,6 +109,16 @@ pub fn pad_crop(img: &RgbImage, padding: u32, x: u32, y: u32, size: u32) -> RgbI
             *img.get_pixel(sx as u32, sy as u32)
         }
     })
+}
+
+/// Zero border of `pad` pixels on every side.
+pub fn zero_pad(img: &RgbImage, pad: u32) -> RgbImage {
+    if pad == 0 {
+        return img.clone();
+    }
+    let mut out = RgbImage::new(img.width() + 2 * pad, img.height() + 2 * pad);
+    image::imageops::replace(&mut out, img, pad as i64, pad as i64);
+    out
 }
 
 pub fn hflip(img: &RgbImage) -> RgbImage {

@@ -157,10 +157,12 @@ pub enum Predictor {
 
 impl Predictor {
     pub fn new(net: &ResNet, fold: bool) -> Result<Self> {
-        Ok(match fold.then(|| FoldedResNet::new(net)).transpose()?.flatten() {
-            Some(folded) => Predictor::Folded(folded, net.config().clone()),
-            None => Predictor::Unfolded(net.clone()),
-        })
+        Ok(
+            match fold.then(|| FoldedResNet::new(net)).transpose()?.flatten() {
+                Some(folded) => Predictor::Folded(folded, net.config().clone()),
+                None => Predictor::Unfolded(net.clone()),
+            },
+        )
     }
 
     pub fn config(&self) -> &crate::ResNetConfig {

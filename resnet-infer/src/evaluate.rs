@@ -19,6 +19,11 @@ pub struct EvalOptions {
     pub device: Device,
     /// Fold BatchNorm into the convolutions (same logits within 1e-4 relative, faster).
     pub fold: bool,
+    /// Average the softmax over the paper's ten crops.
+    pub ten_crop: bool,
+    /// Fully-convolutional multi-scale evaluation: average the softmax over these shorter sides (the paper's
+    /// ImageNet protocol: 224, 256, 384, 480, 640); empty for single-scale.
+    pub scales: Vec<u32>,
 }
 
 impl Default for EvalOptions {
@@ -31,6 +36,8 @@ impl Default for EvalOptions {
             strict: false,
             device: Device::Cpu,
             fold: true,
+            ten_crop: false,
+            scales: Vec::new(),
         }
     }
 }
@@ -44,24 +51,42 @@ pub struct EvalReport {
     pub skipped: Vec<String>,
 }
 
-/// The evaluation preprocessing of a network family.
+/// The evaluation preprocessing of a network family: the image (CIFAR) or resize + centre crop (ImageNet);
+/// ten-crop: of the 4-pixel zero-padded image (CIFAR) or of the resized one (ImageNet).
 pub fn eval_pipeline(family: Family, options: &EvalOptions) -> Result<Pipeline> {
-    let augmentation = match family {
-        Family::Cifar => Augmentation::None,
-        Family::ImageNet => {
-            if !(options.crop_pct > 0.0 && options.crop_pct <= 1.0) {
-                bail!("--crop-pct must be in (0, 1], got {}", options.crop_pct);
-            }
-            Augmentation::CenterCrop {
-                resize: (224.0 / options.crop_pct).floor() as u32,
-                crop: 224,
-            }
-        }
+    if !(options.crop_pct > 0.0 && options.crop_pct <= 1.0) {
+        bail!("--crop-pct must be in (0, 1], got {}", options.crop_pct);
+    }
+    let resize = (224.0 / options.crop_pct).floor() as u32;
+    let augmentation = match (family, options.ten_crop) {
+        (Family::Cifar, false) => Augmentation::None,
+        (Family::Cifar, true) => Augmentation::TenCrop {
+            resize: 0,
+            pad: 4,
+            crop: 32,
+        },
+        (Family::ImageNet, false) => Augmentation::CenterCrop { resize, crop: 224 },
+        (Family::ImageNet, true) => Augmentation::TenCrop {
+            resize,
+            pad: 0,
+            crop: 224,
+        },
     };
     Ok(Pipeline::new(
         augmentation,
         Normalization::PerChannel(options.normalize),
     ))
+}
+
+/// Softmax of `logits` `[N·views, C]`, averaged over each sample's consecutive views: `[N, C]` row-major.
+fn mean_probabilities(logits: &candle_core::Tensor, views: usize) -> Result<Vec<f32>> {
+    let probs = candle_nn::ops::softmax(logits, D::Minus1)?;
+    let (n, c) = probs.dims2()?;
+    Ok(probs
+        .reshape((n / views, views, c))?
+        .mean(1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<EvalReport> {
@@ -72,33 +97,69 @@ pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<Ev
             split.classes.len()
         );
     }
-    let pipeline = eval_pipeline(model.config().family, options)?;
-    let config = LoaderConfig {
-        batch_size: options.batch_size,
-        shuffle: false,
-        threads: options.threads,
-        strict: options.strict,
-        ..Default::default()
-    };
-    let loader = Loader::new(split, pipeline, config)?;
+    if options.ten_crop && !options.scales.is_empty() {
+        bail!("--ten-crop and --multi-scale are separate protocols: choose one");
+    }
     let predictor = model.predictor(options.fold)?;
-    let mut accuracy = Accuracy::new(classes);
+    let labels = split.labels();
     let start = Instant::now();
-    for batch in loader.epoch(0, 0) {
-        let batch = batch?;
-        if batch.is_empty() {
-            continue;
+    // One pass per scale (whole images of different sizes: one image per batch), or one pass.
+    let passes: Vec<(Pipeline, usize)> = if options.scales.is_empty() {
+        vec![(
+            eval_pipeline(model.config().family, options)?,
+            options.batch_size,
+        )]
+    } else {
+        let norm = Normalization::PerChannel(options.normalize);
+        options
+            .scales
+            .iter()
+            .map(|&size| {
+                (
+                    Pipeline::new(Augmentation::ResizeShorter { size }, norm.clone()),
+                    1,
+                )
+            })
+            .collect()
+    };
+    let mut sums = vec![0f32; split.len() * classes];
+    let mut seen = vec![false; split.len()];
+    let mut skipped = Vec::new();
+    for (pipeline, batch_size) in passes {
+        let config = LoaderConfig {
+            batch_size,
+            shuffle: false,
+            threads: options.threads,
+            strict: options.strict,
+            ..Default::default()
+        };
+        let loader = Loader::new(split.clone(), pipeline, config)?;
+        for batch in loader.epoch(0, 0) {
+            let batch = batch?;
+            if batch.is_empty() {
+                continue;
+            }
+            let (images, _) = batch.to_tensors(&options.device)?;
+            let probs = mean_probabilities(&predictor.forward(&images)?, batch.views)?;
+            for (&i, row) in batch.indices.iter().zip(probs.chunks(classes)) {
+                seen[i] = true;
+                sums[i * classes..(i + 1) * classes]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(s, p)| *s += p);
+            }
         }
-        let (images, _) = batch.to_tensors(&options.device)?;
-        let logits = predictor.forward(&images)?;
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        accuracy.add(&probs.flatten_all()?.to_vec1::<f32>()?, &batch.labels);
+        skipped = loader.skipped();
+    }
+    let mut accuracy = Accuracy::new(classes);
+    for (i, &label) in labels.iter().enumerate().filter(|(i, _)| seen[*i]) {
+        accuracy.add(&sums[i * classes..(i + 1) * classes], &[label]);
     }
     let accuracy = accuracy.report();
     let seconds = start.elapsed().as_secs_f64();
     Ok(EvalReport {
         images_per_second: accuracy.images as f64 / seconds.max(1e-9),
         accuracy,
-        skipped: loader.skipped(),
+        skipped,
     })
 }

@@ -83,6 +83,16 @@ struct EvalArgs {
     data: PathBuf,
     #[arg(long, default_value_t = 250)]
     batch_size: usize,
+    /// What the data is: checks the class count and sets the default normalisation when the weights carry none
+    /// (cifar10/cifar100: CIFAR-10 statistics; imagenet: ImageNet statistics).
+    #[arg(long, value_parser = ["cifar10", "cifar100", "imagenet"])]
+    dataset: Option<String>,
+    /// Average over the paper's ten crops (corners, centre, and their mirror images).
+    #[arg(long)]
+    ten_crop: bool,
+    /// Fully-convolutional multi-scale evaluation over these shorter sides, e.g. 224,256,384,480,640.
+    #[arg(long, value_delimiter = ',')]
+    multi_scale: Vec<u32>,
     /// Fail on the first unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,

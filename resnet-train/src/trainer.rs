@@ -16,12 +16,6 @@ use resnet_infer::evaluate::{evaluate, EvalOptions};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Per-channel statistics of the CIFAR-10 training set on [0, 1] pixels (the common normalisation).
-pub const CIFAR10_NORMALIZE: Normalize = Normalize {
-    mean: [0.4914, 0.4822, 0.4465],
-    std: [0.2470, 0.2435, 0.2616],
-};
-
 pub struct RunOptions {
     pub data: PathBuf,
     pub out: PathBuf,
@@ -117,7 +111,7 @@ impl Trainer {
         let model = Model::new(&config, seed, &options.device)?;
         let (normalize, augmentation) = match (config.family, recipe.augment) {
             (Family::Cifar, _) | (_, TrainTransform::Cifar) => {
-                (CIFAR10_NORMALIZE, Augmentation::CifarTrain { padding: 4 })
+                (Normalize::CIFAR10, Augmentation::CifarTrain { padding: 4 })
             }
             (Family::ImageNet, TrainTransform::ScaleAugment) => (
                 Normalize::IMAGENET,

@@ -14,7 +14,11 @@ fn folded_equals_unfolded_for_every_registered_net() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     for &name in REGISTERED {
         let model = Model::by_name(name, 5, &dev)?;
-        let side = if model.config().family == Family::Cifar { 32 } else { 64 };
+        let side = if model.config().family == Family::Cifar {
+            32
+        } else {
+            64
+        };
         // Realistic running statistics: a few training-mode forwards on shifted, scaled data.
         for _ in 0..3 {
             model.forward_t(&Tensor::randn(0.3f32, 1.7, (4, 3, side, side), &dev)?, true)?;
@@ -24,20 +28,32 @@ fn folded_equals_unfolded_for_every_registered_net() -> anyhow::Result<()> {
         let original = model.config().unit == Unit::Original;
         assert_eq!(predictor.is_folded(), original, "{name}");
         let rel = rel_diff(&predictor.forward(&x)?, &model.forward_t(&x, false)?);
-        assert!(rel <= 1e-4, "{name}: folded logits differ by {rel} (relative)");
+        assert!(
+            rel <= 1e-4,
+            "{name}: folded logits differ by {rel} (relative)"
+        );
     }
     Ok(())
 }
 
 #[test]
 fn folded_published_checkpoints_match_pytorch() -> anyhow::Result<()> {
-    for (name, fixture) in [("resnet18", "torchvision-resnet18"), ("resnet50", "torchvision-resnet50")] {
+    for (name, fixture) in [
+        ("resnet18", "torchvision-resnet18"),
+        ("resnet50", "torchvision-resnet50"),
+    ] {
         let model = Model::by_name(name, 0, &Device::Cpu)?;
         model.load_weights(&shared(&format!("fixtures/{fixture}.safetensors")))?;
         let io = load_fixture(&format!("fixtures/{fixture}.io.safetensors"))?;
         let folded = model.predictor(true)?.forward(&io["input"])?;
-        assert!(rel_diff(&folded, &io["logits"]) <= 1e-3, "{name} vs PyTorch");
-        assert!(rel_diff(&folded, &model.forward_t(&io["input"], false)?) <= 1e-4, "{name} folded vs unfolded");
+        assert!(
+            rel_diff(&folded, &io["logits"]) <= 1e-3,
+            "{name} vs PyTorch"
+        );
+        assert!(
+            rel_diff(&folded, &model.forward_t(&io["input"], false)?) <= 1e-4,
+            "{name} folded vs unfolded"
+        );
     }
     Ok(())
 }
