@@ -2,6 +2,7 @@
 //! ResNet-20 (`--recipe cifar-paper --model resnet20`).
 
 mod checkpoint;
+mod curves;
 mod metrics_log;
 mod recipe;
 mod schedule;
@@ -24,10 +25,40 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Train ResNets with the procedures of He et al. (2016)"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 #[command(
-    after_help = "Examples:\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20"
+    after_help = "Examples:\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20\n  resnet-train compare runs/plain20 runs/plain56 --out plain.png\n  resnet-train experiment degradation --data cifar10/ --iterations 2000 --out runs/degradation"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Draw several runs on one figure (training error thin, test error bold).
+    Compare {
+        /// Run folders (each with a metrics.csv).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run one of the papers' comparisons and write its table and figure: `degradation` (Fig. 1/4: plain-20,
+    /// plain-56, ResNet-20, ResNet-56) or `preact` (Identity Mappings Table 1: ResNet-110 vs pre-activation).
+    Experiment {
+        #[arg(value_parser = ["degradation", "preact"])]
+        name: String,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct TrainArgs {
     /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …).
     #[arg(long, default_value = "resnet20")]
     model: String,
@@ -113,7 +144,12 @@ fn main() {
         }
         Err(e) => e.exit(),
     };
-    if let Err(e) = run(cli) {
+    let result = match cli.command {
+        None => train(&cli.train).map(|_| ()),
+        Some(Command::Compare { runs, out }) => compare(&runs, &out),
+        Some(Command::Experiment { name, train }) => experiment(&name, &train),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -129,7 +165,7 @@ fn positive(name: &str, v: Option<f64>) -> Result<()> {
 }
 
 /// The named recipe with every flag applied.
-fn resolve_recipe(cli: &Cli) -> Result<Recipe> {
+fn resolve_recipe(cli: &TrainArgs) -> Result<Recipe> {
     let config = resnet_core::config_for(&cli.model)?;
     let mut r = Recipe::named(&cli.recipe, &cli.model, config.depth()).with_context(|| {
         format!(
@@ -178,8 +214,9 @@ fn resolve_recipe(cli: &Cli) -> Result<Recipe> {
     Ok(r)
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let mut recipe = resolve_recipe(&cli)?;
+/// Trains one network; returns its run folder.
+fn train(cli: &TrainArgs) -> Result<PathBuf> {
+    let mut recipe = resolve_recipe(cli)?;
     let device = parse_device(&cli.device)?;
     let (out, resume) = match (&cli.resume, &cli.out) {
         (Some(dir), _) => (dir.clone(), true),
@@ -244,6 +281,77 @@ fn run(cli: Cli) -> Result<()> {
         Some(e) => println!("finished: test error {e:.2} %; run in {}", out.display()),
         None => println!("finished; run in {}", out.display()),
     }
+    Ok(out)
+}
+
+/// The label of a run folder: its model name from config.json, else the folder name.
+fn run_label(dir: &std::path::Path) -> String {
+    saved_config(dir)
+        .ok()
+        .and_then(|c| c["recipe"]["model"].as_str().map(String::from))
+        .unwrap_or_else(|| {
+            dir.file_name()
+                .map_or("run".into(), |n| n.to_string_lossy().into_owned())
+        })
+}
+
+fn compare(runs: &[PathBuf], out: &std::path::Path) -> Result<()> {
+    let rows: Vec<(String, Vec<metrics_log::Row>)> = runs
+        .iter()
+        .map(|r| {
+            Ok((
+                run_label(r),
+                metrics_log::read_rows(&r.join("metrics.csv"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let curves: Vec<curves::Curve> = rows
+        .iter()
+        .map(|(label, rows)| curves::Curve { label, rows })
+        .collect();
+    curves::draw(&curves, "training error (thin), test error (bold)", out)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn experiment(name: &str, args: &TrainArgs) -> Result<()> {
+    let models: &[&str] = match name {
+        "degradation" => &["plain20", "plain56", "resnet20", "resnet56"],
+        _ => &["resnet110", "preact_resnet110"],
+    };
+    let base = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(name));
+    let mut table = String::from("| model | iterations | final training error (%) | final test error (%) | best test error (%) |\n|---|---|---|---|---|\n");
+    let mut dirs = Vec::new();
+    for model in models {
+        let mut run = args.clone();
+        run.model = model.to_string();
+        run.out = Some(base.join(model));
+        if model.starts_with("preact") && args.recipe == "cifar-paper" {
+            run.recipe = "preact-cifar".into();
+        }
+        let dir = train(&run)?;
+        let rows = metrics_log::read_rows(&dir.join("metrics.csv"))?;
+        let last = rows.last().context("the run logged nothing")?;
+        let best = rows
+            .iter()
+            .filter_map(|r| r.test_top1_error)
+            .fold(f64::INFINITY, f64::min);
+        let cell = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+        table.push_str(&format!(
+            "| {model} | {} | {} | {} | {} |\n",
+            last.iteration,
+            cell(last.train_error),
+            cell(last.test_top1_error),
+            cell(best.is_finite().then_some(best))
+        ));
+        dirs.push(dir);
+    }
+    std::fs::write(base.join("table.md"), &table)?;
+    compare(&dirs, &base.join("figure.png"))?;
+    println!("{table}");
     Ok(())
 }
 

@@ -195,6 +195,22 @@ impl Trainer {
         })
     }
 
+    /// `curves.png` of this run; a figure that cannot be drawn is reported, never fatal.
+    fn draw_curves(&self) {
+        let drawn =
+            crate::metrics_log::read_rows(&self.options.out.join("metrics.csv")).and_then(|rows| {
+                let curve = crate::curves::Curve {
+                    label: &self.recipe.model,
+                    rows: &rows,
+                };
+                let title = format!("{} ({})", self.recipe.model, self.recipe.name);
+                crate::curves::draw(&[curve], &title, &self.options.out.join("curves.png"))
+            });
+        if let Err(e) = drawn {
+            eprintln!("warning: could not draw curves.png: {e:#}");
+        }
+    }
+
     pub fn recipe(&self) -> &Recipe {
         &self.recipe
     }
@@ -326,6 +342,9 @@ impl Trainer {
                         }
                     }
                     self.log.append(&row)?;
+                    if row.test_top1_error.is_some() {
+                        self.draw_curves();
+                    }
                     let eta = (total - it) as f64 * self.recipe.batch_size as f64 / ips.max(1e-9);
                     let test = row
                         .test_top1_error

@@ -85,6 +85,9 @@ fn sixty_iterations_bring_the_training_loss_clearly_below_ln_10() {
     println!("loss: first {first:.3}, mean of the last 10 {last10:.3} (ln 10 = 2.303)");
     assert!(last10 < 2.15, "mean loss of iterations 51–60 is {last10}");
 
+    let png = std::fs::read(out.join("curves.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "curves.png is a PNG");
+
     // The checkpoint is read by resnet-infer's evaluation and gives the error the log reported.
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     let logged: f64 = csv
@@ -265,4 +268,66 @@ fn bad_flags_give_one_line_errors() {
     assert_clean_error(&["--data", "/nonexistent/cifar"], "/nonexistent/cifar");
     assert_clean_error(&["--data", d, "--device", "cuda:0"], "cuda");
     assert_clean_error(&["--resume", "/nonexistent/run"], "/nonexistent/run");
+}
+
+#[test]
+fn experiment_and_compare_write_a_table_and_a_figure() {
+    let data = small_cifar("train-experiment", 4);
+    let out = temp_dir("run-experiment");
+    let args = [
+        "experiment",
+        "degradation",
+        "--recipe",
+        "quick",
+        "--batch-size",
+        "8",
+        "--iterations",
+        "3",
+    ];
+    let res = train_cmd()
+        .args(args)
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    ok(&res);
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for model in ["plain20", "plain56", "resnet20", "resnet56"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {model} |")))
+            .unwrap_or_else(|| panic!("{table}"));
+        // iterations, final training error, final test error, best test error
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "3", "{row}");
+        assert!(cells[4].parse::<f64>().is_ok(), "{row}");
+    }
+    assert!(std::fs::read(out.join("figure.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+
+    let figure = out.join("two.png");
+    let runs = [out.join("plain20"), out.join("resnet56")];
+    let res = train_cmd()
+        .arg("compare")
+        .args(&runs)
+        .arg("--out")
+        .arg(&figure)
+        .output()
+        .unwrap();
+    ok(&res);
+    assert!(std::fs::read(&figure).unwrap().starts_with(b"\x89PNG"));
+    assert_clean_error(
+        &[
+            "compare",
+            "/nonexistent/run",
+            "--out",
+            figure.to_str().unwrap(),
+        ],
+        "/nonexistent/run",
+    );
 }
