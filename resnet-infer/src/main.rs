@@ -343,10 +343,10 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let ips = (args.batch_size * args.iterations) as f64 / seconds;
-    let mode = if args.train {
-        "train step"
-    } else {
-        "inference"
+    let mode = match (args.train, predictor.is_folded()) {
+        (true, _) => "train step",
+        (false, true) => "inference (BN folded)",
+        (false, false) => "inference",
     };
     let rss = peak_rss_mb();
     println!(

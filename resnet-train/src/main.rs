@@ -53,7 +53,7 @@ enum Command {
         #[arg(value_parser = ["degradation", "preact"])]
         name: String,
         #[command(flatten)]
-        train: TrainArgs,
+        train: Box<TrainArgs>,
     },
 }
 
