@@ -1,7 +1,7 @@
 //! `ReLU(a + b)`, the end of every original residual unit, as one pass with one output (CPU), where candle
 //! would make two full-size tensors and two backward passes.
 
-use candle_core::backend::BackendStorage;
+use crate::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -18,13 +18,6 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct AddRelu;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("add-relu: expected contiguous f32, got {:?}", s.dtype()),
-    }
-}
-
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
         "add-relu"
@@ -37,7 +30,10 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (a, b) = (
+            contiguous_f32(s1, l1, "add-relu")?,
+            contiguous_f32(s2, l2, "add-relu")?,
+        );
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
@@ -76,7 +72,10 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, y) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (g, y) = (
+            contiguous_f32(s1, l1, "relu-mask")?,
+            contiguous_f32(s2, l2, "relu-mask")?,
+        );
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))

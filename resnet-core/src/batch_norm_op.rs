@@ -5,20 +5,9 @@
 //! accumulated in f32 one element at a time, which loses the small per-channel gradient sums (BN biases)
 //! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order.
 
-use candle_core::backend::BackendStorage;
+use crate::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("batch-norm {what}: expected f32, got {:?}", other.dtype()),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("batch-norm {what}: tensor must be contiguous"),
-    }
-}
 
 /// The H·W planes of channel `ch` in NCHW data.
 fn planes_of(
@@ -38,7 +27,7 @@ impl CustomOp1 for ChannelStats {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "statistics")?;
+        let x = contiguous_f32(storage, layout, "batch-norm statistics")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let dims = (n, c, h * w);
         let count = (n * h * w) as f64;
@@ -82,9 +71,9 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "input")?;
-        let gamma = contiguous_f32(s2, l2, "weight")?;
-        let beta = contiguous_f32(s3, l3, "bias")?;
+        let x = contiguous_f32(s1, l1, "batch-norm input")?;
+        let gamma = contiguous_f32(s2, l2, "batch-norm weight")?;
+        let beta = contiguous_f32(s3, l3, "batch-norm bias")?;
         let (_, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
         let mut y = vec![0f32; x.len()];
@@ -161,9 +150,9 @@ impl CustomOp3 for BatchNormTrainGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "backward input")?;
-        let dy = contiguous_f32(s2, l2, "backward gradient")?;
-        let y = contiguous_f32(s3, l3, "backward output")?;
+        let x = contiguous_f32(s1, l1, "batch-norm backward input")?;
+        let dy = contiguous_f32(s2, l2, "batch-norm backward gradient")?;
+        let y = contiguous_f32(s3, l3, "batch-norm backward output")?;
         let (n, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
         let dims = (n, c, plane);

@@ -10,7 +10,7 @@
 //!   input grad    dX_n = col⁻¹(Wᵀ · dY_n)                (col⁻¹ scatters back: the adjoint of im2col)
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ             (summed in a fixed order: deterministic)
 
-use candle_core::backend::BackendStorage;
+use crate::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -224,17 +224,6 @@ fn split_parallelism(images: usize) -> (bool, Parallelism) {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("conv2d {what}: expected f32, got {:?}", other.dtype()),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d {what}: tensor must be contiguous"),
-    }
-}
-
 /// Runs `f(image, out_chunk)` for each image, in parallel over images or with a parallel GEMM inside.
 fn per_image(
     out: &mut [f32],
@@ -340,8 +329,8 @@ impl CustomOp2 for FoldedConv2dOp {
         let g = Geometry::new(xl.shape(), wl.shape(), &op)?;
         let out = conv_forward(
             &g,
-            contiguous(xs, xl, "input")?,
-            contiguous(ws, wl, "weight")?,
+            contiguous_f32(xs, xl, "conv2d input")?,
+            contiguous_f32(ws, wl, "conv2d weight")?,
             Some(&self.epilogue),
         );
         Ok((
@@ -437,8 +426,8 @@ impl CustomOp2 for Conv2dOp {
         let g = Geometry::new(xl.shape(), wl.shape(), self)?;
         let out = self.forward(
             &g,
-            contiguous(xs, xl, "input")?,
-            contiguous(ws, wl, "weight")?,
+            contiguous_f32(xs, xl, "conv2d input")?,
+            contiguous_f32(ws, wl, "conv2d weight")?,
         );
         Ok((
             CpuStorage::F32(out),
@@ -493,8 +482,8 @@ impl CustomOp2 for InputGrad {
         let g = Geometry::new(&self.x_shape, wl.shape(), &self.op)?;
         let dx = self.op.input_grad(
             &g,
-            contiguous(ds, dl, "gradient")?,
-            contiguous(ws, wl, "weight")?,
+            contiguous_f32(ds, dl, "conv2d gradient")?,
+            contiguous_f32(ws, wl, "conv2d weight")?,
         );
         Ok((CpuStorage::F32(dx), self.x_shape.clone()))
     }
@@ -521,8 +510,8 @@ impl CustomOp2 for WeightGrad {
         let g = Geometry::new(xl.shape(), &self.w_shape, &self.op)?;
         let dw = self.op.weight_grad(
             &g,
-            contiguous(xs, xl, "input")?,
-            contiguous(ds, dl, "gradient")?,
+            contiguous_f32(xs, xl, "conv2d input")?,
+            contiguous_f32(ds, dl, "conv2d gradient")?,
         );
         Ok((CpuStorage::F32(dw), self.w_shape.clone()))
     }

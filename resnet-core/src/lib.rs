@@ -14,6 +14,7 @@ pub mod batch_norm_op;
 mod config;
 pub mod conv;
 pub mod conv_op;
+mod cpu_slice;
 mod device;
 mod error;
 pub mod folded;

@@ -4,7 +4,7 @@
 //! Padding counts as −∞ and ties go to the first maximum in row-major window order, as PyTorch does, so
 //! gradients equal PyTorch's even on the many zeros a ReLU leaves.
 
-use candle_core::backend::BackendStorage;
+use crate::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -93,27 +93,13 @@ fn pad_with(x: &Tensor, dim: usize, pad: usize, value: f32) -> Result<Tensor> {
     Tensor::cat(&[&border, x, &border], dim)
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!(
-            "max-pool {what}: only f32 is supported on CPU, got {:?}",
-            other.dtype()
-        ),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("max-pool {what}: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "max-pool2d-padded"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = f32_slice(storage, layout, "forward")?;
+        let src = contiguous_f32(storage, layout, "max-pool forward")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
         let mut out = vec![0f32; n * c * oh * ow];
@@ -146,8 +132,8 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let src = f32_slice(s1, l1, "backward input")?;
-        let grad_out = f32_slice(s2, l2, "backward gradient")?;
+        let src = contiguous_f32(s1, l1, "max-pool backward input")?;
+        let grad_out = contiguous_f32(s2, l2, "max-pool backward gradient")?;
         let (_, _, h, w) = l1.shape().dims4()?;
         let (oh, ow) = (self.0.output_size(h), self.0.output_size(w));
         let mut grad_in = vec![0f32; src.len()];

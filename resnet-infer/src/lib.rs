@@ -23,3 +23,21 @@ pub fn keep_freed_memory() {
         libmimalloc_sys::mi_option_set(ARENA_RESERVE, 4 << 20);
     }
 }
+
+/// Parses the command line; a usage error is printed as one `error: …` line (exit 2), help and version as usual.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) if e.use_stderr() => {
+            eprintln!(
+                "{}",
+                e.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}

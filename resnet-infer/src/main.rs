@@ -146,7 +146,7 @@ struct BenchArgs {
 
 fn main() {
     resnet_infer::keep_freed_memory();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(resnet_infer::parse_args::<Cli>()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

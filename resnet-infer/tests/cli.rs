@@ -2,7 +2,7 @@
 //! and one-line errors for bad input.
 
 use std::process::{Command, Output};
-use tests::{cifar10_jpg_root, shared, temp_dir};
+use tests::{assert_one_line_error, cifar10_jpg_root, shared, temp_dir};
 
 fn infer(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_resnet-infer"))
@@ -129,20 +129,6 @@ fn bench_reports_throughput_and_peak_memory() {
     }
 }
 
-/// Exit ≠ 0, one line on stderr starting with `error:`, naming `needle`, no panic.
-fn assert_clean_error(args: &[&str], needle: &str) {
-    let out = infer(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
-    assert!(
-        lines[0].starts_with("error:") && lines[0].contains(needle),
-        "{stderr}"
-    );
-}
-
 #[test]
 fn bad_input_gives_one_line_errors() {
     let r20 = shared("weights/cifar10-resnet20.safetensors");
@@ -151,63 +137,63 @@ fn bad_input_gives_one_line_errors() {
     let text = dir.join("notes.txt");
     std::fs::write(&text, "not an image").unwrap();
     let missing = dir.join("missing.png");
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "classify",
             "--model",
             "resnet20",
             "--weights",
             r20,
             missing.to_str().unwrap(),
-        ],
+        ]),
         "missing.png",
     );
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "classify",
             "--model",
             "resnet20",
             "--weights",
             r20,
             text.to_str().unwrap(),
-        ],
+        ]),
         "notes.txt",
     );
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "classify",
             "--model",
             "resnet56",
             "--weights",
             r20,
             text.to_str().unwrap(),
-        ],
+        ]),
         "missing",
     );
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "classify",
             "--model",
             "resnet21",
             "--weights",
             r20,
             text.to_str().unwrap(),
-        ],
+        ]),
         "resnet21",
     );
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "classify",
             "--model",
             "resnet20",
             "--weights",
             text.to_str().unwrap(),
             text.to_str().unwrap(),
-        ],
+        ]),
         "notes.txt",
     );
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &infer(&[
             "eval",
             "--model",
             "resnet20",
@@ -215,15 +201,15 @@ fn bad_input_gives_one_line_errors() {
             r20,
             "--data",
             dir.join("nowhere").to_str().unwrap(),
-        ],
+        ]),
         "nowhere",
     );
-    assert_clean_error(
-        &["bench", "--model", "resnet20", "--batch-size", "0"],
+    assert_one_line_error(
+        &infer(&["bench", "--model", "resnet20", "--batch-size", "0"]),
         "--batch-size",
     );
-    assert_clean_error(
-        &["bench", "--model", "resnet20", "--device", "cuda:0"],
+    assert_one_line_error(
+        &infer(&["bench", "--model", "resnet20", "--device", "cuda:0"]),
         "cuda",
     );
 }

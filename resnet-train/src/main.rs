@@ -129,21 +129,7 @@ struct TrainArgs {
 
 fn main() {
     resnet_infer::keep_freed_memory();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        // Usage errors as one line (help and version print as usual).
-        Err(e) if e.use_stderr() => {
-            eprintln!(
-                "{}",
-                e.to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
-        Err(e) => e.exit(),
-    };
+    let cli: Cli = resnet_infer::parse_args();
     let result = match cli.command {
         None => train(&cli.train).map(|_| ()),
         Some(Command::Compare { runs, out }) => compare(&runs, &out),

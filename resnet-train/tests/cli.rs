@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tests::{cifar10_jpg_root, temp_dir};
+use tests::{assert_one_line_error, cifar10_jpg_root, temp_dir};
 
 fn train_cmd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-train"))
@@ -241,33 +241,25 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     }
 }
 
-/// Exit ≠ 0 and a single `error:` line naming `needle`, never a panic.
-fn assert_clean_error(args: &[&str], needle: &str) {
-    let out = train(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(
-        lines[0].starts_with("error:") && lines[0].contains(needle),
-        "{stderr}"
-    );
-}
-
 #[test]
 fn bad_flags_give_one_line_errors() {
     let data = small_cifar("train-flags", 2);
     let d = data.to_str().unwrap();
-    assert_clean_error(&["--model", "resnet21", "--data", d], "resnet21");
-    assert_clean_error(&["--lr=-0.1", "--data", d], "--lr");
-    assert_clean_error(&["--lr", "fast", "--data", d], "--lr");
-    assert_clean_error(&["--no-such-flag", "--data", d], "--no-such-flag");
-    assert_clean_error(&["--batch-size", "0", "--data", d], "--batch-size");
-    assert_clean_error(&["--recipe", "fast", "--data", d], "fast");
-    assert_clean_error(&["--data", "/nonexistent/cifar"], "/nonexistent/cifar");
-    assert_clean_error(&["--data", d, "--device", "cuda:0"], "cuda");
-    assert_clean_error(&["--resume", "/nonexistent/run"], "/nonexistent/run");
+    assert_one_line_error(&train(&["--model", "resnet21", "--data", d]), "resnet21");
+    assert_one_line_error(&train(&["--lr=-0.1", "--data", d]), "--lr");
+    assert_one_line_error(&train(&["--lr", "fast", "--data", d]), "--lr");
+    assert_one_line_error(&train(&["--no-such-flag", "--data", d]), "--no-such-flag");
+    assert_one_line_error(&train(&["--batch-size", "0", "--data", d]), "--batch-size");
+    assert_one_line_error(&train(&["--recipe", "fast", "--data", d]), "fast");
+    assert_one_line_error(
+        &train(&["--data", "/nonexistent/cifar"]),
+        "/nonexistent/cifar",
+    );
+    assert_one_line_error(&train(&["--data", d, "--device", "cuda:0"]), "cuda");
+    assert_one_line_error(
+        &train(&["--resume", "/nonexistent/run"]),
+        "/nonexistent/run",
+    );
 }
 
 #[test]
@@ -321,13 +313,13 @@ fn experiment_and_compare_write_a_table_and_a_figure() {
         .unwrap();
     ok(&res);
     assert!(std::fs::read(&figure).unwrap().starts_with(b"\x89PNG"));
-    assert_clean_error(
-        &[
+    assert_one_line_error(
+        &train(&[
             "compare",
             "/nonexistent/run",
             "--out",
             figure.to_str().unwrap(),
-        ],
+        ]),
         "/nonexistent/run",
     );
 }

@@ -126,3 +126,19 @@ pub fn test_data_dir() -> PathBuf {
 /// The same caching allocator as the binaries, so full-size parity tests run at the binaries' speed.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A command that failed as users should see it: exit ≠ 0, no panic, one stderr line `error: …` naming `needle`.
+pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the command should have failed:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected:\n{stderr}");
+    assert!(
+        lines[0].starts_with("error:") && lines[0].contains(needle),
+        "expected `{needle}` in:\n{stderr}"
+    );
+}
