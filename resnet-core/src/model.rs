@@ -74,6 +74,46 @@ impl Model {
         weights::save_file(&self.state_dict()?, metadata, path)
     }
 
+    /// Re-estimates every BN's running statistics as the plain average over `batches` (training-mode forwards),
+    /// as PyTorch's `update_bn` and the paper's authors did after training, instead of the moving average.
+    /// Returns the number of batches used.
+    pub fn recalibrate_batch_norm(
+        &self,
+        batches: impl IntoIterator<Item = candle_core::Result<Tensor>>,
+    ) -> Result<usize> {
+        let stats: Vec<Var> = self
+            .params
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| crate::param_store::is_buffer(n))
+            .map(|(_, v)| v)
+            .collect();
+        let m = crate::batch_norm::MOMENTUM;
+        let mut averages: Vec<Tensor> = Vec::new();
+        let mut count = 0usize;
+        for x in batches {
+            let before: Vec<Tensor> = stats
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
+            self.forward_t(&x?, true)?;
+            count += 1;
+            for (i, (var, prev)) in stats.iter().zip(&before).enumerate() {
+                // The forward set r = (1 − m)·prev + m·s: recover this batch's statistic s.
+                let s = ((var.as_tensor() - (prev * (1.0 - m))?)? / m)?;
+                if i == averages.len() {
+                    averages.push(s);
+                } else {
+                    averages[i] = (&averages[i] + ((s - &averages[i])? / count as f64)?)?;
+                }
+            }
+        }
+        for (var, avg) in stats.iter().zip(&averages) {
+            var.set(avg)?;
+        }
+        Ok(count)
+    }
+
     /// Every weight and BN statistic under its published name, on the CPU.
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         self.params

@@ -95,6 +95,9 @@ struct TrainArgs {
     milestones: Option<Vec<u64>>,
     #[arg(long)]
     label_smoothing: Option<f64>,
+    /// After training, recompute BN statistics over N training batches instead of the moving average.
+    #[arg(long)]
+    bn_recalibrate: Option<usize>,
     /// Start each residual branch at zero (last BN γ = 0).
     #[arg(long)]
     zero_init_residual: bool,
@@ -188,6 +191,7 @@ fn resolve_recipe(cli: &TrainArgs) -> Result<Recipe> {
     }
     r.label_smoothing = cli.label_smoothing.unwrap_or(r.label_smoothing);
     r.zero_init_residual |= cli.zero_init_residual;
+    r.bn_recalibration_batches = cli.bn_recalibrate.unwrap_or(r.bn_recalibration_batches);
     r.validation_holdout = cli.holdout.unwrap_or(r.validation_holdout);
     r.eval_every = cli.eval_every.unwrap_or(r.eval_every);
     r.log_every = cli.log_every.unwrap_or(r.log_every);

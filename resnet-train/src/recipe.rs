@@ -77,6 +77,10 @@ pub struct Recipe {
     pub eval_every: u64,
     /// Log a training row every this many iterations.
     pub log_every: u64,
+    /// After training, re-estimate BN statistics as the plain average over this many training batches
+    /// (instead of the moving average), as the paper's authors did; 0 keeps the moving average.
+    #[serde(default)]
+    pub bn_recalibration_batches: usize,
 }
 
 pub const NAMES: &[&str] = &["cifar-paper", "preact-cifar", "imagenet-paper", "quick"];
@@ -107,6 +111,7 @@ impl Recipe {
             zero_init_residual: false,
             eval_every: 390,
             log_every: 50,
+            bn_recalibration_batches: 0,
         };
         let paper_warmup = Warmup::UntilTrainError {
             lr: 0.01,

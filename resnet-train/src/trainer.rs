@@ -13,6 +13,7 @@ use datasets::{
 use resnet_core::optim::Sgd;
 use resnet_core::{config_for, Family, Model};
 use resnet_infer::evaluate::{evaluate, EvalOptions};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -195,6 +196,19 @@ impl Trainer {
         })
     }
 
+    /// The paper authors' BN recalibration: plain averages over training batches (of the next epoch's order).
+    fn recalibrate_batch_norm(&self) -> Result<()> {
+        let n = self.recipe.bn_recalibration_batches;
+        let device = self.options.device.clone();
+        let batches = self.loader.epoch(self.state.epoch + 1, 0).take(n).map(|b| {
+            let b = b.map_err(candle_core::Error::wrap)?;
+            Ok(b.to_tensors(&device).map_err(candle_core::Error::wrap)?.0)
+        });
+        let used = self.model.recalibrate_batch_norm(batches)?;
+        eprintln!("recomputed BatchNorm statistics over {used} training batches");
+        Ok(())
+    }
+
     /// `curves.png` of this run; a figure that cannot be drawn is reported, never fatal.
     fn draw_curves(&self) {
         let drawn =
@@ -280,6 +294,15 @@ impl Trainer {
         let (mut loss_sum, mut err_sum, mut rows_n, mut images) = (0.0, 0.0, 0u64, 0usize);
         let mut since = Instant::now();
         let mut final_error = None;
+        // A progress bar on a terminal; plain log lines otherwise (and above the bar).
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style =
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let bar = indicatif::ProgressBar::new(total).with_style(style);
+            bar.set_position(self.state.iteration);
+            bar
+        });
         while self.state.iteration < total {
             let epoch = self.state.epoch;
             for batch in self.loader.epoch(epoch, self.state.batch_in_epoch) {
@@ -314,12 +337,22 @@ impl Trainer {
                 self.state.iteration += 1;
                 self.state.batch_in_epoch += 1;
                 self.state.schedule = self.schedule.state.clone();
+                if let Some(bar) = &bar {
+                    let ips = images as f64 / since.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_position(self.state.iteration);
+                    bar.set_message(format!(
+                        "loss {loss_value:.4}, error {error:.1} %, lr {lr}, {ips:.0} img/s"
+                    ));
+                }
                 loss_sum += loss_value;
                 err_sum += error;
                 rows_n += 1;
                 images += batch.len();
 
                 let it = self.state.iteration;
+                if it == total && self.recipe.bn_recalibration_batches > 0 {
+                    self.recalibrate_batch_norm()?;
+                }
                 let eval_now = it == total
                     || (self.recipe.eval_every > 0 && it.is_multiple_of(self.recipe.eval_every));
                 let log_now = eval_now || it.is_multiple_of(self.recipe.log_every.max(1));
@@ -349,13 +382,17 @@ impl Trainer {
                     let test = row
                         .test_top1_error
                         .map_or(String::new(), |e| format!(", test error {e:.2} %"));
-                    eprintln!(
+                    let line = format!(
                         "iteration {it}/{total} (epoch {}): lr {lr}, loss {:.4}, train error {:.2} %{test}, {ips:.1} img/s, ETA {:.0} s",
                         self.state.epoch,
                         row.train_loss.unwrap_or(0.0),
                         row.train_error.unwrap_or(0.0),
                         eta
                     );
+                    match &bar {
+                        Some(bar) => bar.println(line),
+                        None => eprintln!("{line}"),
+                    }
                     (loss_sum, err_sum, rows_n, images) = (0.0, 0.0, 0, 0);
                     since = Instant::now();
                 }
@@ -375,6 +412,9 @@ impl Trainer {
                 self.state.epoch += 1;
                 self.state.batch_in_epoch = 0;
             }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
         }
         let skipped = self.loader.skipped();
         if !skipped.is_empty() {

@@ -323,3 +323,36 @@ fn experiment_and_compare_write_a_table_and_a_figure() {
         "/nonexistent/run",
     );
 }
+
+#[test]
+fn bn_recalibration_runs_after_training_when_asked() {
+    let data = small_cifar("train-recal", 8);
+    let out = temp_dir("run-recal");
+    let mut args = QUICK.to_vec();
+    args.extend([
+        "--batch-size",
+        "16",
+        "--iterations",
+        "3",
+        "--bn-recalibrate",
+        "2",
+    ]);
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let res = train(&args);
+    ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("recomputed BatchNorm statistics over 2 training batches"),
+        "{stderr}"
+    );
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(
+        config.contains("\"bn_recalibration_batches\": 2"),
+        "{config}"
+    );
+}

@@ -105,3 +105,39 @@ fn saved_weights_carry_the_running_statistics_and_metadata() -> anyhow::Result<(
     assert_eq!(diff, 0.0);
     Ok(())
 }
+
+#[test]
+fn batch_norm_recalibration_averages_the_batch_statistics() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let model = Model::by_name("resnet20", 4, &dev)?;
+    model.forward_t(&Tensor::randn(3f32, 1.0, (8, 3, 32, 32), &dev)?, true)?; // some moving average to replace
+    let batches: Vec<Tensor> = (0..3)
+        .map(|i| Tensor::randn(i as f32, 1.0 + i as f32, (6, 3, 32, 32), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    // Expected for the stem BN: the plain average over batches of conv1's per-channel batch mean / unbiased var.
+    let w = model.params.var("conv1.weight").unwrap();
+    let (mut mean, mut var) = (vec![0f32; 16], vec![0f32; 16]);
+    for x in &batches {
+        let y = x.conv2d(w.as_tensor(), 1, 1, 1, 1)?;
+        let m = y.mean_keepdim((0, 2, 3))?;
+        let n = (6 * 32 * 32) as f64;
+        let v = (y.broadcast_sub(&m)?.sqr()?.sum_keepdim((0, 2, 3))? / (n - 1.0))?;
+        for (acc, t) in [(&mut mean, m), (&mut var, v)] {
+            acc.iter_mut()
+                .zip(t.flatten_all()?.to_vec1::<f32>()?)
+                .for_each(|(a, b)| *a += b / 3.0);
+        }
+    }
+    let used = model.recalibrate_batch_norm(batches.into_iter().map(Ok))?;
+    assert_eq!(used, 3);
+    for (got, want) in values(&model, "bn1.running_mean").iter().zip(&mean) {
+        assert!((got - want).abs() < 1e-4, "mean {got} vs {want}");
+    }
+    for (got, want) in values(&model, "bn1.running_var").iter().zip(&var) {
+        assert!(
+            (got - want).abs() < 1e-3 * want.abs().max(1.0),
+            "var {got} vs {want}"
+        );
+    }
+    Ok(())
+}
