@@ -173,3 +173,64 @@ fn same_seed_gives_identical_batches_whatever_the_thread_count() {
     let (e0, e1) = (one.order(0), one.order(1));
     assert_ne!(e0, e1, "each epoch has its own order");
 }
+
+#[test]
+fn random_resized_crop_boxes_respect_scale_ratio_and_bounds() {
+    use datasets::transforms::random_resized_crop_box;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for _ in 0..2000 {
+        let (x, y, w, h) =
+            random_resized_crop_box((500, 375), (0.08, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert!(x + w <= 500 && y + h <= 375 && w > 0 && h > 0);
+        let area = (w * h) as f64 / (500.0 * 375.0);
+        let ratio = w as f64 / h as f64;
+        // Rounding of the sides moves area and ratio slightly off the sampled values.
+        assert!((0.075..=1.0).contains(&area), "area {area}");
+        assert!((0.74..=1.345).contains(&ratio), "ratio {ratio}");
+    }
+    // No box fits a 1000×10 strip in 10 tries: torchvision's fallback is a centred crop at the clamped ratio
+    // (4/3 here): width round(10 · 4/3) = 13, height 10, at x = (1000 − 13) / 2 = 493.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    assert_eq!(
+        random_resized_crop_box((1000, 10), (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng),
+        (493, 0, 13, 10)
+    );
+}
+
+#[test]
+fn pca_lighting_adds_one_colour_shift_along_the_eigenvectors() {
+    use datasets::transforms::lighting;
+    const EIGVAL: [f32; 3] = [0.2175, 0.0188, 0.0045];
+    const EIGVEC: [[f32; 3]; 3] = [
+        [-0.5675, 0.7192, 0.4009],
+        [-0.5808, -0.0045, -0.8140],
+        [-0.5836, -0.6948, 0.4203],
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut alphas = Vec::new();
+    for _ in 0..4000 {
+        let mut chw = vec![0.5f32; 3 * 4];
+        lighting(&mut chw, 4, 0.1, &mut rng);
+        // Every pixel of a channel moves by the same amount …
+        let shift: Vec<f32> = (0..3).map(|c| chw[c * 4] - 0.5).collect();
+        for c in 0..3 {
+            assert!(chw[c * 4..(c + 1) * 4]
+                .iter()
+                .all(|v| (v - 0.5 - shift[c]).abs() < 1e-6));
+        }
+        // … and shift = V·(α ⊙ λ): solve for α with Vᵀ (V is orthonormal to 4 decimals).
+        let alpha: Vec<f32> = (0..3)
+            .map(|k| (0..3).map(|c| EIGVEC[c][k] * shift[c]).sum::<f32>() / EIGVAL[k])
+            .collect();
+        alphas.push(alpha);
+    }
+    for k in 0..3 {
+        let n = alphas.len() as f32;
+        let mean = alphas.iter().map(|a| a[k]).sum::<f32>() / n;
+        let std = (alphas.iter().map(|a| (a[k] - mean).powi(2)).sum::<f32>() / n).sqrt();
+        assert!(
+            mean.abs() < 0.01 && (std - 0.1).abs() < 0.01,
+            "α_{k}: mean {mean}, std {std} (expected N(0, 0.1²))"
+        );
+    }
+}
