@@ -18,6 +18,27 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct AddRelu;
 
+/// `f(a[i], b[i])` for every element of two equally long contiguous f32 tensors, in parallel chunks.
+fn zip_map(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    what: &str,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Vec<f32>> {
+    let (a, b) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            o.iter_mut()
+                .zip(a.iter().zip(b))
+                .for_each(|(o, (&a, &b))| *o = f(a, b));
+        });
+    Ok(out)
+}
+
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
         "add-relu"
@@ -30,18 +51,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (
-            contiguous_f32(s1, l1, "add-relu")?,
-            contiguous_f32(s2, l2, "add-relu")?,
-        );
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                o.iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(o, (a, b))| *o = (a + b).max(0.0));
-            });
+        let out = zip_map(s1, l1, s2, l2, "add-relu", |a, b| (a + b).max(0.0))?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -72,18 +82,14 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, y) = (
-            contiguous_f32(s1, l1, "relu-mask")?,
-            contiguous_f32(s2, l2, "relu-mask")?,
-        );
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(o, (g, y))| {
-                o.iter_mut()
-                    .zip(g.iter().zip(y))
-                    .for_each(|(o, (g, y))| *o = if *y > 0.0 { *g } else { 0.0 });
-            });
+        let out = zip_map(
+            s1,
+            l1,
+            s2,
+            l2,
+            "relu-mask",
+            |g, y| if y > 0.0 { g } else { 0.0 },
+        )?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
