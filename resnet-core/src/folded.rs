@@ -13,14 +13,14 @@ use crate::{ResNet, Unit};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
 
-/// `ReLU?(BN(conv(x)))` as one convolution with a bias.
+/// `ReLU?(BN(conv(x)))` as one convolution with a bias. The CPU op (with its bias as a plain vector) is built
+/// once at folding time, not per forward.
 #[derive(Debug, Clone)]
 struct FoldedConv {
     weight: Tensor,
+    /// The same bias as a tensor, for candle's path on other devices.
     bias: Tensor,
-    stride: usize,
-    padding: usize,
-    relu: bool,
+    op: FoldedConv2dOp,
 }
 
 impl FoldedConv {
@@ -30,31 +30,29 @@ impl FoldedConv {
             .weight()
             .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?
             .detach();
+        let op = FoldedConv2dOp {
+            stride: conv.stride(),
+            padding: conv.padding(),
+            epilogue: Epilogue {
+                bias: shift.to_device(&candle_core::Device::Cpu)?.to_vec1()?,
+                relu,
+            },
+        };
         Ok(Self {
             weight,
             bias: shift.detach(),
-            stride: conv.stride(),
-            padding: conv.padding(),
-            relu,
+            op,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            let op = FoldedConv2dOp {
-                stride: self.stride,
-                padding: self.padding,
-                epilogue: Epilogue {
-                    bias: self.bias.to_vec1()?,
-                    relu: self.relu,
-                },
-            };
-            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &op);
+            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &self.op);
         }
         let y = x
-            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .conv2d(&self.weight, self.op.padding, self.op.stride, 1, 1)?
             .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
-        if self.relu {
+        if self.op.epilogue.relu {
             y.relu()
         } else {
             Ok(y)
