@@ -38,6 +38,13 @@ impl CifarKind {
         }
     }
 
+    pub fn title(self) -> &'static str {
+        match self {
+            CifarKind::Cifar10 => "CIFAR-10",
+            CifarKind::Cifar100 => "CIFAR-100",
+        }
+    }
+
     pub fn num_classes(self) -> usize {
         match self {
             CifarKind::Cifar10 => 10,

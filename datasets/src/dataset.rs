@@ -1,6 +1,8 @@
 //! A dataset on disk, found from one `--data DIR`: CIFAR-10/100 binaries or an ImageFolder tree with splits.
 
 use crate::cifar_binary::{self, CifarKind, CifarRecords, CIFAR10_CLASSES};
+use crate::cifar_parquet;
+use crate::hub::{HubRepo, RepoKind};
 use crate::image_folder::ImageFolder;
 use crate::transforms::open_rgb;
 use crate::{DatasetError, Result};
@@ -114,6 +116,14 @@ impl Split {
     }
 }
 
+/// Class names when the files carry none: CIFAR-10's documented order, or `class_N` for CIFAR-100.
+fn default_classes(kind: CifarKind) -> Vec<String> {
+    match kind {
+        CifarKind::Cifar10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+        CifarKind::Cifar100 => (0..100).map(|i| format!("class_{i}")).collect(),
+    }
+}
+
 /// CHW bytes of a CIFAR record to an RGB image.
 pub fn cifar_record_to_rgb(chw: &[u8]) -> RgbImage {
     RgbImage::from_fn(32, 32, |x, y| {
@@ -129,19 +139,28 @@ pub enum DatasetKind {
     ImageFolder,
 }
 
-/// What `--data DIR` holds.
+/// Where `--data` reads from when none is given: CIFAR-10 on the Hugging Face hub.
+pub const DEFAULT_HUB_DATA: &str = "hub:uoft-cs/cifar10";
+
+/// What `--data DIR` (or `--data hub:OWNER/REPO`) holds.
 #[derive(Debug, Clone)]
 pub struct DataSource {
     pub root: PathBuf,
     pub kind: DatasetKind,
+    /// How it was stored, for messages: "CIFAR-10 binaries", "ImageFolder", "CIFAR-10 parquet (hub:…)".
+    pub layout: String,
     pub train: Option<Split>,
     /// The `test/` (or `val/`) split; a bare ImageFolder root counts as a test split.
     pub test: Option<Split>,
 }
 
 impl DataSource {
-    /// Detects the layout of `dir` (see the crate docs) and indexes it.
+    /// Detects the layout of `dir` (see the crate docs) and indexes it. `hub:OWNER/REPO[@REV][:CONFIG]` reads a
+    /// CIFAR dataset from the Hugging Face hub instead (see [`DataSource::from_hub`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(spec) = dir.to_str().and_then(|s| s.strip_prefix("hub:")) {
+            return Self::from_hub(spec);
+        }
         if !dir.is_dir() {
             return Err(DatasetError::NotFound {
                 path: dir.to_path_buf(),
@@ -190,6 +209,7 @@ impl DataSource {
         Ok(Self {
             root: dir.to_path_buf(),
             kind: DatasetKind::ImageFolder,
+            layout: "ImageFolder".into(),
             train: train.map(Split::from_folder),
             test: test.map(Split::from_folder),
         })
@@ -197,7 +217,7 @@ impl DataSource {
 
     fn cifar(bin: &Path, kind: CifarKind) -> Result<Self> {
         let classes: Vec<String> = match kind {
-            CifarKind::Cifar10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+            CifarKind::Cifar10 => default_classes(kind),
             // The binary release names fine labels only in fine_label_names.txt; fall back to indices.
             CifarKind::Cifar100 => std::fs::read_to_string(bin.join("fine_label_names.txt"))
                 .map(|s| {
@@ -206,7 +226,7 @@ impl DataSource {
                         .map(String::from)
                         .collect()
                 })
-                .unwrap_or_else(|_| (0..100).map(|i| format!("class_{i}")).collect()),
+                .unwrap_or_else(|_| default_classes(kind)),
         };
         let has_train = cifar_binary::split_files(kind, true)
             .iter()
@@ -225,8 +245,63 @@ impl DataSource {
                 CifarKind::Cifar10 => DatasetKind::Cifar10,
                 CifarKind::Cifar100 => DatasetKind::Cifar100,
             },
+            layout: format!("{} binaries", kind.title()),
             train,
             test: Some(test),
+        })
+    }
+
+    /// CIFAR-10/100 from a hub dataset repository laid out like `uoft-cs/cifar10` / `uoft-cs/cifar100`:
+    /// `CONFIG/{train,test}-00000-of-00001.parquet`, CONFIG defaulting to `cifar100` for a repository whose name
+    /// says 100 and `plain_text` otherwise. Files go through the hf-hub cache; decoded once into memory.
+    pub fn from_hub(spec: &str) -> Result<Self> {
+        let bad_spec = |reason: String| DatasetError::Invalid {
+            what: format!("--data hub:{spec}"),
+            reason: format!("{reason}; expected hub:OWNER/REPO[@REVISION][:CONFIG]"),
+        };
+        let (repo_spec, config) = match spec.split_once(':') {
+            Some((_, "")) => return Err(bad_spec("empty CONFIG".into())),
+            Some((r, c)) => (r, Some(c.to_string())),
+            None => (spec, None),
+        };
+        let repo = HubRepo::parse(RepoKind::Dataset, repo_spec).map_err(bad_spec)?;
+        let kind = match repo.name.contains("100") {
+            true => CifarKind::Cifar100,
+            false => CifarKind::Cifar10,
+        };
+        let config = config.unwrap_or_else(|| match kind {
+            CifarKind::Cifar100 => "cifar100".into(),
+            CifarKind::Cifar10 => "plain_text".into(),
+        });
+        let read = |split: &str| -> Result<(PathBuf, cifar_parquet::ParquetCifar)> {
+            let path = repo.fetch(&format!("{config}/{split}-00000-of-00001.parquet"))?;
+            Ok((path.clone(), cifar_parquet::read(&path)?))
+        };
+        let (test_path, test) = read("test")?;
+        let (_, train) = read("train")?;
+        let classes = test.classes.clone().unwrap_or_else(|| default_classes(kind));
+        for (split, records) in [("train", &train.records), ("test", &test.records)] {
+            if let Some(&l) = records.labels.iter().find(|&&l| l as usize >= classes.len()) {
+                return Err(DatasetError::Invalid {
+                    what: format!("{split} split of hub:{spec}"),
+                    reason: format!("label {l} but {} classes", classes.len()),
+                });
+            }
+        }
+        let kind = match classes.len() {
+            10 => DatasetKind::Cifar10,
+            _ => DatasetKind::Cifar100,
+        };
+        Ok(Self {
+            root: test_path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            kind,
+            layout: format!(
+                "{} parquet (hub:{})",
+                if kind == DatasetKind::Cifar10 { "CIFAR-10" } else { "CIFAR-100" },
+                repo_spec
+            ),
+            train: Some(Split::from_records(train.records, classes.clone())),
+            test: Some(Split::from_records(test.records, classes)),
         })
     }
 
@@ -240,17 +315,13 @@ impl DataSource {
 
     /// One line saying what was found, e.g. "CIFAR-10 binaries in DIR: 10 classes, train 50000, test 10000".
     pub fn summary(&self) -> String {
-        let kind = match self.kind {
-            DatasetKind::Cifar10 => "CIFAR-10 binaries",
-            DatasetKind::Cifar100 => "CIFAR-100 binaries",
-            DatasetKind::ImageFolder => "ImageFolder",
-        };
         let size = |s: &Option<Split>| {
             s.as_ref()
                 .map_or("none".to_string(), |s| s.len().to_string())
         };
         format!(
-            "{kind} in {}: {} classes, train {}, test {}",
+            "{} in {}: {} classes, train {}, test {}",
+            self.layout,
             self.root.display(),
             self.classes().len(),
             size(&self.train),

@@ -17,6 +17,9 @@ pub enum DatasetError {
     #[error("{count} unreadable image(s) with --strict; first: {first}")]
     Strict { count: usize, first: String },
 
+    #[error("cannot fetch {what} from the Hugging Face hub: {reason}")]
+    Hub { what: String, reason: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -2,13 +2,12 @@
 //! cache (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN); `HF_HUB_OFFLINE=1` uses the cache only.
 
 use anyhow::{bail, Context, Result};
+use datasets::hub::{HubRepo, RepoKind};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubSource {
-    pub owner: String,
-    pub repo: String,
-    pub revision: Option<String>,
+    pub repo: HubRepo,
     pub file: String,
 }
 
@@ -22,61 +21,18 @@ impl HubSource {
     }
 
     fn parse_rest(rest: &str) -> Result<HubSource> {
-        let (repo_rev, file) = match rest.split_once(':') {
-            Some((r, f)) if !f.is_empty() => (r, f.to_string()),
-            Some(_) => bail!("empty file name"),
+        let (repo, file) = match rest.split_once(':') {
+            Some((_, "")) => bail!("empty file name"),
+            Some((r, f)) => (r, f.to_string()),
             None => (rest, "model.safetensors".to_string()),
         };
-        let (repo_id, revision) = match repo_rev.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
-            Some(_) => bail!("empty revision"),
-            None => (repo_rev, None),
-        };
-        let (owner, repo) = repo_id.split_once('/').context("missing OWNER/")?;
-        if owner.is_empty() || repo.is_empty() || repo.contains('/') {
-            bail!("`{repo_id}` is not OWNER/REPO");
-        }
-        Ok(HubSource {
-            owner: owner.into(),
-            repo: repo.into(),
-            revision,
-            file,
-        })
-    }
-
-    pub fn repo_id(&self) -> String {
-        format!("{}/{}", self.owner, self.repo)
+        let repo = HubRepo::parse(RepoKind::Model, repo).map_err(anyhow::Error::msg)?;
+        Ok(HubSource { repo, file })
     }
 
     /// Local path of `file` from this repository (downloaded into the cache if needed).
     pub fn fetch(&self, file: &str) -> Result<PathBuf> {
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false");
-        let client =
-            hf_hub::HFClientSync::new().context("setting up the Hugging Face hub client")?;
-        let repo = client.model(self.owner.clone(), self.repo.clone());
-        let download = |local_only: bool| {
-            repo.download_file()
-                .filename(file)
-                .maybe_revision(self.revision.clone())
-                .local_files_only(local_only)
-                .send()
-        };
-        match download(offline) {
-            Ok(path) => Ok(path),
-            Err(hf_hub::HFError::LocalEntryNotFound { .. }) if offline => bail!(
-                "{file} of {} is not in the hub cache and HF_HUB_OFFLINE is set (unset it to download)",
-                self.repo_id()
-            ),
-            Err(e) => match download(true) {
-                // As huggingface_hub does: an unreachable hub falls back to the cached copy.
-                Ok(path) if !offline => {
-                    eprintln!("note: the hub did not answer ({e}); using the cached {file} of {}", self.repo_id());
-                    Ok(path)
-                }
-                _ => bail!("cannot fetch {file} of {} from the hub: {e}", self.repo_id()),
-            },
-        }
+        Ok(self.repo.fetch(file)?)
     }
 
     /// `config.json` of the repository, if it has one.
@@ -142,9 +98,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             (
-                s.owner.as_str(),
-                s.repo.as_str(),
-                s.revision,
+                s.repo.owner.as_str(),
+                s.repo.name.as_str(),
+                s.repo.revision,
                 s.file.as_str()
             ),
             ("timm", "resnet50.a1_in1k", None, "model.safetensors")
@@ -152,7 +108,7 @@ mod tests {
         let s = HubSource::parse("hub:microsoft/resnet-50@refs/pr/1:weights.safetensors")
             .unwrap()
             .unwrap();
-        assert_eq!(s.revision.as_deref(), Some("refs/pr/1"));
+        assert_eq!(s.repo.revision.as_deref(), Some("refs/pr/1"));
         assert_eq!(s.file, "weights.safetensors");
         assert!(HubSource::parse("weights.safetensors").is_none());
         for bad in ["hub:", "hub:noslash", "hub:a/b/c", "hub:a/b@", "hub:a/b:"] {

@@ -78,7 +78,8 @@ struct WeightsArgs {
 struct EvalArgs {
     #[command(flatten)]
     common: WeightsArgs,
-    /// Dataset folder: CIFAR binaries, or an ImageFolder root (uses its test/ or val/ split when present).
+    /// Dataset folder: CIFAR binaries, or an ImageFolder root (uses its test/ or val/ split when present), or
+    /// hub:OWNER/REPO[@REV][:CONFIG] for CIFAR parquet files on the Hugging Face hub (e.g. hub:uoft-cs/cifar10).
     #[arg(long)]
     data: PathBuf,
     #[arg(long, default_value_t = 250)]

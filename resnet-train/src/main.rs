@@ -27,7 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 #[command(args_conflicts_with_subcommands = true)]
 #[command(
-    after_help = "Examples:\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20\n  resnet-train compare runs/plain20 runs/plain56 --out plain.png\n  resnet-train experiment degradation --data cifar10/ --iterations 2000 --out runs/degradation"
+    after_help = "Examples:\n  resnet-train                      (ResNet-20, paper recipe, CIFAR-10 from the hub)\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20\n  resnet-train compare runs/plain20 runs/plain56 --out plain.png\n  resnet-train experiment degradation --data cifar10/ --iterations 2000 --out runs/degradation"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,7 +62,8 @@ struct TrainArgs {
     /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …).
     #[arg(long, default_value = "resnet20")]
     model: String,
-    /// Dataset folder: CIFAR-10/100 binaries or an ImageFolder with train/ and val/ or test/.
+    /// Dataset folder (CIFAR-10/100 binaries, or an ImageFolder with train/ and val/ or test/), or
+    /// hub:OWNER/REPO[@REV][:CONFIG] for CIFAR parquet files on the Hugging Face hub [default: hub:uoft-cs/cifar10].
     #[arg(long)]
     data: Option<PathBuf>,
     /// Run folder: config.json, metrics.csv, checkpoints.
@@ -226,10 +227,13 @@ fn train(cli: &TrainArgs) -> Result<PathBuf> {
             .and_then(|c| c["data"].as_str())
             .map(PathBuf::from)
             .with_context(|| format!("{} has no data folder: pass --data", out.join("config.json").display()))?,
-        None => bail!(
-            "no --data given: pass a CIFAR-10 folder (cifar-10-batches-bin/ or an ImageFolder with train/ and test/); \
-             downloading CIFAR-10 from the Hugging Face hub is not built yet"
-        ),
+        None => {
+            eprintln!(
+                "no --data given: CIFAR-10 from the Hugging Face hub ({}), cached by hf-hub",
+                datasets::DEFAULT_HUB_DATA
+            );
+            PathBuf::from(datasets::DEFAULT_HUB_DATA)
+        }
     };
     if let Some(epochs) = cli.epochs {
         let source = datasets::DataSource::open(&data)?;

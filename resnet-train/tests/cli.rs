@@ -356,3 +356,43 @@ fn bn_recalibration_runs_after_training_when_asked() {
         "{config}"
     );
 }
+
+/// With no `--data`, CIFAR-10 comes from the hub (here a loopback mock serving uoft-cs/cifar10's parquet layout)
+/// into the HF cache; `--resume` finds the same source in the run's config, with the hub down.
+#[test]
+fn default_data_comes_from_the_hub() {
+    let mut hub = tests::mock_hub::MockHub::start(tests::mock_hub::cifar_dataset_files());
+    let work = temp_dir("train-hub");
+    let endpoint = hub.endpoint();
+    let run = |args: &[&str]| {
+        train_cmd()
+            .args(args)
+            .current_dir(&work)
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", work.join("hf"))
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap()
+    };
+    let small = ["--batch-size", "4", "--holdout", "4", "--eval-every", "2"];
+    let out = run(&[&["--iterations", "2"], &small[..]].concat());
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("hub:uoft-cs/cifar10"), "{stderr}");
+    assert!(
+        stderr.contains("CIFAR-10 parquet (hub:uoft-cs/cifar10)") && stderr.contains("train 12, test 8"),
+        "{stderr}"
+    );
+    // The default run folder is runs/MODEL.
+    let dir = work.join("runs/resnet20");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["data"], "hub:uoft-cs/cifar10");
+    assert_eq!(losses(&dir).last().unwrap().0, 2);
+
+    hub.shut_down();
+    let out = run(&["--resume", dir.to_str().unwrap(), "--iterations", "4"]);
+    ok(&out);
+    assert_eq!(losses(&dir).last().unwrap().0, 4);
+}

@@ -1,5 +1,6 @@
-//! A loopback stand-in for the Hugging Face hub: `HEAD`/`GET /OWNER/REPO/resolve/REV/FILE` with the `ETag` and
-//! `X-Repo-Commit` headers hf-hub needs, 404 for anything else. Started by the tests themselves.
+//! A loopback stand-in for the Hugging Face hub: `HEAD`/`GET /OWNER/REPO/resolve/REV/FILE` (models) and
+//! `/datasets/OWNER/REPO/resolve/REV/FILE` (datasets) with the `ETag` and `X-Repo-Commit` headers hf-hub needs,
+//! 404 for anything else. Started by the tests themselves.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,7 +20,7 @@ pub struct MockHub {
 }
 
 impl MockHub {
-    /// Serves `files` (`"OWNER/REPO/FILE"` → local file) at any revision.
+    /// Serves `files` (`"OWNER/REPO/FILE"` or `"datasets/OWNER/REPO/FILE"` → local file) at any revision.
     pub fn start(files: HashMap<String, PathBuf>) -> MockHub {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
         listener.set_nonblocking(true).unwrap();
@@ -82,10 +83,15 @@ fn serve(stream: TcpStream, files: &HashMap<String, PathBuf>) -> std::io::Result
     }
     let mut parts = request.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    // /OWNER/REPO/resolve/REV/FILE (REV may contain no slash here; FILE may).
-    let segments: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    // [/datasets]/OWNER/REPO/resolve/REV/FILE (REV may contain no slash here; FILE may).
+    let path = path.trim_start_matches('/');
+    let (kind, path) = match path.strip_prefix("datasets/") {
+        Some(rest) => ("datasets/", rest),
+        None => ("", path),
+    };
+    let segments: Vec<&str> = path.splitn(5, '/').collect();
     let file = match segments.as_slice() {
-        [owner, repo, "resolve", _rev, file] => files.get(&format!("{owner}/{repo}/{file}")),
+        [owner, repo, "resolve", _rev, file] => files.get(&format!("{kind}{owner}/{repo}/{file}")),
         _ => None,
     };
     let mut out = stream;
@@ -109,4 +115,20 @@ fn serve(stream: TcpStream, files: &HashMap<String, PathBuf>) -> std::io::Result
         out.write_all(&body)?;
     }
     out.flush()
+}
+
+/// The parquet files of `tests/fixtures/hub-cifar` (made by `make_hub_cifar_parquet.py` from the 20 original
+/// CIFAR-10 test PNGs), under the hub paths of `uoft-cs/cifar10` and `uoft-cs/cifar100`.
+pub fn cifar_dataset_files() -> HashMap<String, PathBuf> {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/hub-cifar");
+    let mut files = HashMap::new();
+    for (repo, config) in [("cifar10", "plain_text"), ("cifar100", "cifar100")] {
+        for split in ["train", "test"] {
+            let file = format!("{config}/{split}-00000-of-00001.parquet");
+            let local = fixtures.join(repo).join(&file);
+            assert!(local.is_file(), "missing fixture {}", local.display());
+            files.insert(format!("datasets/uoft-cs/{repo}/{file}"), local);
+        }
+    }
+    files
 }
