@@ -3,7 +3,8 @@
 //!
 //! Why not compose candle ops: the composed graph is ~15 ops with full-size temporaries, and its sums are
 //! accumulated in f32 one element at a time, which loses the small per-channel gradient sums (BN biases)
-//! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order.
+//! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order, in `LANES` independent
+//! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
 use crate::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
@@ -16,6 +17,42 @@ fn planes_of(
     ch: usize,
 ) -> impl Iterator<Item = &[f32]> {
     (0..n).map(move |i| &data[(i * c + ch) * plane..(i * c + ch + 1) * plane])
+}
+
+/// Independent partial sums per reduction: enough to fill the vector units and hide the add latency.
+const LANES: usize = 16;
+
+/// `(Σ a, Σ b)` with `(a, b) = terms(x[i], g[i], y[i])` over one plane (equally long slices): `LANES` f32
+/// partial sums of at most len/LANES terms each (≤ 784 for a 112×112 plane: rounding ~√n·ε), combined in
+/// f64 in a fixed order. Fixed-size chunks let the compiler drop bounds checks and vectorise.
+#[inline(always)]
+fn lane_sums(
+    x: &[f32],
+    g: &[f32],
+    y: &[f32],
+    terms: impl Fn(f32, f32, f32) -> (f32, f32),
+) -> (f64, f64) {
+    let (g, y) = (&g[..x.len()], &y[..x.len()]);
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let ((xc, xt), (gc, gt), (yc, yt)) = (
+        x.as_chunks::<LANES>(),
+        g.as_chunks::<LANES>(),
+        y.as_chunks::<LANES>(),
+    );
+    for ((xs, gs), ys) in xc.iter().zip(gc).zip(yc) {
+        for l in 0..LANES {
+            let (ta, tb) = terms(xs[l], gs[l], ys[l]);
+            a[l] += ta;
+            b[l] += tb;
+        }
+    }
+    for (l, ((&xv, &gv), &yv)) in xt.iter().zip(gt).zip(yt).enumerate() {
+        let (ta, tb) = terms(xv, gv, yv);
+        a[l] += ta;
+        b[l] += tb;
+    }
+    let total = |v: [f32; LANES]| v.iter().map(|&s| s as f64).sum::<f64>();
+    (total(a), total(b))
 }
 
 /// Per-channel mean and biased variance of an NCHW tensor, as `[2, C]`, accumulated in f64 (no gradient).
@@ -34,14 +71,20 @@ impl CustomOp1 for ChannelStats {
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum: f64 = planes_of(x, dims, ch)
-                    .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
-                    .sum();
-                let mean = sum / count;
-                let sq: f64 = planes_of(x, dims, ch)
-                    .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
-                    .sum();
-                (mean as f32, (sq / count) as f32)
+                // One pass over x − s, s = the channel's first value (a shift near the mean keeps
+                // Σ(x−s)²/M − (mean−s)² free of cancellation).
+                let shift = planes_of(x, dims, ch).next().map_or(0.0, |p| p[0]);
+                let (sum, sq) = planes_of(x, dims, ch)
+                    .map(|p| {
+                        lane_sums(p, p, p, |v, _, _| {
+                            let d = v - shift;
+                            (d, d * d)
+                        })
+                    })
+                    .fold((0.0, 0.0), |(a, b), (s, q)| (a + s, b + q));
+                let centre = sum / count;
+                let var = (sq / count - centre * centre).max(0.0);
+                ((shift as f64 + centre) as f32, var as f32)
             })
             .collect();
         let mut out: Vec<f32> = stats.iter().map(|s| s.0).collect();
@@ -126,7 +169,7 @@ struct BatchNormTrainGrad {
 }
 
 impl BatchNormTrainGrad {
-    #[inline]
+    #[inline(always)]
     fn masked(&self, g: f32, y: f32) -> f32 {
         if self.relu && y <= 0.0 {
             0.0
@@ -166,11 +209,13 @@ impl CustomOp3 for BatchNormTrainGrad {
                     .zip(planes_of(dy, dims, ch))
                     .zip(planes_of(y, dims, ch))
                 {
-                    for ((&xv, &gv), &yv) in xs.iter().zip(gs).zip(ys) {
-                        let g = self.masked(gv, yv) as f64;
-                        dbeta += g;
-                        dgamma += g * (xv as f64 - m) * inv;
-                    }
+                    let mf = m as f32;
+                    let (b, g) = lane_sums(xs, gs, ys, |x, g, y| {
+                        let g = self.masked(g, y);
+                        (g, g * (x - mf))
+                    });
+                    dbeta += b;
+                    dgamma += g * inv;
                 }
                 (dgamma, dbeta)
             })

@@ -67,10 +67,44 @@ pub fn conv(
     })
 }
 
+/// One convolution as it is applied: channels, square kernel, stride, padding and input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub input: (usize, usize),
+}
+
+impl ConvShape {
+    pub fn of(conv: &Conv2d, input: (usize, usize)) -> Self {
+        let (out_channels, in_channels, kernel, _) = conv.weight().dims4().unwrap_or((0, 0, 0, 0));
+        Self {
+            in_channels,
+            out_channels,
+            kernel,
+            stride: conv.stride,
+            padding: conv.padding,
+            input,
+        }
+    }
+
+    pub fn output(&self) -> (usize, usize) {
+        let side = |x: usize| (x + 2 * self.padding - self.kernel) / self.stride + 1;
+        (side(self.input.0), side(self.input.1))
+    }
+
+    /// Multiply-adds per image.
+    pub fn macs(&self) -> u64 {
+        let (oh, ow) = self.output();
+        (oh * ow * self.out_channels * self.in_channels * self.kernel * self.kernel) as u64
+    }
+}
+
 /// Multiply-adds of `conv` on an `h`×`w` input, and the output size.
-pub fn conv_macs(conv: &Conv2d, (h, w): (usize, usize)) -> (u64, (usize, usize)) {
-    let (out_ch, in_ch, kh, kw) = conv.weight().dims4().unwrap_or((0, 0, 0, 0));
-    let oh = (h + 2 * conv.padding - kh) / conv.stride + 1;
-    let ow = (w + 2 * conv.padding - kw) / conv.stride + 1;
-    ((oh * ow * out_ch * in_ch * kh * kw) as u64, (oh, ow))
+pub fn conv_macs(conv: &Conv2d, hw: (usize, usize)) -> (u64, (usize, usize)) {
+    let shape = ConvShape::of(conv, hw);
+    (shape.macs(), shape.output())
 }

@@ -443,21 +443,33 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(
+        let dx = self.input_gradient(&dy, w, x.shape())?;
+        let dw = self.weight_gradient(x, &dy, w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl Conv2dOp {
+    /// The gradient of the input (of shape `x_shape`) from the output gradient `dy`, on the CPU.
+    pub fn input_gradient(&self, dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
+        dy.apply_op2_no_bwd(
             w,
             &InputGrad {
                 op: *self,
-                x_shape: x.shape().clone(),
+                x_shape: x_shape.clone(),
             },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
+        )
+    }
+
+    /// The gradient of the weight (of shape `w_shape`) from the input `x` and the output gradient `dy`.
+    pub fn weight_gradient(&self, x: &Tensor, dy: &Tensor, w_shape: &Shape) -> Result<Tensor> {
+        x.apply_op2_no_bwd(
+            dy,
             &WeightGrad {
                 op: *self,
-                w_shape: w.shape().clone(),
+                w_shape: w_shape.clone(),
             },
-        )?;
-        Ok((Some(dx), Some(dw)))
+        )
     }
 }
 

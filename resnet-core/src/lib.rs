@@ -26,6 +26,7 @@ pub mod param_store;
 pub mod registry;
 pub mod residual_unit;
 pub mod shortcut;
+pub mod threads;
 pub mod transformers_names;
 mod weight_layout;
 pub mod weights;

@@ -55,6 +55,11 @@ impl Model {
         self.net.macs(hw)
     }
 
+    /// Every convolution applied to an `h`×`w` input, in order.
+    pub fn conv_shapes(&self, hw: (usize, usize)) -> Vec<crate::conv::ConvShape> {
+        self.net.conv_shapes(hw)
+    }
+
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         self.params.trainable()
     }

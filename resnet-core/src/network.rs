@@ -2,7 +2,7 @@
 
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::Conv2d;
-use crate::conv::{conv, conv_macs};
+use crate::conv::{conv, conv_macs, ConvShape};
 use crate::max_pool::MaxPool2d;
 use crate::residual_unit::ResidualUnit;
 use crate::{Family, ResNetConfig, Unit, WeightLayout};
@@ -138,6 +138,21 @@ impl ResNet {
             macs: (features * self.config.num_classes) as u64,
         });
         rows
+    }
+
+    /// The shape of every convolution applied to an `h`×`w` input, in order (stem, then each unit's
+    /// shortcut projection and branch).
+    pub fn conv_shapes(&self, hw: (usize, usize)) -> Vec<ConvShape> {
+        let stem = ConvShape::of(&self.stem_conv, hw);
+        let mut shapes = vec![stem];
+        let mut hw = stem.output();
+        if let Some(pool) = self.stem_pool {
+            hw = (pool.output_size(hw.0), pool.output_size(hw.1));
+        }
+        for unit in &self.units {
+            hw = unit.visit_convs(hw, &mut |s| shapes.push(s));
+        }
+        shapes
     }
 
     /// Pooled features `[N, C]` before the classifier.

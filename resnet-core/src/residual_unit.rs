@@ -7,7 +7,7 @@
 use crate::add_relu::add_relu;
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::Conv2d;
-use crate::conv::{conv, conv_macs};
+use crate::conv::{conv, ConvShape};
 use crate::shortcut::ShortcutPath;
 use crate::{Block, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
@@ -97,10 +97,21 @@ impl ResidualUnit {
 
     /// Multiply-adds on an `h`×`w` input, and the output size.
     pub fn macs(&self, hw: (usize, usize)) -> (u64, (usize, usize)) {
-        let shortcut = self.shortcut.as_ref().map_or(0, |s| s.macs(hw));
-        self.convs.iter().fold((shortcut, hw), |(total, hw), conv| {
-            let (m, out) = conv_macs(conv, hw);
-            (total + m, out)
+        let mut total = 0;
+        let out = self.visit_convs(hw, &mut |shape| total += shape.macs());
+        (total, out)
+    }
+
+    /// Calls `f` with the shape of every convolution of the unit (shortcut first) on an `h`×`w` input;
+    /// returns the output size.
+    pub fn visit_convs(&self, hw: (usize, usize), f: &mut dyn FnMut(ConvShape)) -> (usize, usize) {
+        if let Some(ShortcutPath::Projection { conv, .. }) = &self.shortcut {
+            f(ConvShape::of(conv, hw));
+        }
+        self.convs.iter().fold(hw, |hw, conv| {
+            let shape = ConvShape::of(conv, hw);
+            f(shape);
+            shape.output()
         })
     }
 

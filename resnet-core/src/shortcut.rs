@@ -1,8 +1,8 @@
 //! The shortcut path of a residual unit: options A, B and C of the paper (Sec. 3.3).
 
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::conv::conv;
 use crate::conv::Conv2d;
-use crate::conv::{conv, conv_macs};
 use crate::{Shortcut, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -84,13 +84,6 @@ impl ShortcutPath {
             ShortcutPath::Projection { conv, norm } => {
                 conv.weight().elem_count() + norm.as_ref().map_or(0, |n| 2 * n.channels())
             }
-            _ => 0,
-        }
-    }
-
-    pub fn macs(&self, hw: (usize, usize)) -> u64 {
-        match self {
-            ShortcutPath::Projection { conv, .. } => conv_macs(conv, hw).0,
             _ => 0,
         }
     }

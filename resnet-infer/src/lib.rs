@@ -1,6 +1,7 @@
 //! The library behind the `resnet-infer` binary: loading weights from anywhere, evaluation, classification.
 
 pub mod class_names;
+pub mod conv_bench;
 pub mod evaluate;
 pub mod hub;
 pub mod loading;

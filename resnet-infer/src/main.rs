@@ -139,6 +139,10 @@ struct BenchArgs {
     /// Inference with BatchNorm as separate layers instead of folded into the convolutions.
     #[arg(long)]
     no_fold: bool,
+    /// Also time the CPU convolution op on each distinct convolution shape of the net (forward, input
+    /// gradient, weight gradient) and print GFLOP/s per shape.
+    #[arg(long)]
+    convs: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long)]
@@ -147,6 +151,7 @@ struct BenchArgs {
 
 fn main() {
     resnet_infer::keep_freed_memory();
+    resnet_core::threads::use_one_compute_pool();
     if let Err(e) = run(resnet_infer::parse_args::<Cli>()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -359,6 +364,15 @@ fn bench(args: BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({"model": args.model, "mode": mode, "batch_size": args.batch_size, "input": side,
                 "images_per_second": ips, "peak_rss_mb": rss, "device": args.device})
+        );
+    }
+    if args.convs {
+        let shapes = model.conv_shapes((side, side));
+        let timings =
+            resnet_infer::conv_bench::time_convs(&shapes, args.batch_size, args.iterations)?;
+        print!(
+            "{}",
+            resnet_infer::conv_bench::table(&timings, args.batch_size)
         );
     }
     Ok(())

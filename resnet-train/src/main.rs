@@ -133,6 +133,7 @@ struct TrainArgs {
 
 fn main() {
     resnet_infer::keep_freed_memory();
+    resnet_core::threads::use_one_compute_pool();
     let cli: Cli = resnet_infer::parse_args();
     let result = match cli.command {
         None => train(&cli.train).map(|_| ()),
@@ -226,7 +227,12 @@ fn train(cli: &TrainArgs) -> Result<PathBuf> {
             .as_ref()
             .and_then(|c| c["data"].as_str())
             .map(PathBuf::from)
-            .with_context(|| format!("{} has no data folder: pass --data", out.join("config.json").display()))?,
+            .with_context(|| {
+                format!(
+                    "{} has no data folder: pass --data",
+                    out.join("config.json").display()
+                )
+            })?,
         None => {
             eprintln!(
                 "no --data given: CIFAR-10 from the Hugging Face hub ({}), cached by hf-hub",

@@ -1,0 +1,119 @@
+//! `resnet-infer bench --convs`: GFLOP/s of the convolution op on each distinct convolution shape of a net
+//! (forward, input gradient, weight gradient), and each shape's share of the whole net's convolution time.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use resnet_core::conv::ConvShape;
+use resnet_core::conv_op::Conv2dOp;
+use std::time::Instant;
+
+pub struct ConvTiming {
+    pub shape: ConvShape,
+    /// How many times the net applies this shape.
+    pub count: usize,
+    /// Seconds per call: forward, input gradient, weight gradient.
+    pub seconds: [f64; 3],
+    /// GFLOP/s (2 FLOPs per multiply-add) of each pass.
+    pub gflops: [f64; 3],
+}
+
+/// Times each distinct shape of `shapes` at `batch` images, `iterations` calls per pass after one warm-up.
+pub fn time_convs(
+    shapes: &[ConvShape],
+    batch: usize,
+    iterations: usize,
+) -> Result<Vec<ConvTiming>> {
+    let mut distinct: Vec<(ConvShape, usize)> = Vec::new();
+    for s in shapes {
+        match distinct.iter_mut().find(|(d, _)| d == s) {
+            Some((_, count)) => *count += 1,
+            None => distinct.push((*s, 1)),
+        }
+    }
+    let dev = Device::Cpu;
+    distinct
+        .into_iter()
+        .map(|(shape, count)| {
+            let (h, w) = shape.input;
+            let (oh, ow) = shape.output();
+            let x = Tensor::randn(0f32, 1.0, (batch, shape.in_channels, h, w), &dev)?;
+            let k = shape.kernel;
+            let weight = Tensor::randn(
+                0f32,
+                0.1,
+                (shape.out_channels, shape.in_channels, k, k),
+                &dev,
+            )?;
+            let dy = Tensor::randn(0f32, 1.0, (batch, shape.out_channels, oh, ow), &dev)?;
+            let op = Conv2dOp {
+                stride: shape.stride,
+                padding: shape.padding,
+            };
+            let passes: [&dyn Fn() -> candle_core::Result<Tensor>; 3] = [
+                &|| x.apply_op2_no_bwd(&weight, &op),
+                &|| op.input_gradient(&dy, &weight, x.shape()),
+                &|| op.weight_gradient(&x, &dy, weight.shape()),
+            ];
+            let flops = 2.0 * shape.macs() as f64 * batch as f64;
+            let mut seconds = [0.0; 3];
+            for (pass, s) in passes.iter().zip(&mut seconds) {
+                pass()?;
+                let start = Instant::now();
+                for _ in 0..iterations {
+                    pass()?;
+                }
+                *s = start.elapsed().as_secs_f64() / iterations as f64;
+            }
+            Ok(ConvTiming {
+                shape,
+                count,
+                seconds,
+                gflops: seconds.map(|s| flops / s / 1e9),
+            })
+        })
+        .collect()
+}
+
+/// A markdown table of the timings, with the total time of all the net's convolutions per pass.
+pub fn table(timings: &[ConvTiming], batch: usize) -> String {
+    let mut out = format!(
+        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | share of conv time |\n|---|---|---|---|---|---|\n"
+    );
+    let total: f64 = timings
+        .iter()
+        .map(|t| t.count as f64 * t.seconds.iter().sum::<f64>())
+        .sum();
+    for t in timings {
+        let s = t.shape;
+        out += &format!(
+            "| {}→{} {}×{}/{} on {}×{} | {} | {:.1} | {:.1} | {:.1} | {:.1} % |\n",
+            s.in_channels,
+            s.out_channels,
+            s.kernel,
+            s.kernel,
+            s.stride,
+            s.input.0,
+            s.input.1,
+            t.count,
+            t.gflops[0],
+            t.gflops[1],
+            t.gflops[2],
+            100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total
+        );
+    }
+    let per_pass: Vec<String> = (0..3)
+        .map(|p| {
+            let ms: f64 = timings
+                .iter()
+                .map(|t| t.count as f64 * t.seconds[p])
+                .sum::<f64>()
+                * 1e3;
+            format!("{ms:.1} ms")
+        })
+        .collect();
+    out += &format!(
+        "all convolutions of the net: forward {}, input grad {}, weight grad {} per batch\n",
+        per_pass[0], per_pass[1], per_pass[2]
+    );
+    out
+}
