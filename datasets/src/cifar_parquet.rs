@@ -39,12 +39,21 @@ pub fn read(path: &Path) -> Result<ParquetCifar> {
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    let find = |wanted: &[&'static str]| wanted.iter().find(|w| names.iter().any(|n| n == *w)).copied();
+    let find = |wanted: &[&'static str]| {
+        wanted
+            .iter()
+            .find(|w| names.iter().any(|n| n == *w))
+            .copied()
+    };
     let image_column = find(&IMAGE_COLUMNS).ok_or_else(|| {
-        invalid(format!("no image column ({IMAGE_COLUMNS:?}); columns are {names:?}"))
+        invalid(format!(
+            "no image column ({IMAGE_COLUMNS:?}); columns are {names:?}"
+        ))
     })?;
     let label_column = find(&LABEL_COLUMNS).ok_or_else(|| {
-        invalid(format!("no label column ({LABEL_COLUMNS:?}); columns are {names:?}"))
+        invalid(format!(
+            "no label column ({LABEL_COLUMNS:?}); columns are {names:?}"
+        ))
     })?;
     let classes = meta
         .key_value_metadata()
@@ -67,15 +76,23 @@ pub fn read(path: &Path) -> Result<ParquetCifar> {
                 label = integer(field);
             }
         }
-        let bytes = bytes.ok_or_else(|| invalid(format!("row {i}: `{image_column}` holds no image bytes")))?;
+        let bytes = bytes
+            .ok_or_else(|| invalid(format!("row {i}: `{image_column}` holds no image bytes")))?;
         let label = label
             .filter(|l| *l >= 0)
             .ok_or_else(|| invalid(format!("row {i}: `{label_column}` is not a class index")))?;
         encoded.push(bytes);
         labels.push(label as u32);
     }
-    if let Some(bad) = labels.iter().position(|&l| classes.as_ref().is_some_and(|c| l as usize >= c.len())) {
-        return Err(invalid(format!("row {bad}: label {} but only {} classes", labels[bad], classes.unwrap().len())));
+    if let Some(bad) = labels
+        .iter()
+        .position(|&l| classes.as_ref().is_some_and(|c| l as usize >= c.len()))
+    {
+        return Err(invalid(format!(
+            "row {bad}: label {} but only {} classes",
+            labels[bad],
+            classes.unwrap().len()
+        )));
     }
     let decoded: Vec<Vec<u8>> = encoded
         .par_iter()
@@ -95,10 +112,14 @@ pub fn read(path: &Path) -> Result<ParquetCifar> {
 fn image_bytes(field: &Field) -> Option<Vec<u8>> {
     match field {
         Field::Bytes(b) => Some(b.data().to_vec()),
-        Field::Group(group) => group.get_column_iter().find_map(|(name, f)| match (name.as_str(), f) {
-            ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
-            _ => None,
-        }),
+        Field::Group(group) => {
+            group
+                .get_column_iter()
+                .find_map(|(name, f)| match (name.as_str(), f) {
+                    ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+                    _ => None,
+                })
+        }
         _ => None,
     }
 }
@@ -123,7 +144,11 @@ fn decode_chw(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot decode the image ({e})"))?
         .into_rgb8();
     if image.dimensions() != (32, 32) {
-        return Err(format!("image is {}×{}, CIFAR images are 32×32", image.width(), image.height()));
+        return Err(format!(
+            "image is {}×{}, CIFAR images are 32×32",
+            image.width(),
+            image.height()
+        ));
     }
     let mut chw = vec![0u8; PIXELS];
     for (i, p) in image.pixels().enumerate() {

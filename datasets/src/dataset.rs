@@ -279,9 +279,16 @@ impl DataSource {
         };
         let (test_path, test) = read("test")?;
         let (_, train) = read("train")?;
-        let classes = test.classes.clone().unwrap_or_else(|| default_classes(kind));
+        let classes = test
+            .classes
+            .clone()
+            .unwrap_or_else(|| default_classes(kind));
         for (split, records) in [("train", &train.records), ("test", &test.records)] {
-            if let Some(&l) = records.labels.iter().find(|&&l| l as usize >= classes.len()) {
+            if let Some(&l) = records
+                .labels
+                .iter()
+                .find(|&&l| l as usize >= classes.len())
+            {
                 return Err(DatasetError::Invalid {
                     what: format!("{split} split of hub:{spec}"),
                     reason: format!("label {l} but {} classes", classes.len()),
@@ -293,11 +300,18 @@ impl DataSource {
             _ => DatasetKind::Cifar100,
         };
         Ok(Self {
-            root: test_path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            root: test_path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
             kind,
             layout: format!(
                 "{} parquet (hub:{})",
-                if kind == DatasetKind::Cifar10 { "CIFAR-10" } else { "CIFAR-100" },
+                if kind == DatasetKind::Cifar10 {
+                    "CIFAR-10"
+                } else {
+                    "CIFAR-100"
+                },
                 repo_spec
             ),
             train: Some(Split::from_records(train.records, classes.clone())),

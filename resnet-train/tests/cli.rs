@@ -381,7 +381,8 @@ fn default_data_comes_from_the_hub() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hub:uoft-cs/cifar10"), "{stderr}");
     assert!(
-        stderr.contains("CIFAR-10 parquet (hub:uoft-cs/cifar10)") && stderr.contains("train 12, test 8"),
+        stderr.contains("CIFAR-10 parquet (hub:uoft-cs/cifar10)")
+            && stderr.contains("train 12, test 8"),
         "{stderr}"
     );
     // The default run folder is runs/MODEL.
