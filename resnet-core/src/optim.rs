@@ -64,15 +64,19 @@ impl Sgd {
         } = self.config;
         for (name, var) in &self.params {
             let Some(grad) = grads.get(var) else { continue };
+            // Detached: otherwise `var · decay` records the variable as an input and each momentum buffer
+            // keeps the previous step's buffer (and gradient) alive through its graph — memory grew by two
+            // model sizes per step (ResNet-18: ~250 MB per step).
+            let (grad, param) = (grad.detach(), var.as_tensor().detach());
             let decay = if decay_norm_and_bias || !is_norm_or_bias(var) {
                 weight_decay
             } else {
                 0.0
             };
             let g = if decay != 0.0 {
-                (grad + (var.as_tensor() * decay)?)?
+                (grad + (&param * decay)?)?
             } else {
-                grad.clone()
+                grad
             };
             let update = if momentum != 0.0 {
                 let v = match self.buffers.get(name) {
@@ -89,7 +93,7 @@ impl Sgd {
             } else {
                 g
             };
-            var.set(&(var.as_tensor() - (update * lr)?)?)?;
+            var.set(&(param - (update * lr)?)?)?;
         }
         Ok(())
     }
@@ -112,6 +116,38 @@ impl Sgd {
                 );
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A momentum buffer that recorded its inputs would keep every earlier step's buffer and gradient alive:
+    /// memory grew by two model sizes per step before the buffers were detached.
+    #[test]
+    fn momentum_buffers_carry_no_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::new(&[1f32, -2.0, 3.0], &dev)?;
+        let mut sgd = Sgd::new(
+            vec![("w".into(), w.clone())],
+            SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                nesterov: true,
+                decay_norm_and_bias: true,
+            },
+        );
+        for _ in 0..3 {
+            let loss = (w.as_tensor() * w.as_tensor())?.sum_all()?;
+            sgd.step(&loss.backward()?)?;
+        }
+        let state = sgd.state();
+        assert_eq!(state.len(), 1);
+        assert!(state.values().all(|v| !v.track_op()));
         Ok(())
     }
 }
