@@ -29,6 +29,15 @@ pub struct Conv2dOp {
     pub padding: usize,
 }
 
+/// Output columns `lo..hi` of one output row, reading the input from `start` every `step` elements.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    lo: usize,
+    hi: usize,
+    step: usize,
+}
+
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
@@ -94,32 +103,37 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// Calls `f(row, oy, ix_start, ox_range, iy)` for every valid input row segment of every column-matrix row.
+    /// Calls `f(row, oy, span)` for every output row `oy` of every column-matrix row, where `span` is
+    /// `Some(Span)`: output columns `lo..hi` read the input from `start` in steps of `step` (the others fall in
+    /// the padding), or `None` when the whole output row falls in the padding.
     #[inline]
-    fn for_each_span(&self, mut f: impl FnMut(usize, usize, usize, usize, usize, usize)) {
+    fn for_each_span(&self, mut f: impl FnMut(usize, usize, Option<Span>)) {
         let (s, pad) = (self.stride, self.pad as isize);
         for ci in 0..self.c_in {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = (ci * self.kh + ky) * self.kw + kx;
                     // Output columns whose input column ix = ox·s + kx − pad lies inside [0, w).
-                    let ox_lo = ((pad - kx as isize).max(0) as usize).div_ceil(s);
-                    let ox_hi = ((self.w as isize + pad - kx as isize - 1).div_euclid(s as isize)
-                        + 1)
-                    .clamp(0, self.ow as isize) as usize;
+                    let lo = ((pad - kx as isize).max(0) as usize).div_ceil(s);
+                    let hi = ((self.w as isize + pad - kx as isize - 1).div_euclid(s as isize) + 1)
+                        .clamp(0, self.ow as isize) as usize;
                     for oy in 0..self.oh {
                         let iy = (oy * s + ky) as isize - pad;
-                        if iy < 0 || iy >= self.h as isize || ox_lo >= ox_hi {
+                        if iy < 0 || iy >= self.h as isize || lo >= hi {
+                            f(row, oy, None);
                             continue;
                         }
-                        let ix0 = (ox_lo * s + kx) as isize - pad;
+                        let ix0 = (lo * s + kx) as isize - pad;
+                        let start = ci * self.h * self.w + iy as usize * self.w + ix0 as usize;
                         f(
                             row,
                             oy,
-                            ci * self.h * self.w + iy as usize * self.w + ix0 as usize,
-                            ox_lo,
-                            ox_hi,
-                            s,
+                            Some(Span {
+                                start,
+                                lo,
+                                hi,
+                                step: s,
+                            }),
                         );
                     }
                 }
@@ -127,18 +141,31 @@ impl Geometry {
         }
     }
 
-    /// col[K, P] of one image (zeros where the window is outside the image).
+    /// col[K, P] of one image (zeros where the window is outside the image). Every element is written
+    /// once: no separate clearing pass.
     fn im2col(&self, x: &[f32], col: &mut [f32]) {
         let (p, ow) = (self.p(), self.ow);
-        col.fill(0.0);
-        self.for_each_span(|row, oy, start, lo, hi, s| {
-            let dst = &mut col[row * p + oy * ow + lo..row * p + oy * ow + hi];
-            if s == 1 {
+        self.for_each_span(|row, oy, span| {
+            let out = &mut col[row * p + oy * ow..row * p + (oy + 1) * ow];
+            let Some(Span {
+                start,
+                lo,
+                hi,
+                step,
+            }) = span
+            else {
+                out.fill(0.0);
+                return;
+            };
+            out[..lo].fill(0.0);
+            out[hi..].fill(0.0);
+            let dst = &mut out[lo..hi];
+            if step == 1 {
                 dst.copy_from_slice(&x[start..start + (hi - lo)]);
             } else {
                 dst.iter_mut()
                     .enumerate()
-                    .for_each(|(i, d)| *d = x[start + i * s]);
+                    .for_each(|(i, d)| *d = x[start + i * step]);
             }
         });
     }
@@ -146,9 +173,18 @@ impl Geometry {
     /// dx += col⁻¹(dcol), the adjoint of `im2col`.
     fn col2im(&self, dcol: &[f32], dx: &mut [f32]) {
         let (p, ow) = (self.p(), self.ow);
-        self.for_each_span(|row, oy, start, lo, hi, s| {
+        self.for_each_span(|row, oy, span| {
+            let Some(Span {
+                start,
+                lo,
+                hi,
+                step,
+            }) = span
+            else {
+                return;
+            };
             let src = &dcol[row * p + oy * ow + lo..row * p + oy * ow + hi];
-            if s == 1 {
+            if step == 1 {
                 // Contiguous: lets the compiler vectorise the accumulation.
                 dx[start..start + src.len()]
                     .iter_mut()
@@ -156,7 +192,7 @@ impl Geometry {
                     .for_each(|(d, v)| *d += v);
             } else {
                 for (i, v) in src.iter().enumerate() {
-                    dx[start + i * s] += v;
+                    dx[start + i * step] += v;
                 }
             }
         });

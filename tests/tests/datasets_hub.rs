@@ -45,7 +45,10 @@ fn cifar_from_a_mock_hub() {
     let mut files = cifar_dataset_files();
     let garbage = home.join("garbage.parquet");
     std::fs::write(&garbage, b"PAR1 this is not parquet").unwrap();
-    files.insert("datasets/bad/cifar10/plain_text/test-00000-of-00001.parquet".into(), garbage);
+    files.insert(
+        "datasets/bad/cifar10/plain_text/test-00000-of-00001.parquet".into(),
+        garbage,
+    );
     let mut hub = MockHub::start(files);
     std::env::set_var("HF_ENDPOINT", hub.endpoint());
     std::env::set_var("HF_HOME", home.join("hf"));
@@ -56,7 +59,10 @@ fn cifar_from_a_mock_hub() {
     let check_cifar10 = |source: &DataSource| {
         assert_eq!(source.kind, DatasetKind::Cifar10);
         assert_eq!(source.classes(), CIFAR10_CLASSES);
-        let (train, test) = (source.train.as_ref().unwrap(), source.test.as_ref().unwrap());
+        let (train, test) = (
+            source.train.as_ref().unwrap(),
+            source.test.as_ref().unwrap(),
+        );
         assert_eq!((train.len(), test.len()), (12, 8));
         for (split, offset) in [(train, 0), (test, 12)] {
             for i in 0..split.len() {
@@ -66,11 +72,16 @@ fn cifar_from_a_mock_hub() {
                 let pixels: Vec<u8> = (0..3)
                     .flat_map(|c| rgb.pixels().map(move |p| p.0[c]))
                     .collect();
-                assert_eq!(&pixels, chw, "pixels of row {i} differ from the original PNG");
+                assert_eq!(
+                    &pixels, chw,
+                    "pixels of row {i} differ from the original PNG"
+                );
             }
         }
         assert!(
-            source.summary().starts_with("CIFAR-10 parquet (hub:uoft-cs/cifar10)"),
+            source
+                .summary()
+                .starts_with("CIFAR-10 parquet (hub:uoft-cs/cifar10)"),
             "{}",
             source.summary()
         );
@@ -88,9 +99,15 @@ fn cifar_from_a_mock_hub() {
 
     // A file that is not parquet, and a repository without the files: errors naming them.
     let err = open("hub:bad/cifar10").unwrap_err().to_string();
-    assert!(err.contains("test-00000-of-00001.parquet") && err.contains("parquet"), "{err}");
+    assert!(
+        err.contains("test-00000-of-00001.parquet") && err.contains("parquet"),
+        "{err}"
+    );
     let err = open("hub:nobody/cifar10").unwrap_err().to_string();
-    assert!(err.contains("nobody/cifar10") && err.contains("plain_text/test-00000-of-00001.parquet"), "{err}");
+    assert!(
+        err.contains("nobody/cifar10") && err.contains("plain_text/test-00000-of-00001.parquet"),
+        "{err}"
+    );
     for bad in ["hub:", "hub:noslash", "hub:a/b/c", "hub:a/b@", "hub:a/b:"] {
         let err = open(bad).unwrap_err().to_string();
         assert!(err.contains("expected hub:OWNER/REPO"), "{bad}: {err}");
@@ -106,6 +123,9 @@ fn cifar_from_a_mock_hub() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     check_cifar10(&open("hub:uoft-cs/cifar10").unwrap());
     let err = open("hub:other/cifar10").unwrap_err().to_string();
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("other/cifar10"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("other/cifar10"),
+        "{err}"
+    );
     std::env::remove_var("HF_HUB_OFFLINE");
 }
