@@ -170,6 +170,23 @@ impl Geometry {
         });
     }
 
+    /// `im2col` with all threads, by blocks of input channels (the rows of channel c depend on x[c] only).
+    /// For batch 1, whose GEMM is split over threads too: a serial im2col held the 3×3 layers of ResNet-50
+    /// to ~95 GFLOP/s.
+    fn im2col_parallel(&self, x: &[f32], col: &mut [f32]) {
+        let channels = self.c_in.div_ceil(4 * rayon::current_num_threads());
+        let plane = self.h * self.w;
+        col.par_chunks_mut(channels * self.kh * self.kw * self.p())
+            .zip(x.par_chunks(channels * plane))
+            .for_each(|(col, x)| {
+                let block = Geometry {
+                    c_in: x.len() / plane,
+                    ..*self
+                };
+                block.im2col(x, col);
+            });
+    }
+
     /// dx += col⁻¹(dcol), the adjoint of `im2col`.
     fn col2im(&self, dcol: &[f32], dx: &mut [f32]) {
         let (p, ow) = (self.p(), self.ow);
@@ -321,7 +338,10 @@ fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>)
             blocks(y, xi, par);
         } else {
             with_columns(k * p, |col| {
-                g.im2col(xi, col);
+                match par {
+                    Parallelism::None => g.im2col(xi, col),
+                    _ => g.im2col_parallel(xi, col),
+                }
                 blocks(y, col, par);
             });
         }
