@@ -24,6 +24,9 @@ echo "| case | ours img/s | PyTorch img/s | ratio | ours peak RSS MB | PyTorch p
 echo "|---|---|---|---|---|---|"
 row train-cifar20 "--model resnet20 --batch-size 128 --train --iterations 10"
 row train-r18 "--model resnet18 --batch-size 16 --train --iterations 3"
-row infer-r50-b1 "--model resnet50 --batch-size 1 --iterations 20"
+row infer-r50-b1 "--model resnet50 --batch-size 1 --iterations 40"
 row infer-r50-b16 "--model resnet50 --batch-size 16 --iterations 4"
 row infer-cifar56-b500 "--model resnet56 --batch-size 500 --iterations 3"
+echo
+echo "GFLOP/s of our convolution op on each ResNet-20 shape (batch 128; two cores peak ~190 GFLOP/s):"
+$BIN bench --model resnet20 --batch-size 128 --train --iterations 10 --convs | tail -n +2
