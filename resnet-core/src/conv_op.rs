@@ -511,9 +511,13 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = self.input_gradient(&dy, w, x.shape())?;
+        // No input gradient for an input that needs none (the images entering the stem).
+        let dx = match x.track_op() {
+            true => Some(self.input_gradient(&dy, w, x.shape())?),
+            false => None,
+        };
         let dw = self.weight_gradient(x, &dy, w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
