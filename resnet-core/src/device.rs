@@ -13,15 +13,26 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         }
         None => (spec, 0),
     };
-    let unavailable = |feature: &str, e: candle_core::Error| {
-        ResNetError::InvalidConfig(format!(
-            "--device {spec}: not available ({e}); build with `--features {feature}` on a machine that has one"
-        ))
+    // A build with the feature reached the driver and it failed; a build without it cannot try.
+    let unavailable = |built: bool, feature: &str, e: candle_core::Error| {
+        // candle appends a backtrace to driver errors: the first line says what happened.
+        let reason = e.to_string();
+        let reason = reason.lines().next().unwrap_or("unknown error");
+        ResNetError::InvalidConfig(match built {
+            true => format!("--device {spec}: the device cannot be opened ({reason})"),
+            false => format!(
+                "--device {spec}: not available ({reason}); build with `--features {feature}` on a machine that has one"
+            ),
+        })
     };
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(index).map_err(|e| unavailable("cuda", e)),
-        "metal" => Device::new_metal(index).map_err(|e| unavailable("metal", e)),
+        "cuda" => {
+            Device::new_cuda(index).map_err(|e| unavailable(cfg!(feature = "cuda"), "cuda", e))
+        }
+        "metal" => {
+            Device::new_metal(index).map_err(|e| unavailable(cfg!(feature = "metal"), "metal", e))
+        }
         _ => Err(ResNetError::InvalidConfig(format!(
             "--device {spec}: expected cpu, cuda, cuda:N, metal or metal:N"
         ))),
