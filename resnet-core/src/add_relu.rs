@@ -1,7 +1,7 @@
 //! `ReLU(a + b)`, the end of every original residual unit, as one pass with one output (CPU), where candle
 //! would make two full-size tensors and two backward passes.
 
-use crate::cpu_slice::contiguous_f32;
+use crate::cpu_slice::{contiguous_f32, zeroed};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -28,7 +28,7 @@ fn zip_map(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Result<Vec<f32>> {
     let (a, b) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
-    let mut out = vec![0f32; a.len()];
+    let mut out = zeroed(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {

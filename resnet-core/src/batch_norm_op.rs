@@ -6,7 +6,7 @@
 //! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order, in `LANES` independent
 //! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
-use crate::cpu_slice::contiguous_f32;
+use crate::cpu_slice::{contiguous_f32, zeroed};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -119,7 +119,7 @@ impl CustomOp3 for BatchNormTrain {
         let beta = contiguous_f32(s3, l3, "batch-norm bias")?;
         let (_, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         y.par_chunks_mut(plane)
             .zip(x.par_chunks(plane))
             .enumerate()
@@ -220,7 +220,7 @@ impl CustomOp3 for BatchNormTrainGrad {
                 (dgamma, dbeta)
             })
             .collect();
-        let mut out = vec![0f32; x.len() + 2 * c];
+        let mut out = zeroed(x.len() + 2 * c);
         let (dx, tail) = out.split_at_mut(x.len());
         dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
             let ch = i % c;

@@ -11,7 +11,7 @@
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ              (summed in a fixed order: deterministic; computed
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
-use crate::cpu_slice::contiguous_f32;
+use crate::cpu_slice::{contiguous_f32, zeroed};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -309,7 +309,7 @@ impl Conv2dOp {
 /// `Y = W · col(X)`, then per-channel `+ bias` and ReLU when an epilogue is given (folded inference).
 fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
-    let mut out = vec![0f32; g.n * g.image_out()];
+    let mut out = zeroed(g.n * g.image_out());
     // Y = W · col, by blocks of output channels: one block per thread when there are fewer images than
     // threads (measured: faster than the GEMM's own threading, whose synchronisation dominates at batch 1).
     let blocks = |y: &mut [f32], col: &[f32], par: Parallelism| {
@@ -403,7 +403,7 @@ impl CustomOp2 for FoldedConv2dOp {
 impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
-        let mut dx = vec![0f32; g.n * g.image_in()];
+        let mut dx = zeroed(g.n * g.image_in());
         per_image(&mut dx, g.image_in(), g.n, |i, dxi, par| {
             let dyi = &dy[i * g.image_out()..(i + 1) * g.image_out()];
             // Wᵀ: element (k, c_out) of W[c_out, K] sits at c_out·K + k.

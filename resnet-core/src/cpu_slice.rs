@@ -1,7 +1,8 @@
-//! The f32 data of a contiguous CPU tensor, for the custom ops' CPU kernels.
+//! The f32 data of a contiguous CPU tensor, and zeroed output buffers, for the custom ops' CPU kernels.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
 
 /// The elements of `storage` under `layout`; `what` names the operand in errors (e.g. "conv2d input").
 pub fn contiguous_f32<'a>(
@@ -17,4 +18,15 @@ pub fn contiguous_f32<'a>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what}: tensor must be contiguous"),
     }
+}
+
+/// `len` zeros, cleared by all threads when large: the ops fill their activation-sized outputs in parallel, and
+/// clearing them on the calling thread alone was a serial part of every training step.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    if len < 1 << 16 {
+        return vec![0.0; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    out.par_extend(rayon::iter::repeat_n(0f32, len));
+    out
 }

@@ -4,7 +4,7 @@
 //! Padding counts as −∞ and ties go to the first maximum in row-major window order, as PyTorch does, so
 //! gradients equal PyTorch's even on the many zeros a ReLU leaves.
 
-use crate::cpu_slice::contiguous_f32;
+use crate::cpu_slice::{contiguous_f32, zeroed};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -102,7 +102,7 @@ impl CustomOp1 for MaxPool2d {
         let src = contiguous_f32(storage, layout, "max-pool forward")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
-        let mut out = vec![0f32; n * c * oh * ow];
+        let mut out = zeroed(n * c * oh * ow);
         out.par_chunks_mut(oh * ow)
             .zip(src.par_chunks(h * w))
             .for_each(|(o, plane)| {
@@ -136,7 +136,7 @@ impl CustomOp2 for MaxPoolGrad {
         let grad_out = contiguous_f32(s2, l2, "max-pool backward gradient")?;
         let (_, _, h, w) = l1.shape().dims4()?;
         let (oh, ow) = (self.0.output_size(h), self.0.output_size(w));
-        let mut grad_in = vec![0f32; src.len()];
+        let mut grad_in = zeroed(src.len());
         grad_in
             .par_chunks_mut(h * w)
             .zip(src.par_chunks(h * w).zip(grad_out.par_chunks(oh * ow)))
