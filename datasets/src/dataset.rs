@@ -159,7 +159,7 @@ impl DataSource {
     /// CIFAR dataset from the Hugging Face hub instead (see [`DataSource::from_hub`]).
     pub fn open(dir: &Path) -> Result<Self> {
         if let Some(spec) = dir.to_str().and_then(|s| s.strip_prefix("hub:")) {
-            return Self::from_hub(spec);
+            return Self::from_hub(spec, true);
         }
         if !dir.is_dir() {
             return Err(DatasetError::NotFound {
@@ -251,10 +251,19 @@ impl DataSource {
         })
     }
 
+    /// As [`DataSource::open`], for evaluation: from the hub, only the test split is fetched.
+    pub fn open_test(dir: &Path) -> Result<Self> {
+        match dir.to_str().and_then(|s| s.strip_prefix("hub:")) {
+            Some(spec) => Self::from_hub(spec, false),
+            None => Self::open(dir),
+        }
+    }
+
     /// CIFAR-10/100 from a hub dataset repository laid out like `uoft-cs/cifar10` / `uoft-cs/cifar100`:
     /// `CONFIG/{train,test}-00000-of-00001.parquet`, CONFIG defaulting to `cifar100` for a repository whose name
-    /// says 100 and `plain_text` otherwise. Files go through the hf-hub cache; decoded once into memory.
-    pub fn from_hub(spec: &str) -> Result<Self> {
+    /// says 100 and `plain_text` otherwise; the training split only `with_train`. Files go through the hf-hub
+    /// cache; decoded once into memory.
+    pub fn from_hub(spec: &str, with_train: bool) -> Result<Self> {
         let bad_spec = |reason: String| DatasetError::Invalid {
             what: format!("--data hub:{spec}"),
             reason: format!("{reason}; expected hub:OWNER/REPO[@REVISION][:CONFIG]"),
@@ -278,17 +287,17 @@ impl DataSource {
             Ok((path.clone(), cifar_parquet::read(&path)?))
         };
         let (test_path, test) = read("test")?;
-        let (_, train) = read("train")?;
+        let train = match with_train {
+            true => Some(read("train")?.1),
+            false => None,
+        };
         let classes = test
             .classes
             .clone()
             .unwrap_or_else(|| default_classes(kind));
-        for (split, records) in [("train", &train.records), ("test", &test.records)] {
-            if let Some(&l) = records
-                .labels
-                .iter()
-                .find(|&&l| l as usize >= classes.len())
-            {
+        for (split, data) in [("train", train.as_ref()), ("test", Some(&test))] {
+            let labels = data.map_or(&[][..], |d| &d.records.labels[..]);
+            if let Some(&l) = labels.iter().find(|&&l| l as usize >= classes.len()) {
                 return Err(DatasetError::Invalid {
                     what: format!("{split} split of hub:{spec}"),
                     reason: format!("label {l} but {} classes", classes.len()),
@@ -314,7 +323,7 @@ impl DataSource {
                 },
                 repo_spec
             ),
-            train: Some(Split::from_records(train.records, classes.clone())),
+            train: train.map(|t| Split::from_records(t.records, classes.clone())),
             test: Some(Split::from_records(test.records, classes)),
         })
     }

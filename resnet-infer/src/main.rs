@@ -179,7 +179,7 @@ fn normalization(args: &WeightsArgs, from_weights: Option<Normalize>) -> Result<
 fn eval(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.common.device)?;
     let loaded = load_model(args.common.model.as_deref(), &args.common.weights, &device)?;
-    let source = DataSource::open(&args.data)?;
+    let source = DataSource::open_test(&args.data)?;
     eprintln!("{}", source.summary());
     let split = source
         .test

@@ -86,6 +86,10 @@ fn cifar_from_a_mock_hub() {
             source.summary()
         );
     };
+    // Evaluation fetches the test split only.
+    let test_only = DataSource::open_test(Path::new("hub:uoft-cs/cifar10")).unwrap();
+    assert!(test_only.train.is_none());
+    assert_eq!(test_only.test.as_ref().unwrap().len(), 8);
     let source = open("hub:uoft-cs/cifar10").unwrap();
     check_cifar10(&source);
 
