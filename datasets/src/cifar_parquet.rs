@@ -5,6 +5,7 @@
 
 use crate::cifar_binary::{CifarRecords, PIXELS};
 use crate::{DatasetError, Result};
+use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use rayon::prelude::*;
@@ -84,39 +85,31 @@ pub fn read(path: &Path) -> Result<ParquetCifar> {
         encoded.push(bytes);
         labels.push(label as u32);
     }
-    if let Some(bad) = labels
-        .iter()
-        .position(|&l| classes.as_ref().is_some_and(|c| l as usize >= c.len()))
-    {
-        return Err(invalid(format!(
-            "row {bad}: label {} but only {} classes",
-            labels[bad],
-            classes.unwrap().len()
-        )));
-    }
-    let decoded: Vec<Vec<u8>> = encoded
-        .par_iter()
+    // Decoded straight into the records (the caller checks the labels against the class names).
+    let mut pixels = vec![0u8; encoded.len() * PIXELS];
+    pixels
+        .par_chunks_mut(PIXELS)
+        .zip(encoded.par_iter())
         .enumerate()
-        .map(|(i, bytes)| decode_chw(bytes).map_err(|reason| invalid(format!("row {i}: {reason}"))))
-        .collect::<Result<_>>()?;
+        .try_for_each(|(i, (chw, bytes))| {
+            decode_chw(bytes.data(), chw).map_err(|reason| invalid(format!("row {i}: {reason}")))
+        })?;
     Ok(ParquetCifar {
-        records: CifarRecords {
-            pixels: decoded.concat(),
-            labels,
-        },
+        records: CifarRecords { pixels, labels },
         classes,
     })
 }
 
-/// The PNG/JPEG bytes of an image cell: hub datasets store `{bytes, path}` structs; plain binary also works.
-fn image_bytes(field: &Field) -> Option<Vec<u8>> {
+/// The PNG/JPEG bytes of an image cell (shared, not copied): hub datasets store `{bytes, path}` structs;
+/// plain binary also works.
+fn image_bytes(field: &Field) -> Option<ByteArray> {
     match field {
-        Field::Bytes(b) => Some(b.data().to_vec()),
+        Field::Bytes(b) => Some(b.clone()),
         Field::Group(group) => {
             group
                 .get_column_iter()
                 .find_map(|(name, f)| match (name.as_str(), f) {
-                    ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+                    ("bytes", Field::Bytes(b)) => Some(b.clone()),
                     _ => None,
                 })
         }
@@ -138,8 +131,8 @@ fn integer(field: &Field) -> Option<i64> {
     })
 }
 
-/// A 32×32 RGB image as CHW bytes, like a CIFAR binary record.
-fn decode_chw(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// A 32×32 RGB image into `chw` as CHW bytes, like a CIFAR binary record.
+fn decode_chw(bytes: &[u8], chw: &mut [u8]) -> std::result::Result<(), String> {
     let image = image::load_from_memory(bytes)
         .map_err(|e| format!("cannot decode the image ({e})"))?
         .into_rgb8();
@@ -150,13 +143,12 @@ fn decode_chw(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
             image.height()
         ));
     }
-    let mut chw = vec![0u8; PIXELS];
     for (i, p) in image.pixels().enumerate() {
         for c in 0..3 {
             chw[c * 1024 + i] = p.0[c];
         }
     }
-    Ok(chw)
+    Ok(())
 }
 
 /// The ClassLabel names of `column` in the datasets library's schema metadata.
