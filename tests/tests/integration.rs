@@ -1,0 +1,14 @@
+//! All cross-crate tests in one binary (see Cargo.toml); one module per concern.
+
+mod datasets_hub;
+mod datasets_sources;
+mod datasets_transforms;
+mod eval_parity;
+mod folding;
+mod initialization;
+mod op_shapes;
+mod pretrained_cifar;
+mod registry;
+mod sgd_parity;
+mod train_parity;
+mod weight_files;
