@@ -13,6 +13,7 @@ pub mod batch_norm;
 pub mod batch_norm_op;
 mod config;
 pub mod conv;
+mod conv3x3_direct;
 pub mod conv_op;
 mod cpu_slice;
 mod device;
