@@ -22,7 +22,7 @@ PYEOF
 }
 echo "| case | ours img/s | PyTorch img/s | ratio | ours peak RSS MB | PyTorch peak RSS MB |"
 echo "|---|---|---|---|---|---|"
-row train-cifar20 "--model resnet20 --batch-size 128 --train --iterations 10"
+row train-cifar20 "--model resnet20 --batch-size 128 --train --iterations 30"
 row train-r18 "--model resnet18 --batch-size 16 --train --iterations 3"
 row infer-r50-b1 "--model resnet50 --batch-size 1 --iterations 40"
 row infer-r50-b16 "--model resnet50 --batch-size 16 --iterations 4"

@@ -9,7 +9,9 @@
 //!
 //! Layouts: x `[N, C_in, H, W]`, weight `[C_out, C_in, 3, 3]`, y `[N, C_out, H, W]`, all row-major.
 
+use crate::cpu_slice::written_by;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Output channels per kernel call: one accumulator register per channel.
 const BLOCK: usize = 16;
@@ -42,32 +44,17 @@ fn has_avx512() -> bool {
     false
 }
 
-/// `y = conv3x3(x, w)`; `y` is `n·c_out·h·w` long. Call only where [`applies`] holds.
-pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize), y: &mut [f32]) {
+/// `y = conv3x3(x, w)` (`n·c_out·h·w` values). Call only where [`applies`] holds.
+pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
     let (n, c_in, c_out, h, wd) = dims;
-    run(
-        x,
-        &pack(w, (c_out, c_in), false),
-        (n, c_in, c_out, h, wd),
-        y,
-    );
+    run(x, &pack(w, (c_out, c_in), false), (n, c_in, c_out, h, wd))
 }
 
-/// `dx` of `y = conv3x3(x, w)` from `dy`: `dx = conv3x3(dy, w')`, `w'[ci, co, ky, kx] = w[co, ci, 2−ky, 2−kx]`.
-/// `dx` is `n·c_in·h·w` long. Call only where [`applies`]`(c_in, …)` holds.
-pub fn input_grad(
-    dy: &[f32],
-    w: &[f32],
-    dims: (usize, usize, usize, usize, usize),
-    dx: &mut [f32],
-) {
+/// `dx` of `y = conv3x3(x, w)` from `dy`: `dx = conv3x3(dy, w')`, `w'[ci, co, ky, kx] = w[co, ci, 2−ky, 2−kx]`;
+/// `n·c_in·h·w` values. Call only where [`applies`]`(c_in, …)` holds.
+pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
     let (n, c_in, c_out, h, wd) = dims;
-    run(
-        dy,
-        &pack(w, (c_out, c_in), true),
-        (n, c_out, c_in, h, wd),
-        dx,
-    );
+    run(dy, &pack(w, (c_out, c_in), true), (n, c_out, c_in, h, wd))
 }
 
 /// The weights by blocks of 16 output channels, `[C_in][3][3][16]` per block: the sixteen weights of one tap
@@ -105,10 +92,7 @@ pub fn weight_grad(
     group: usize,
 ) -> Vec<f32> {
     let g = Padded::new(c_in, h, wd);
-    let mut xpad = vec![0f32; n * g.image];
-    xpad.par_chunks_mut(g.image)
-        .zip(x.par_chunks(c_in * h * wd))
-        .for_each(|(dst, src)| g.fill(src, dst));
+    let xpad = g.copy_all(x, n);
     let (groups, blocks) = (n.div_ceil(group), c_out / GRAD_BLOCK);
     let block_len = GRAD_BLOCK * c_in * 9;
     // partials[group][c_out, c_in, 3, 3]; one task per (group, block of 8 output channels).
@@ -153,29 +137,29 @@ fn run(
     x: &[f32],
     packed: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
-    y: &mut [f32],
-) {
+) -> Vec<f32> {
     let g = Padded::new(c_in, h, wd);
-    let mut xpad = vec![0f32; n * g.image];
-    xpad.par_chunks_mut(g.image)
-        .zip(x.par_chunks(c_in * h * wd))
-        .for_each(|(dst, src)| g.fill(src, dst));
+    let xpad = g.copy_all(x, n);
     let blocks = c_out / BLOCK;
     // One task per (image, block of output channels): its 16 output planes are one contiguous chunk of y.
-    y.par_chunks_mut(BLOCK * h * wd)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let (image, block) = (task / blocks, task % blocks);
-            let xi = &xpad[image * g.image..(image + 1) * g.image];
-            let wb = &packed[block * c_in * 9 * BLOCK..(block + 1) * c_in * 9 * BLOCK];
-            // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_planes` reads and writes.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                avx512::block_planes(xi, wb, &g, (h, wd), out)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("conv3x3_direct::applies is false off x86-64 ({xi:?} {wb:?} {out:?})");
-        });
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(BLOCK * h * wd)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (image, block) = (task / blocks, task % blocks);
+                let xi = &xpad[image * g.image..(image + 1) * g.image];
+                let wb = &packed[block * c_in * 9 * BLOCK..(block + 1) * c_in * 9 * BLOCK];
+                // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_planes` reads and writes.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::block_planes(xi, wb, &g, (h, wd), out)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("conv3x3_direct::applies is false off x86-64 ({xi:?} {wb:?} {out:?})");
+            });
+    };
+    // SAFETY: the tasks cover y, and `block_planes` writes all 16·h·w values of its chunk.
+    unsafe { written_by(n * c_out * h * wd, fill) }
 }
 
 /// A copy of one image with a zero border of one pixel, plus slack so a full register may be read past the
@@ -206,13 +190,37 @@ impl Padded {
         }
     }
 
-    /// Copies image `src` `[C_in, H, W]` inside the border of `dst` (already zero).
-    fn fill(&self, src: &[f32], dst: &mut [f32]) {
-        for c in 0..self.c_in {
-            for r in 0..self.h {
-                let from = (c * self.h + r) * self.w;
-                let to = c * self.plane + (r + 1) * self.row + 1;
-                dst[to..to + self.w].copy_from_slice(&src[from..from + self.w]);
+    /// Padded copies of the `n` images of `x`, made in parallel.
+    fn copy_all(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let fill = |buf: &mut [MaybeUninit<f32>]| {
+            buf.par_chunks_mut(self.image)
+                .zip(x.par_chunks(self.c_in * self.h * self.w))
+                .for_each(|(dst, src)| self.fill(src, dst));
+        };
+        // SAFETY: `fill` writes every element of each image's chunk.
+        unsafe { written_by(n * self.image, fill) }
+    }
+
+    /// Writes image `src` `[C_in, H, W]` into `dst`: every element, the border and the slack as zeros.
+    fn fill(&self, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        let zero = MaybeUninit::new(0.0);
+        let (planes, slack) = dst.split_at_mut(self.c_in * self.plane);
+        slack.fill(zero);
+        for (plane, src) in planes
+            .chunks_mut(self.plane)
+            .zip(src.chunks(self.h * self.w))
+        {
+            plane[..self.row].fill(zero);
+            plane[(self.h + 1) * self.row..].fill(zero);
+            for (line, src) in plane[self.row..(self.h + 1) * self.row]
+                .chunks_mut(self.row)
+                .zip(src.chunks(self.w))
+            {
+                line[0] = zero;
+                line[self.w + 1] = zero;
+                for (d, s) in line[1..=self.w].iter_mut().zip(src) {
+                    *d = MaybeUninit::new(*s);
+                }
             }
         }
     }
@@ -222,6 +230,7 @@ impl Padded {
 mod avx512 {
     use super::{Padded, BLOCK, GRAD_BLOCK, LANES};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// All 16 output planes `[16, H, W]` of one block for one image.
     ///
@@ -234,7 +243,7 @@ mod avx512 {
         w: &[f32],
         g: &Padded,
         (h, wd): (usize, usize),
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         assert!(x.len() >= g.image && w.len() >= g.c_in * 9 * BLOCK && out.len() >= BLOCK * h * wd);
         let plane_out = h * wd;
@@ -247,7 +256,7 @@ mod avx512 {
                         x.as_ptr().add(oy * g.row),
                         g,
                         w.as_ptr(),
-                        out.as_mut_ptr().add(oy * wd),
+                        out.as_mut_ptr().cast::<f32>().add(oy * wd),
                         plane_out,
                         0xffff,
                     )
@@ -264,7 +273,7 @@ mod avx512 {
                         x.as_ptr().add(oy * g.row + ox),
                         g,
                         w.as_ptr(),
-                        out.as_mut_ptr().add(oy * wd + ox),
+                        out.as_mut_ptr().cast::<f32>().add(oy * wd + ox),
                         plane_out,
                         columns_mask(wd - ox),
                     )

@@ -13,6 +13,7 @@
 
 use crate::conv3x3_direct;
 use crate::cpu_slice::{contiguous_f32, zeroed};
+use crate::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -99,13 +100,19 @@ impl Geometry {
         self.c_out * self.p()
     }
 
-    /// 3×3, stride 1, padding 1, with `out` output channels where the direct kernel applies to it.
+    /// 3×3, stride 1, padding 1: output the size of the input.
+    fn is_3x3_same(&self) -> bool {
+        self.kh == 3 && self.kw == 3 && self.stride == 1 && self.pad == 1
+    }
+
+    /// A 3×3 "same" convolution producing `out` channels from `inp` that Winograd's algorithm takes.
+    fn is_winograd(&self, inp: usize, out: usize) -> bool {
+        self.is_3x3_same() && winograd::applies(self.n, (inp, out), (self.h, self.w))
+    }
+
+    /// A 3×3 "same" convolution with `out` output channels that the direct kernel takes.
     fn is_direct_3x3(&self, out: usize) -> bool {
-        self.kh == 3
-            && self.kw == 3
-            && self.stride == 1
-            && self.pad == 1
-            && conv3x3_direct::applies(out, (self.h, self.w))
+        self.is_3x3_same() && conv3x3_direct::applies(out, (self.h, self.w))
     }
 
     fn dims(&self) -> (usize, usize, usize, usize, usize) {
@@ -310,9 +317,14 @@ impl Conv2dOp {
 /// `Y = W · col(X)`, then per-channel `+ bias` and ReLU when an epilogue is given (folded inference).
 fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
-    let mut out = zeroed(g.n * g.image_out());
-    if g.is_direct_3x3(g.c_out) {
-        conv3x3_direct::forward(x, w, g.dims(), &mut out);
+    let fast = if g.is_winograd(g.c_in, g.c_out) {
+        Some(winograd::forward(x, w, g.dims()))
+    } else if g.is_direct_3x3(g.c_out) {
+        Some(conv3x3_direct::forward(x, w, g.dims()))
+    } else {
+        None
+    };
+    if let Some(mut out) = fast {
         if let Some(e) = epilogue {
             out.par_chunks_mut(p).enumerate().for_each(|(row, y)| {
                 e.apply(y, row % g.c_out);
@@ -320,6 +332,7 @@ fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>)
         }
         return out;
     }
+    let mut out = zeroed(g.n * g.image_out());
     // Y = W · col, by blocks of output channels: one block per thread when there are fewer images than
     // threads (measured: faster than the GEMM's own threading, whose synchronisation dominates at batch 1).
     let blocks = |y: &mut [f32], col: &[f32], par: Parallelism| {
@@ -423,11 +436,13 @@ impl CustomOp2 for FoldedConv2dOp {
 impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
-        let mut dx = zeroed(g.n * g.image_in());
-        if g.is_direct_3x3(g.c_in) {
-            conv3x3_direct::input_grad(dy, w, g.dims(), &mut dx);
-            return dx;
+        if g.is_winograd(g.c_out, g.c_in) {
+            return winograd::input_grad(dy, w, g.dims());
         }
+        if g.is_direct_3x3(g.c_in) {
+            return conv3x3_direct::input_grad(dy, w, g.dims());
+        }
+        let mut dx = zeroed(g.n * g.image_in());
         per_image(&mut dx, g.image_in(), g.n, |i, dxi, par| {
             let dyi = &dy[i * g.image_out()..(i + 1) * g.image_out()];
             // Wᵀ: element (k, c_out) of W[c_out, K] sits at c_out·K + k.

@@ -3,6 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The elements of `storage` under `layout`; `what` names the operand in errors (e.g. "conv2d input").
 pub fn contiguous_f32<'a>(
@@ -28,5 +29,17 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     }
     let mut out = Vec::with_capacity(len);
     out.par_extend(rayon::iter::repeat_n(0f32, len));
+    out
+}
+
+/// A `len`-long buffer filled by `init`, without a clearing pass first: for kernels that write every element.
+///
+/// # Safety
+/// `init` writes every element of the slice it is given.
+pub unsafe fn written_by(len: usize, init: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    init(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: the first `len` elements were initialised by `init` (the caller's promise).
+    unsafe { out.set_len(len) };
     out
 }

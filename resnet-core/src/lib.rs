@@ -31,6 +31,7 @@ pub mod threads;
 pub mod transformers_names;
 mod weight_layout;
 pub mod weights;
+mod winograd;
 
 pub use config::{Block, Family, ResNetConfig, Shortcut, Unit};
 pub use device::parse_device;

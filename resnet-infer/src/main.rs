@@ -133,7 +133,7 @@ struct BenchArgs {
     /// Time a training step (forward, backward, SGD update) instead of inference.
     #[arg(long)]
     train: bool,
-    /// Timed iterations (after one warm-up).
+    /// Timed iterations (after two warm-up iterations).
     #[arg(long, default_value_t = 5)]
     iterations: usize,
     /// Inference with BatchNorm as separate layers instead of folded into the convolutions.
@@ -342,7 +342,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    step()?; // warm-up
+    // Two warm-up steps, as ../shared/reference/pytorch_bench.py: the first training step also creates the
+    // momentum buffers, and the allocator's arena is still growing.
+    step()?;
+    step()?;
     let start = Instant::now();
     for _ in 0..args.iterations {
         step()?;

@@ -1,0 +1,308 @@
+//! Winograd F(2×2, 3×3) convolution (Lavin & Gray, 2016) for the wide 3×3, stride-1, padding-1 layers: each
+//! 2×2 output tile takes 16 multiplies per channel pair instead of 36, as 16 GEMMs of the transformed weights
+//! with the transformed input tiles (the `gemm` crate), between cheap linear transforms. Used for the forward
+//! pass and the input gradient (the same convolution of the output gradient with the kernel flipped and its
+//! channel axes swapped). Narrow layers, whose transforms would cost as much as the products, stay direct.
+//!
+//!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
+
+use crate::cpu_slice::zeroed;
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Transformed tile positions: 4×4.
+const XI: usize = 16;
+
+/// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
+/// `n` images of `h`×`w`: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64
+/// channels the short GEMMs and the transforms lose to the direct kernel: 143 vs 185), even sizes (a 7×7 plane
+/// wastes a third of its 4×4 tiles: 120 vs 158), and at least one image per thread (images run in parallel).
+pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
+    c_in >= 128
+        && c_out >= 128
+        && h.is_multiple_of(2)
+        && w.is_multiple_of(2)
+        && n >= rayon::current_num_threads()
+}
+
+/// `y = conv3x3(x, w)` (`n·c_out·h·w` values).
+pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    let (n, c_in, c_out, h, wd) = dims;
+    run(
+        x,
+        &transform_weights(w, (c_out, c_in), false),
+        (n, c_in, c_out, h, wd),
+    )
+}
+
+/// `dx` of `y = conv3x3(x, w)` from `dy`: `conv3x3(dy, w')`, `w'[ci, co, ky, kx] = w[co, ci, 2−ky, 2−kx]`.
+pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    let (n, c_in, c_out, h, wd) = dims;
+    run(
+        dy,
+        &transform_weights(w, (c_out, c_in), true),
+        (n, c_out, c_in, h, wd),
+    )
+}
+
+/// `U[ξ][o][i] = (G g Gᵀ)[ξ]` for every kernel `g` of `w` `[C_out, C_in, 3, 3]`; `transposed` transforms `w'`
+/// of [`input_grad`] instead (o and i swapped, taps flipped).
+fn transform_weights(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool) -> Vec<f32> {
+    let (outs, ins) = if transposed {
+        (c_in, c_out)
+    } else {
+        (c_out, c_in)
+    };
+    let mut u = vec![0f32; XI * outs * ins];
+    for co in 0..c_out {
+        for ci in 0..c_in {
+            let k = &w[(co * c_in + ci) * 9..][..9];
+            let g = |r: usize, c: usize| {
+                if transposed {
+                    k[(2 - r) * 3 + (2 - c)]
+                } else {
+                    k[r * 3 + c]
+                }
+            };
+            // G g (4×3), column by column.
+            let cols: [[f32; 4]; 3] = std::array::from_fn(|c| g_times([g(0, c), g(1, c), g(2, c)]));
+            let (o, i) = if transposed { (ci, co) } else { (co, ci) };
+            for r in 0..4 {
+                let row = g_times([cols[0][r], cols[1][r], cols[2][r]]);
+                for (c, v) in row.iter().enumerate() {
+                    u[((r * 4 + c) * outs + o) * ins + i] = *v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `G·[a, b, d]`, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+fn g_times([a, b, d]: [f32; 3]) -> [f32; 4] {
+    [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
+}
+
+thread_local! {
+    /// Per image: transformed input tiles V `[16][C_in][T]`, products M `[16][C_out][T]`, one zero-bordered
+    /// input plane, and the row transforms of one tile row.
+    static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+}
+
+#[derive(Default)]
+struct Buffers {
+    v: Vec<f32>,
+    m: Vec<f32>,
+    plane: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Tile geometry of one plane: `th`×`tw` tiles; the padded plane is `(2·th + 2)`×`(2·tw + 2)`, image at (1, 1).
+#[derive(Clone, Copy)]
+struct Tiles {
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    fn new(h: usize, w: usize) -> Self {
+        Self {
+            h,
+            w,
+            th: h.div_ceil(2),
+            tw: w.div_ceil(2),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// Padded row length.
+    fn pw(&self) -> usize {
+        2 * self.tw + 2
+    }
+
+    fn padded_len(&self) -> usize {
+        (2 * self.th + 2) * self.pw()
+    }
+}
+
+fn run(
+    x: &[f32],
+    u: &[f32],
+    (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let t = Tiles::new(h, wd);
+    let tiles = t.count();
+    let mut y = zeroed(n * c_out * h * wd);
+    y.par_chunks_mut(c_out * h * wd)
+        .zip(x.par_chunks(c_in * h * wd))
+        .for_each(|(yi, xi)| {
+            BUFFERS.with(|b| {
+                let b = &mut *b.borrow_mut();
+                b.v.resize(XI * c_in * tiles, 0.0);
+                b.m.resize(XI * c_out * tiles, 0.0);
+                // The border stays zero: only the interior is rewritten per channel.
+                b.plane.clear();
+                b.plane.resize(t.padded_len(), 0.0);
+                b.rows.resize(4 * t.pw(), 0.0);
+                for (c, src) in xi.chunks(h * wd).enumerate() {
+                    for (r, line) in src.chunks(wd).enumerate() {
+                        let at = (r + 1) * t.pw() + 1;
+                        b.plane[at..at + wd].copy_from_slice(line);
+                    }
+                    input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, c * tiles, c_in * tiles);
+                }
+                for xi_pos in 0..XI {
+                    // SAFETY: U_ξ is c_out×c_in, V_ξ c_in×tiles, M_ξ c_out×tiles, all row-major and in bounds.
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            tiles,
+                            c_in,
+                            b.m.as_mut_ptr().add(xi_pos * c_out * tiles),
+                            1,
+                            tiles as isize,
+                            false,
+                            u.as_ptr().add(xi_pos * c_out * c_in),
+                            1,
+                            c_in as isize,
+                            b.v.as_ptr().add(xi_pos * c_in * tiles),
+                            1,
+                            tiles as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        )
+                    };
+                }
+                for (c, out) in yi.chunks_mut(h * wd).enumerate() {
+                    output_tiles(&b.m, c * tiles, c_out * tiles, &t, out);
+                }
+            })
+        });
+    y
+}
+
+/// `Bᵀ d B` of every 4×4 tile `d` of one zero-bordered plane (tile (ty, tx) at padded row 2ty, column 2tx):
+/// value ξ of tile k goes to `v[ξ·stride + offset + k]`. Rows first (`Bᵀ d`, over whole padded rows), then
+/// columns, one tile row at a time, so that both loops run over contiguous data.
+fn input_tiles(
+    plane: &[f32],
+    t: &Tiles,
+    rows: &mut [f32],
+    v: &mut [f32],
+    offset: usize,
+    stride: usize,
+) {
+    let pw = t.pw();
+    for ty in 0..t.th {
+        let d = |k: usize| &plane[(2 * ty + k) * pw..(2 * ty + k + 1) * pw];
+        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+        let (t0, rest) = rows.split_at_mut(pw);
+        let (t1, rest) = rest.split_at_mut(pw);
+        let (t2, t3) = rest.split_at_mut(pw);
+        for x in 0..pw {
+            t0[x] = d0[x] - d2[x];
+            t1[x] = d1[x] + d2[x];
+            t2[x] = d2[x] - d1[x];
+            t3[x] = d1[x] - d3[x];
+        }
+        let base = offset + ty * t.tw;
+        for (r, row) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+            let out = |j: usize| (r * 4 + j) * stride + base;
+            let (o0, o1, o2, o3) = (out(0), out(1), out(2), out(3));
+            for tx in 0..t.tw {
+                let (a, b, c, e) = (
+                    row[2 * tx],
+                    row[2 * tx + 1],
+                    row[2 * tx + 2],
+                    row[2 * tx + 3],
+                );
+                v[o0 + tx] = a - c;
+                v[o1 + tx] = b + c;
+                v[o2 + tx] = c - b;
+                v[o3 + tx] = b - e;
+            }
+        }
+    }
+}
+
+/// `out` (one output plane) from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
+/// `m[ξ·stride + offset + k]`.
+fn output_tiles(m: &[f32], offset: usize, stride: usize, t: &Tiles, out: &mut [f32]) {
+    let (h, w) = (t.h, t.w);
+    for ty in 0..t.th {
+        let base = offset + ty * t.tw;
+        let mrow = |k: usize| &m[k * stride + base..k * stride + base + t.tw];
+        for r in 0..2 {
+            let oy = 2 * ty + r;
+            if oy >= h {
+                break;
+            }
+            // Row r of Aᵀ m: s_c = m_c + m_{4+c} + m_{8+c} (r = 0) or m_{4+c} − m_{8+c} − m_{12+c} (r = 1).
+            let s = |c: usize, tx: usize| {
+                if r == 0 {
+                    mrow(c)[tx] + mrow(4 + c)[tx] + mrow(8 + c)[tx]
+                } else {
+                    mrow(4 + c)[tx] - mrow(8 + c)[tx] - mrow(12 + c)[tx]
+                }
+            };
+            let line = &mut out[oy * w..(oy + 1) * w];
+            for tx in 0..t.tw {
+                let (s0, s1, s2, s3) = (s(0, tx), s(1, tx), s(2, tx), s(3, tx));
+                line[2 * tx] = s0 + s1 + s2;
+                if 2 * tx + 1 < w {
+                    line[2 * tx + 1] = s1 - s2 - s3;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor, Var};
+
+    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes
+    /// (called directly: `applies` would route these small shapes elsewhere).
+    #[test]
+    fn forward_and_input_gradient_equal_candles_convolution() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (n, c_in, c_out, h, w) in [(2, 5, 7, 6, 10), (1, 3, 4, 7, 5), (3, 8, 2, 1, 3)] {
+            let x = Var::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+            let reference = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
+            let kv = k.flatten_all()?.to_vec1::<f32>()?;
+            let dims = (n, c_in, c_out, h, w);
+            let ours = forward(&x.flatten_all()?.to_vec1::<f32>()?, &kv, dims);
+            let up = Tensor::randn(0f32, 1.0, reference.shape(), &dev)?;
+            let grad = (&reference * &up)?.sum_all()?.backward()?;
+            let dx = input_grad(&up.flatten_all()?.to_vec1::<f32>()?, &kv, dims);
+            for (what, got, want) in [
+                ("forward", ours, reference.flatten_all()?.to_vec1::<f32>()?),
+                (
+                    "input gradient",
+                    dx,
+                    grad.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
+                ),
+            ] {
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-5 * scale, "{what} {dims:?}: {diff} of {scale}");
+            }
+        }
+        Ok(())
+    }
+}
