@@ -1,9 +1,10 @@
 //! `ReLU(a + b)`, the end of every original residual unit, as one pass with one output (CPU), where candle
 //! would make two full-size tensors and two backward passes.
 
-use crate::cpu_slice::{contiguous_f32, zeroed};
+use crate::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -28,15 +29,17 @@ fn zip_map(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Result<Vec<f32>> {
     let (a, b) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
-    let mut out = zeroed(a.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            o.iter_mut()
-                .zip(a.iter().zip(b))
-                .for_each(|(o, (&a, &b))| *o = f(a, b));
-        });
-    Ok(out)
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
+                    o.write(f(a, b));
+                });
+            });
+    };
+    // SAFETY: the chunks cover the output and every element is written.
+    Ok(unsafe { written_by(a.len(), fill) })
 }
 
 impl CustomOp2 for AddRelu {

@@ -6,9 +6,10 @@
 //! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order, in `LANES` independent
 //! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
-use crate::cpu_slice::{contiguous_f32, zeroed};
+use crate::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The H·W planes of channel `ch` in NCHW data.
 fn planes_of(
@@ -119,19 +120,22 @@ impl CustomOp3 for BatchNormTrain {
         let beta = contiguous_f32(s3, l3, "batch-norm bias")?;
         let (_, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
-        let mut y = zeroed(x.len());
-        y.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (out, inp))| {
-                let ch = i % c;
-                let scale = gamma[ch] * self.inv_std[ch];
-                let shift = beta[ch] - self.mean[ch] * scale;
-                let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
-                out.iter_mut()
-                    .zip(inp)
-                    .for_each(|(o, &v)| *o = (v * scale + shift).max(floor));
-            });
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            y.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (out, inp))| {
+                    let ch = i % c;
+                    let scale = gamma[ch] * self.inv_std[ch];
+                    let shift = beta[ch] - self.mean[ch] * scale;
+                    let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+                    out.iter_mut().zip(inp).for_each(|(o, &v)| {
+                        o.write((v * scale + shift).max(floor));
+                    });
+                });
+        };
+        // SAFETY: the planes cover y and every element is written.
+        let y = unsafe { written_by(x.len(), fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -220,29 +224,32 @@ impl CustomOp3 for BatchNormTrainGrad {
                 (dgamma, dbeta)
             })
             .collect();
-        let mut out = zeroed(x.len() + 2 * c);
-        let (dx, tail) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
-            let ch = i % c;
-            let inv = self.inv_std[ch];
-            let k = self.gamma[ch] * inv;
-            let mean_dgamma = (sums[ch].0 / count) as f32;
-            let mean_dbeta = (sums[ch].1 / count) as f32;
-            let m = self.mean[ch];
-            let span = i * plane..(i + 1) * plane;
-            for (((d, &xv), &gv), &yv) in d
-                .iter_mut()
-                .zip(&x[span.clone()])
-                .zip(&dy[span.clone()])
-                .zip(&y[span])
-            {
-                *d = k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma);
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            let (dx, tail) = out.split_at_mut(x.len());
+            dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
+                let ch = i % c;
+                let inv = self.inv_std[ch];
+                let k = self.gamma[ch] * inv;
+                let mean_dgamma = (sums[ch].0 / count) as f32;
+                let mean_dbeta = (sums[ch].1 / count) as f32;
+                let m = self.mean[ch];
+                let span = i * plane..(i + 1) * plane;
+                for (((d, &xv), &gv), &yv) in d
+                    .iter_mut()
+                    .zip(&x[span.clone()])
+                    .zip(&dy[span.clone()])
+                    .zip(&y[span])
+                {
+                    d.write(k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma));
+                }
+            });
+            for ch in 0..c {
+                tail[ch].write(sums[ch].0 as f32);
+                tail[c + ch].write(sums[ch].1 as f32);
             }
-        });
-        for ch in 0..c {
-            tail[ch] = sums[ch].0 as f32;
-            tail[c + ch] = sums[ch].1 as f32;
-        }
+        };
+        // SAFETY: the planes cover dx, and the loop the 2·c sums after it.
+        let out = unsafe { written_by(x.len() + 2 * c, fill) };
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
