@@ -27,11 +27,12 @@ pub fn applies(c_out: usize, (height, width): (usize, usize)) -> bool {
         && has_avx512()
 }
 
-/// Whether [`weight_grad`] runs for these channel counts and columns. It wins where the GEMM's reduction is
-/// short (16→16 on 32×32: 155 vs 110 GFLOP/s; 32→32 on 16×16: 145 vs 120) and loses on wide layers (64→64 on
-/// 56×56: 149 vs 179) and on rows of 8, where the sums across lanes dominate (64→64 on 8×8: 57 vs 117).
-pub fn weight_grad_applies((c_in, c_out): (usize, usize), width: usize) -> bool {
-    c_in <= 32 && c_out.is_multiple_of(GRAD_BLOCK) && width >= LANES && has_avx512()
+/// Whether [`weight_grad`] runs for these channel counts and this plane. It wins where the GEMM's reduction
+/// is short (16→16 on 32×32: 155 vs 110 GFLOP/s; 32→32 on 16×16: 145 vs 120; 64→64 on 8×8, two rows per
+/// register: 173 vs 127) and loses on wide layers with wide planes (64→64 on 56×56: 149 vs 179).
+pub fn weight_grad_applies((c_in, c_out): (usize, usize), (height, width): (usize, usize)) -> bool {
+    let plane_fits = (c_in <= 32 && width >= LANES) || (width == 8 && height.is_multiple_of(2));
+    c_out.is_multiple_of(GRAD_BLOCK) && plane_fits && has_avx512()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -84,7 +85,7 @@ const GRAD_BLOCK: usize = 8;
 
 /// `dw` `[C_out, C_in, 3, 3]` of `y = conv3x3(x, w)` from `x` and `dy`, summed over images in groups of `group`
 /// (one partial sum per group, added in group order: the same result whatever the thread count).
-/// Call only where [`weight_grad_applies`]`((c_in, c_out), w)` holds.
+/// Call only where [`weight_grad_applies`]`((c_in, c_out), (h, w))` holds.
 pub fn weight_grad(
     x: &[f32],
     dy: &[f32],
@@ -119,7 +120,10 @@ pub fn weight_grad(
                 // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_weight_grad` reads.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512::block_weight_grad(chunk, &g, dw)
+                    match wd {
+                        8 => avx512::block_weight_grad::<true>(chunk, &g, dw),
+                        _ => avx512::block_weight_grad::<false>(chunk, &g, dw),
+                    }
                 };
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -282,6 +286,24 @@ mod avx512 {
         }
     }
 
+    /// 16 columns from `p` (lanes outside `mask` zero), or with `TWO_ROWS` 8 columns from `p` and 8 from the
+    /// next row, `row` further on.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load<const TWO_ROWS: bool>(p: *const f32, row: usize, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's pointers.
+        unsafe {
+            if TWO_ROWS {
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(p))),
+                    _mm256_castps_pd(_mm256_loadu_ps(p.add(row))),
+                ))
+            } else {
+                _mm512_maskz_loadu_ps(mask, p)
+            }
+        }
+    }
+
     /// The lanes of the `left` columns still to do (all 16 when at least 16 are left).
     fn columns_mask(left: usize) -> __mmask16 {
         if left >= LANES {
@@ -309,20 +331,8 @@ mod avx512 {
                 // SAFETY (all pointer reads): within the padded image and the packed weights, see the caller.
                 let row = unsafe { x.add(ci * g.plane + ky * g.row) };
                 for kx in 0..3 {
-                    let v = if TWO_ROWS {
-                        let (upper, lower) = unsafe {
-                            (
-                                _mm256_loadu_ps(row.add(kx)),
-                                _mm256_loadu_ps(row.add(g.row + kx)),
-                            )
-                        };
-                        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                            _mm512_castps_pd(_mm512_castps256_ps512(upper)),
-                            _mm256_castps_pd(lower),
-                        ))
-                    } else {
-                        unsafe { _mm512_loadu_ps(row.add(kx)) }
-                    };
+                    // SAFETY: within the padded image, see the caller.
+                    let v = unsafe { load::<TWO_ROWS>(row.add(kx), g.row, 0xffff) };
                     let taps = unsafe { w.add(((ci * 3 + ky) * 3 + kx) * BLOCK) };
                     for (c, a) in acc.iter_mut().enumerate() {
                         *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *taps.add(c) }), v, *a);
@@ -343,7 +353,7 @@ mod avx512 {
     /// # Safety
     /// The CPU supports AVX-512F; each `x` is one padded image of `g`; each `dy` holds `8 · h · w` values.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_weight_grad(
+    pub(super) unsafe fn block_weight_grad<const TWO_ROWS: bool>(
         images: &[(&[f32], &[f32])],
         g: &Padded,
         dw: &mut [f32],
@@ -358,17 +368,17 @@ mod avx512 {
             for ky in 0..3 {
                 let mut acc = [[_mm512_setzero_ps(); 3]; GRAD_BLOCK];
                 for &(x, dy) in images {
-                    for oy in 0..h {
+                    for oy in (0..h).step_by(if TWO_ROWS { 2 } else { 1 }) {
                         for ox in (0..wd).step_by(LANES) {
-                            let mask = columns_mask(wd - ox);
+                            let mask = columns_mask(if TWO_ROWS { LANES } else { wd - ox });
                             // SAFETY: within the padded image (and its slack) and the 8 planes of dy.
                             let (xs, ds) = unsafe {
                                 let row = x.as_ptr().add(ci * g.plane + (oy + ky) * g.row + ox);
                                 (
                                     [
-                                        _mm512_maskz_loadu_ps(mask, row),
-                                        _mm512_maskz_loadu_ps(mask, row.add(1)),
-                                        _mm512_maskz_loadu_ps(mask, row.add(2)),
+                                        load::<TWO_ROWS>(row, g.row, mask),
+                                        load::<TWO_ROWS>(row.add(1), g.row, mask),
+                                        load::<TWO_ROWS>(row.add(2), g.row, mask),
                                     ],
                                     dy.as_ptr().add(oy * wd + ox),
                                 )
