@@ -46,17 +46,19 @@ pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usiz
     )
 }
 
-/// `U[ξ][o][i] = (G g Gᵀ)[ξ]` for every kernel `g` of `w` `[C_out, C_in, 3, 3]`; `transposed` transforms `w'`
-/// of [`input_grad`] instead (o and i swapped, taps flipped).
+/// `U[o][ξ][i] = (G g Gᵀ)[ξ]` for every kernel `g` of `w` `[C_out, C_in, 3, 3]`, by output channel on all
+/// threads; `transposed` transforms `w'` of [`input_grad`] instead (o and i swapped, taps flipped). U_ξ is
+/// then the `outs`×`ins` matrix at offset ξ·ins with row stride 16·ins.
 fn transform_weights(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool) -> Vec<f32> {
     let (outs, ins) = if transposed {
         (c_in, c_out)
     } else {
         (c_out, c_in)
     };
-    let mut u = vec![0f32; XI * outs * ins];
-    for co in 0..c_out {
-        for ci in 0..c_in {
+    let mut u = vec![0f32; outs * XI * ins];
+    u.par_chunks_mut(XI * ins).enumerate().for_each(|(o, uo)| {
+        for i in 0..ins {
+            let (co, ci) = if transposed { (i, o) } else { (o, i) };
             let k = &w[(co * c_in + ci) * 9..][..9];
             let g = |r: usize, c: usize| {
                 if transposed {
@@ -65,17 +67,16 @@ fn transform_weights(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool)
                     k[r * 3 + c]
                 }
             };
-            // G g (4×3), column by column.
+            // G g (4×3), column by column, then (G g) Gᵀ row by row.
             let cols: [[f32; 4]; 3] = std::array::from_fn(|c| g_times([g(0, c), g(1, c), g(2, c)]));
-            let (o, i) = if transposed { (ci, co) } else { (co, ci) };
             for r in 0..4 {
                 let row = g_times([cols[0][r], cols[1][r], cols[2][r]]);
                 for (c, v) in row.iter().enumerate() {
-                    u[((r * 4 + c) * outs + o) * ins + i] = *v;
+                    uo[(r * 4 + c) * ins + i] = *v;
                 }
             }
         }
-    }
+    });
     u
 }
 
@@ -158,7 +159,8 @@ fn run(
                     input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, c * tiles, c_in * tiles);
                 }
                 for xi_pos in 0..XI {
-                    // SAFETY: U_ξ is c_out×c_in, V_ξ c_in×tiles, M_ξ c_out×tiles, all row-major and in bounds.
+                    // SAFETY: U_ξ is c_out×c_in with row stride 16·c_in; V_ξ c_in×tiles and M_ξ c_out×tiles
+                    // row-major; all in bounds.
                     unsafe {
                         gemm::gemm(
                             c_out,
@@ -168,9 +170,9 @@ fn run(
                             1,
                             tiles as isize,
                             false,
-                            u.as_ptr().add(xi_pos * c_out * c_in),
+                            u.as_ptr().add(xi_pos * c_in),
                             1,
-                            c_in as isize,
+                            (XI * c_in) as isize,
                             b.v.as_ptr().add(xi_pos * c_in * tiles),
                             1,
                             tiles as isize,
