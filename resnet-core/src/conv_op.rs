@@ -1,5 +1,7 @@
 //! 2-D convolution on the CPU as one op with both backward passes: im2col + GEMM (the `gemm` crate that
-//! candle itself uses) with reused per-thread buffers, threaded over the images of the batch.
+//! candle itself uses) with reused per-thread buffers, threaded over the images of the batch. 3×3 stride-1
+//! layers go to faster kernels where they apply (decided per shape, at run time): Winograd F(2×2, 3×3) for
+//! wide layers (`winograd`), a direct AVX-512 kernel for 16k channels (`conv3x3_direct`).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
 //! with a direct `conv_transpose2d` loop and the weight gradient as a convolution with an image-sized kernel;
