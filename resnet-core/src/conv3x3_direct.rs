@@ -116,9 +116,9 @@ pub fn weight_grad(
             // Images summed in registers before a sum across lanes: as many as keep their 8 gradient planes
             // within ~16 KiB (L1); one at a time for large planes.
             let per_pass = (16 * 1024 / (GRAD_BLOCK * h * wd * 4)).max(1);
+            #[cfg(target_arch = "x86_64")]
             for chunk in pairs.chunks(per_pass) {
                 // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_weight_grad` reads.
-                #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match wd {
                         8 => avx512::block_weight_grad::<true>(chunk, &g, dw),
@@ -127,7 +127,9 @@ pub fn weight_grad(
                 };
             }
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("conv3x3_direct::applies is false off x86-64 ({pairs:?} {dw:?})");
+            unreachable!(
+                "conv3x3_direct::applies is false off x86-64 ({pairs:?} {per_pass} {dw:?})"
+            );
         });
     let mut dw = vec![0f32; c_out * c_in * 9];
     for part in partials.chunks(dw.len()) {
