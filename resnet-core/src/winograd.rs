@@ -17,14 +17,14 @@ const XI: usize = 16;
 /// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
 /// `n` images of `h`×`w`: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64
 /// channels the short GEMMs and the transforms lose to the direct kernel: 143 vs 185), even sizes (a 7×7 plane
-/// wastes a third of its 4×4 tiles: 120 vs 158), and at least one image per thread (images run in parallel).
+/// wastes a third of its 4×4 tiles: 120 vs 158), and batches (images run in parallel: a single image would
+/// leave the other threads idle). Never the thread count: the result must not depend on it.
 pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
-    c_in >= 128
-        && c_out >= 128
-        && h.is_multiple_of(2)
-        && w.is_multiple_of(2)
-        && n >= rayon::current_num_threads()
+    c_in >= 128 && c_out >= 128 && h.is_multiple_of(2) && w.is_multiple_of(2) && n >= MIN_IMAGES
 }
+
+/// Images from which a batch goes through Winograd's algorithm.
+const MIN_IMAGES: usize = 2;
 
 /// `y = conv3x3(x, w)` (`n·c_out·h·w` values).
 pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
