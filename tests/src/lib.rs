@@ -110,8 +110,22 @@ pub fn cifar10_jpg_root() -> PathBuf {
     .clone()
 }
 
-/// A fresh temporary folder for one test.
+/// A fresh temporary folder for one test, `target/test-data/NAME-PID`. The folders that earlier runs left under
+/// the same name are removed first, so scratch space stays one run's worth (~0.5 GB) instead of piling up.
 pub fn temp_dir(name: &str) -> PathBuf {
+    let prefix = format!("{name}-");
+    if let Ok(entries) = std::fs::read_dir(test_data_dir()) {
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let earlier_run = file
+                .to_str()
+                .and_then(|f| f.strip_prefix(&prefix))
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            if earlier_run {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let dir = test_data_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
