@@ -287,4 +287,34 @@ mod tests {
         assert!(state.values().all(|v| !v.track_op()));
         Ok(())
     }
+
+    /// The in-place CPU update and the candle-op update (other devices) give the same bits, with and without
+    /// momentum and Nesterov, over two steps (the second one reads the momentum buffer).
+    #[test]
+    fn in_place_update_equals_the_candle_op_update() -> Result<()> {
+        let dev = Device::Cpu;
+        for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.9, true)] {
+            let rule = UpdateRule {
+                lr: 0.1,
+                momentum,
+                decay: 1e-4,
+                nesterov,
+            };
+            let w = Tensor::randn(0f32, 1.0, 70_000, &dev)?;
+            let (mut ops_w, in_place_w) = (w.copy()?, w.copy()?);
+            let (mut ops_v, mut in_place_v) = (None, None);
+            for _ in 0..2 {
+                let g = Tensor::randn(0f32, 1.0, 70_000, &dev)?;
+                let (next, v) = rule.apply(&ops_w, &g, ops_v)?;
+                (ops_w, ops_v) = (next, v);
+                in_place_v = rule.apply_in_place(&in_place_w, &g, in_place_v)?;
+            }
+            assert_eq!(ops_w.to_vec1::<f32>()?, in_place_w.to_vec1::<f32>()?);
+            assert_eq!(
+                ops_v.map(|v| v.to_vec1::<f32>()).transpose()?,
+                in_place_v.map(|v| v.to_vec1::<f32>()).transpose()?
+            );
+        }
+        Ok(())
+    }
 }
