@@ -9,6 +9,7 @@
 //!
 //! Layouts: x `[N, C_in, H, W]`, weight `[C_out, C_in, 3, 3]`, y `[N, C_out, H, W]`, all row-major.
 
+use crate::conv_op::kernel_3x3;
 use crate::cpu_slice::written_by;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -61,19 +62,20 @@ pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usiz
 /// The weights by blocks of 16 output channels, `[C_in][3][3][16]` per block: the sixteen weights of one tap
 /// side by side. `transposed`: packs `w'` of [`input_grad`] instead (channel axes swapped, taps flipped).
 fn pack(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool) -> Vec<f32> {
-    // Input channels of the packed convolution.
-    let ins = if transposed { c_out } else { c_in };
+    // Output and input channels of the packed convolution.
+    let (outs, ins) = if transposed {
+        (c_in, c_out)
+    } else {
+        (c_out, c_in)
+    };
     let mut packed = vec![0f32; c_out * c_in * 9];
-    for co in 0..c_out {
-        for ci in 0..c_in {
-            for t in 0..9 {
-                let (o, i, tap) = if transposed {
-                    (ci, co, 8 - t)
-                } else {
-                    (co, ci, t)
-                };
-                packed[(((o / BLOCK) * ins + i) * 9 + tap) * BLOCK + o % BLOCK] =
-                    w[(co * c_in + ci) * 9 + t];
+    for o in 0..outs {
+        for i in 0..ins {
+            for (tap, v) in kernel_3x3(w, c_in, transposed, (o, i))
+                .into_iter()
+                .enumerate()
+            {
+                packed[(((o / BLOCK) * ins + i) * 9 + tap) * BLOCK + o % BLOCK] = v;
             }
         }
     }

@@ -241,9 +241,23 @@ fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// The 3×3 kernel from input channel `i` to output channel `o` of `conv3x3(·, w)` (`w` `[C_out, C_in, 3, 3]`)
+/// or, `transposed`, of the convolution that gives its input gradient: `w'[ci, co] = w[co, ci]` flipped in
+/// both axes. Taps row-major.
+pub(crate) fn kernel_3x3(
+    w: &[f32],
+    c_in: usize,
+    transposed: bool,
+    (o, i): (usize, usize),
+) -> [f32; 9] {
+    let (co, ci) = if transposed { (i, o) } else { (o, i) };
+    let k = &w[(co * c_in + ci) * 9..][..9];
+    std::array::from_fn(|t| if transposed { k[8 - t] } else { k[t] })
+}
+
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by its (row, column) strides.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,

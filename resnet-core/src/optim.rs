@@ -146,6 +146,14 @@ impl UpdateRule {
         }
     }
 
+    /// `g + λw` with candle's ops.
+    fn decayed_tensor(&self, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        Ok(match self.decay {
+            0.0 => grad.clone(),
+            decay => (grad + (param * decay as f64)?)?,
+        })
+    }
+
     /// With candle's ops (any device): `(new parameter, new momentum buffer)`.
     fn apply(
         &self,
@@ -153,12 +161,8 @@ impl UpdateRule {
         grad: &Tensor,
         buffer: Option<Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (decay, momentum) = (self.decay as f64, self.momentum as f64);
-        let d = if decay != 0.0 {
-            (grad + (param * decay)?)?
-        } else {
-            grad.clone()
-        };
+        let momentum = self.momentum as f64;
+        let d = self.decayed_tensor(param, grad)?;
         if momentum == 0.0 {
             return Ok(((param - (d * self.lr as f64)?)?, None));
         }
@@ -191,12 +195,7 @@ impl UpdateRule {
                 Some(v)
             }
             // PyTorch starts the buffer at d_p. A copy: the buffer is updated in place later.
-            (true, None) => Some(
-                self.apply(param, grad, None)?
-                    .1
-                    .unwrap_or(grad.clone())
-                    .copy()?,
-            ),
+            (true, None) => Some(self.decayed_tensor(param, grad)?.copy()?),
         };
         // With momentum the parameter's step reads the new buffer; without, the gradient stands in for it.
         param.inplace_op3(grad, v.as_ref().unwrap_or(grad), &InPlace::Parameter(*self))?;

@@ -6,6 +6,7 @@
 //!
 //!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
 
+use crate::conv_op::{kernel_3x3, matmul};
 use crate::cpu_slice::zeroed;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -58,15 +59,8 @@ fn transform_weights(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool)
     let mut u = vec![0f32; outs * XI * ins];
     u.par_chunks_mut(XI * ins).enumerate().for_each(|(o, uo)| {
         for i in 0..ins {
-            let (co, ci) = if transposed { (i, o) } else { (o, i) };
-            let k = &w[(co * c_in + ci) * 9..][..9];
-            let g = |r: usize, c: usize| {
-                if transposed {
-                    k[(2 - r) * 3 + (2 - c)]
-                } else {
-                    k[r * 3 + c]
-                }
-            };
+            let k = kernel_3x3(w, c_in, transposed, (o, i));
+            let g = |r: usize, c: usize| k[r * 3 + c];
             // G g (4×3), column by column, then (G g) Gᵀ row by row.
             let cols: [[f32; 4]; 3] = std::array::from_fn(|c| g_times([g(0, c), g(1, c), g(2, c)]));
             for r in 0..4 {
@@ -159,31 +153,17 @@ fn run(
                     input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, c * tiles, c_in * tiles);
                 }
                 for xi_pos in 0..XI {
-                    // SAFETY: U_ξ is c_out×c_in with row stride 16·c_in; V_ξ c_in×tiles and M_ξ c_out×tiles
-                    // row-major; all in bounds.
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            tiles,
-                            c_in,
-                            b.m.as_mut_ptr().add(xi_pos * c_out * tiles),
-                            1,
-                            tiles as isize,
-                            false,
-                            u.as_ptr().add(xi_pos * c_in),
-                            1,
-                            (XI * c_in) as isize,
-                            b.v.as_ptr().add(xi_pos * c_in * tiles),
-                            1,
-                            tiles as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    };
+                    // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ, M_ξ row-major.
+                    matmul(
+                        (c_out, tiles, c_in),
+                        &mut b.m[xi_pos * c_out * tiles..(xi_pos + 1) * c_out * tiles],
+                        false,
+                        &u[xi_pos * c_in..],
+                        (XI * c_in, 1),
+                        &b.v[xi_pos * c_in * tiles..(xi_pos + 1) * c_in * tiles],
+                        (tiles, 1),
+                        Parallelism::None,
+                    );
                 }
                 for (c, out) in yi.chunks_mut(h * wd).enumerate() {
                     output_tiles(&b.m, c * tiles, c_out * tiles, &t, out);
