@@ -157,8 +157,9 @@ impl CustomOp3 for BatchNormTrain {
         let packed = x.apply_op3_no_bwd(&grad.contiguous()?, y, &grad_op)?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, c)?;
-        let dbeta = packed.narrow(0, n + c, c)?;
+        // Own copies of the two small sums: views would keep the whole packed buffer alive until the update.
+        let dgamma = packed.narrow(0, n, c)?.force_contiguous()?;
+        let dbeta = packed.narrow(0, n + c, c)?.force_contiguous()?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }

@@ -32,6 +32,7 @@ pub mod transformers_names;
 mod weight_layout;
 pub mod weights;
 mod winograd;
+mod zero_pad_shortcut;
 
 pub use config::{Block, Family, ResNetConfig, Shortcut, Unit};
 pub use device::parse_device;

@@ -194,8 +194,9 @@ impl UpdateRule {
                 v.inplace_op3(grad, param, &InPlace::Momentum(*self))?;
                 Some(v)
             }
-            // PyTorch starts the buffer at d_p. A copy: the buffer is updated in place later.
-            (true, None) => Some(self.decayed_tensor(param, grad)?.copy()?),
+            // PyTorch starts the buffer at d_p. A compact copy of its own: the buffer is updated in place later
+            // (`copy` would clone all of a view's storage).
+            (true, None) => Some(self.decayed_tensor(param, grad)?.force_contiguous()?),
         };
         // With momentum the parameter's step reads the new buffer; without, the gradient stands in for it.
         param.inplace_op3(grad, v.as_ref().unwrap_or(grad), &InPlace::Parameter(*self))?;

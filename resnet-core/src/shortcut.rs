@@ -3,6 +3,7 @@
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::conv;
 use crate::conv::Conv2d;
+use crate::zero_pad_shortcut::ZeroPadShortcut;
 use crate::{Shortcut, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -64,11 +65,16 @@ impl ShortcutPath {
     pub fn forward_t(&self, x: &Tensor, pre_activated: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             ShortcutPath::Identity => Ok(x.clone()),
-            ShortcutPath::ZeroPad {
+            &ShortcutPath::ZeroPad {
                 stride,
                 before,
                 after,
-            } => subsample(x, *stride)?.pad_with_zeros(1, *before, *after),
+            } => ZeroPadShortcut {
+                stride,
+                before,
+                after,
+            }
+            .forward(x),
             ShortcutPath::Projection { conv, norm } => {
                 let y = conv.forward(pre_activated)?;
                 match norm {
@@ -87,19 +93,4 @@ impl ShortcutPath {
             _ => 0,
         }
     }
-}
-
-/// `x[:, :, ::s, ::s]` without strided views: pad odd sizes, split each spatial dim into (size/s, s), keep index 0.
-fn subsample(x: &Tensor, s: usize) -> Result<Tensor> {
-    if s == 1 {
-        return Ok(x.clone());
-    }
-    let (n, c, h, w) = x.dims4()?;
-    let x = x.pad_with_zeros(2, 0, (s - h % s) % s)?;
-    let x = x.pad_with_zeros(3, 0, (s - w % s) % s)?;
-    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
-    x.reshape((n, c, oh, s, ow, s))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, oh, ow))
 }

@@ -9,7 +9,7 @@ use resnet_core::{config_for, parse_device, Model};
 use resnet_infer::evaluate::{eval_pipeline, EvalOptions};
 use resnet_infer::{class_names, evaluate, load_model, metrics::top_k};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
 #[global_allocator]
@@ -333,10 +333,20 @@ fn bench(args: BenchArgs) -> Result<()> {
     let y = Tensor::new(labels.as_slice(), &device)?;
     let mut sgd = resnet_core::optim::Sgd::new(model.trainable_vars(), Default::default());
     let predictor = model.predictor(!args.no_fold)?;
-    let mut step = || -> Result<()> {
+    // Time spent in forward (with the loss), backward and update over the timed training steps.
+    let mut phases = [Duration::ZERO; 3];
+    let mut step = |phases: &mut [Duration; 3]| -> Result<()> {
         if args.train {
+            let t0 = Instant::now();
             let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)?;
-            sgd.step(&loss.backward()?)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            sgd.step(&grads)?;
+            let t3 = Instant::now();
+            for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+                *phase += b - a;
+            }
         } else {
             predictor.forward(&x)?.to_device(&Device::Cpu)?;
         }
@@ -344,11 +354,11 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     // Two warm-up steps, as ../shared/reference/pytorch_bench.py: the first training step also creates the
     // momentum buffers, and the allocator's arena is still growing.
-    step()?;
-    step()?;
+    step(&mut [Duration::ZERO; 3])?;
+    step(&mut [Duration::ZERO; 3])?;
     let start = Instant::now();
     for _ in 0..args.iterations {
-        step()?;
+        step(&mut phases)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let ips = (args.batch_size * args.iterations) as f64 / seconds;
@@ -362,6 +372,15 @@ fn bench(args: BenchArgs) -> Result<()> {
         "{} {mode}, batch {}, {side}×{side}: {ips:.1} img/s, peak RSS {rss:.0} MB",
         args.model, args.batch_size
     );
+    if args.train {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / args.iterations as f64;
+        println!(
+            "per step: forward {:.1} ms, backward {:.1} ms, update {:.1} ms",
+            ms(phases[0]),
+            ms(phases[1]),
+            ms(phases[2])
+        );
+    }
     if args.json {
         println!(
             "{}",
