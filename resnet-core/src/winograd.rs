@@ -16,12 +16,13 @@ use std::cell::RefCell;
 const XI: usize = 16;
 
 /// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
-/// `n` images of `h`×`w`: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64
-/// channels the short GEMMs and the transforms lose to the direct kernel: 143 vs 185), even sizes (a 7×7 plane
-/// wastes a third of its 4×4 tiles: 120 vs 158), and batches (images run in parallel: a single image would
-/// leave the other threads idle). Never the thread count: the result must not depend on it.
-pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
-    c_in >= 128 && c_out >= 128 && h.is_multiple_of(2) && w.is_multiple_of(2) && n >= MIN_IMAGES
+/// `n` images: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64 channels the
+/// short GEMMs and the transforms lose to the direct kernel: 143 vs 185), and batches (images run in parallel:
+/// a single image would leave the other threads idle). Odd sizes too since the images of a group share their
+/// GEMMs: 512→512 on 7×7 (a third of its 4×4 tiles' outputs wasted) ~200 vs ~155 by im2col + GEMM.
+/// Never the thread count: the result must not depend on it.
+pub fn applies(n: usize, (c_in, c_out): (usize, usize)) -> bool {
+    c_in >= 128 && c_out >= 128 && n >= MIN_IMAGES
 }
 
 /// Images from which a batch goes through Winograd's algorithm.
@@ -80,8 +81,8 @@ fn g_times([a, b, d]: [f32; 3]) -> [f32; 4] {
 }
 
 thread_local! {
-    /// Per image: transformed input tiles V `[16][C_in][T]`, products M `[16][C_out][T]`, one zero-bordered
-    /// input plane, and the row transforms of one tile row.
+    /// Per group of images: transformed input tiles V `[16][C_in][T]`, products M `[16][C_out][T]`, one
+    /// zero-bordered input plane, and the row transforms of one tile row.
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
 }
 
@@ -126,17 +127,30 @@ impl Tiles {
     }
 }
 
+/// Images per group: the 16 GEMMs of a group run over the tiles of all its images, so that small planes still
+/// give long GEMMs (a 7×7 plane has 16 tiles; alone, its GEMMs ran at ~125–150 GFLOP/s, eight at a time at
+/// ~200). About 128 tiles, no more: larger groups' V and M outgrow the cache (28×28 by twos: 195 vs 245); and
+/// at least two groups, for the threads. A function of the shape alone: each GEMM column is one tile,
+/// computed the same way whatever the group.
+fn images_per_group(n: usize, tiles: usize) -> usize {
+    128usize.div_ceil(tiles).min(n / 2).max(1)
+}
+
 fn run(
     x: &[f32],
     u: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
     let t = Tiles::new(h, wd);
-    let tiles = t.count();
+    let per_image = t.count();
+    let group = images_per_group(n, per_image);
     let mut y = zeroed(n * c_out * h * wd);
-    y.par_chunks_mut(c_out * h * wd)
-        .zip(x.par_chunks(c_in * h * wd))
-        .for_each(|(yi, xi)| {
+    y.par_chunks_mut(group * c_out * h * wd)
+        .zip(x.par_chunks(group * c_in * h * wd))
+        .for_each(|(yg, xg)| {
+            // V `[16][C_in][T]` and M `[16][C_out][T]` over the group's T tiles, image by image.
+            let images = xg.len() / (c_in * h * wd);
+            let tiles = images * per_image;
             BUFFERS.with(|b| {
                 let b = &mut *b.borrow_mut();
                 b.v.resize(XI * c_in * tiles, 0.0);
@@ -145,12 +159,15 @@ fn run(
                 b.plane.clear();
                 b.plane.resize(t.padded_len(), 0.0);
                 b.rows.resize(4 * t.pw(), 0.0);
-                for (c, src) in xi.chunks(h * wd).enumerate() {
-                    for (r, line) in src.chunks(wd).enumerate() {
-                        let at = (r + 1) * t.pw() + 1;
-                        b.plane[at..at + wd].copy_from_slice(line);
+                for (j, xi) in xg.chunks(c_in * h * wd).enumerate() {
+                    for (c, src) in xi.chunks(h * wd).enumerate() {
+                        for (r, line) in src.chunks(wd).enumerate() {
+                            let at = (r + 1) * t.pw() + 1;
+                            b.plane[at..at + wd].copy_from_slice(line);
+                        }
+                        let offset = c * tiles + j * per_image;
+                        input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, offset, c_in * tiles);
                     }
-                    input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, c * tiles, c_in * tiles);
                 }
                 for xi_pos in 0..XI {
                     // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ, M_ξ row-major.
@@ -165,8 +182,11 @@ fn run(
                         Parallelism::None,
                     );
                 }
-                for (c, out) in yi.chunks_mut(h * wd).enumerate() {
-                    output_tiles(&b.m, c * tiles, c_out * tiles, &t, out);
+                for (j, yi) in yg.chunks_mut(c_out * h * wd).enumerate() {
+                    for (c, out) in yi.chunks_mut(h * wd).enumerate() {
+                        let offset = c * tiles + j * per_image;
+                        output_tiles(&b.m, offset, c_out * tiles, &t, out);
+                    }
                 }
             })
         });
@@ -254,12 +274,28 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
 
-    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes
-    /// (called directly: `applies` would route these small shapes elsewhere).
+    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes, one
+    /// image or a group of images per GEMM (called directly: `applies` would route these small shapes elsewhere).
+    #[test]
+    fn images_per_group_follows_the_plane_size() {
+        assert_eq!(images_per_group(16, 16), 8); // ResNet-18's 7×7 stage: 128 tiles
+        assert_eq!(images_per_group(16, 49), 3); // 14×14
+        assert_eq!(images_per_group(16, 196), 1); // 28×28
+        assert_eq!(images_per_group(5, 6), 2);
+        assert_eq!(images_per_group(2, 1), 1);
+    }
+
     #[test]
     fn forward_and_input_gradient_equal_candles_convolution() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for (n, c_in, c_out, h, w) in [(2, 5, 7, 6, 10), (1, 3, 4, 7, 5), (3, 8, 2, 1, 3)] {
+        // The last two run in groups of two images (a partial group at the end of the first).
+        for (n, c_in, c_out, h, w) in [
+            (2, 5, 7, 6, 10),
+            (1, 3, 4, 7, 5),
+            (3, 8, 2, 1, 3),
+            (5, 4, 3, 3, 5),
+            (4, 3, 6, 7, 7),
+        ] {
             let x = Var::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
             let reference = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
