@@ -109,7 +109,7 @@ impl Geometry {
 
     /// A 3×3 "same" convolution producing `out` channels from `inp` that Winograd's algorithm takes.
     fn is_winograd(&self, inp: usize, out: usize) -> bool {
-        self.is_3x3_same() && winograd::applies(self.n, (inp, out))
+        self.is_3x3_same() && winograd::applies(self.n, (inp, out), (self.h, self.w))
     }
 
     /// A 3×3 "same" convolution with `out` output channels that the direct kernel takes.

@@ -16,17 +16,18 @@ use std::cell::RefCell;
 const XI: usize = 16;
 
 /// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
-/// `n` images: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64 channels the
-/// short GEMMs and the transforms lose to the direct kernel: 143 vs 185), and batches (images run in parallel:
-/// a single image would leave the other threads idle). Odd sizes too since the images of a group share their
-/// GEMMs: 512→512 on 7×7 (a third of its 4×4 tiles' outputs wasted) ~200 vs ~155 by im2col + GEMM.
-/// Never the thread count: the result must not depend on it.
-pub fn applies(n: usize, (c_in, c_out): (usize, usize)) -> bool {
-    c_in >= 128 && c_out >= 128 && n >= MIN_IMAGES
+/// `n` images of `h`×`w`: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64
+/// channels the short GEMMs and the transforms lose to the direct kernel: 143 vs 185), whose GEMMs get at
+/// least 64 tiles (one image or a group, see [`images_per_group`]): 512→512 on 7×7 at batch 16, eight images
+/// per GEMM, ~200 vs ~155 by im2col + GEMM; one 7×7 image alone (16 tiles) ~60. Never the thread count: the
+/// result must not depend on it.
+pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
+    let tiles = Tiles::new(h, w).count();
+    c_in >= 128 && c_out >= 128 && n >= 1 && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
 }
 
-/// Images from which a batch goes through Winograd's algorithm.
-const MIN_IMAGES: usize = 2;
+/// Tiles per GEMM from which Winograd's algorithm wins.
+const MIN_GEMM_TILES: usize = 64;
 
 /// `y = conv3x3(x, w)` (`n·c_out·h·w` values).
 pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
@@ -81,15 +82,20 @@ fn g_times([a, b, d]: [f32; 3]) -> [f32; 4] {
 }
 
 thread_local! {
-    /// Per group of images: transformed input tiles V `[16][C_in][T]`, products M `[16][C_out][T]`, one
-    /// zero-bordered input plane, and the row transforms of one tile row.
+    /// Per group of images: transformed input tiles V `[C_in][16][T]` and products M `[16][C_out][T]`.
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+    /// Per thread: one zero-bordered input plane and the row transforms of one tile row.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 #[derive(Default)]
 struct Buffers {
     v: Vec<f32>,
     m: Vec<f32>,
+}
+
+#[derive(Default)]
+struct Scratch {
     plane: Vec<f32>,
     rows: Vec<f32>,
 }
@@ -142,55 +148,96 @@ fn run(
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
     let t = Tiles::new(h, wd);
-    let per_image = t.count();
-    let group = images_per_group(n, per_image);
+    let group = images_per_group(n, t.count());
     let mut y = zeroed(n * c_out * h * wd);
-    y.par_chunks_mut(group * c_out * h * wd)
-        .zip(x.par_chunks(group * c_in * h * wd))
-        .for_each(|(yg, xg)| {
-            // V `[16][C_in][T]` and M `[16][C_out][T]` over the group's T tiles, image by image.
-            let images = xg.len() / (c_in * h * wd);
-            let tiles = images * per_image;
-            BUFFERS.with(|b| {
-                let b = &mut *b.borrow_mut();
-                b.v.resize(XI * c_in * tiles, 0.0);
-                b.m.resize(XI * c_out * tiles, 0.0);
-                // The border stays zero: only the interior is rewritten per channel.
-                b.plane.clear();
-                b.plane.resize(t.padded_len(), 0.0);
-                b.rows.resize(4 * t.pw(), 0.0);
-                for (j, xi) in xg.chunks(c_in * h * wd).enumerate() {
-                    for (c, src) in xi.chunks(h * wd).enumerate() {
-                        for (r, line) in src.chunks(wd).enumerate() {
-                            let at = (r + 1) * t.pw() + 1;
-                            b.plane[at..at + wd].copy_from_slice(line);
-                        }
-                        let offset = c * tiles + j * per_image;
-                        input_tiles(&b.plane, &t, &mut b.rows, &mut b.v, offset, c_in * tiles);
-                    }
-                }
-                for xi_pos in 0..XI {
-                    // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ, M_ξ row-major.
-                    matmul(
-                        (c_out, tiles, c_in),
-                        &mut b.m[xi_pos * c_out * tiles..(xi_pos + 1) * c_out * tiles],
-                        false,
-                        &u[xi_pos * c_in..],
-                        (XI * c_in, 1),
-                        &b.v[xi_pos * c_in * tiles..(xi_pos + 1) * c_in * tiles],
-                        (tiles, 1),
-                        Parallelism::None,
-                    );
-                }
-                for (j, yi) in yg.chunks_mut(c_out * h * wd).enumerate() {
-                    for (c, out) in yi.chunks_mut(h * wd).enumerate() {
-                        let offset = c * tiles + j * per_image;
-                        output_tiles(&b.m, offset, c_out * tiles, &t, out);
-                    }
-                }
-            })
-        });
+    let dims = (c_in, c_out, h, wd);
+    if n > group {
+        // Groups in parallel, each on one thread.
+        y.par_chunks_mut(group * c_out * h * wd)
+            .zip(x.par_chunks(group * c_in * h * wd))
+            .for_each(|(yg, xg)| {
+                BUFFERS.with(|b| {
+                    let b = &mut *b.borrow_mut();
+                    run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), false);
+                })
+            });
+    } else {
+        // One group (a single image): each stage on all threads.
+        let (mut v, mut m) = (Vec::new(), Vec::new());
+        run_group(x, u, &mut y, dims, &t, (&mut v, &mut m), true);
+    }
     y
+}
+
+/// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
+fn each_chunk(
+    data: &mut [f32],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if parallel {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// The images `xg` of one group into their outputs `yg`: V `[C_in][16][T]` and M `[16][C_out][T]` over the
+/// group's T tiles (image by image), the transforms by channel and the 16 GEMMs, each stage on all threads
+/// when `parallel`.
+fn run_group(
+    xg: &[f32],
+    u: &[f32],
+    yg: &mut [f32],
+    (c_in, c_out, h, wd): (usize, usize, usize, usize),
+    t: &Tiles,
+    (v, m): (&mut Vec<f32>, &mut Vec<f32>),
+    parallel: bool,
+) {
+    let (plane, per_image) = (h * wd, t.count());
+    let images = xg.len() / (c_in * plane);
+    let tiles = images * per_image;
+    v.resize(c_in * XI * tiles, 0.0);
+    m.resize(XI * c_out * tiles, 0.0);
+    each_chunk(v, XI * tiles, parallel, |c, vc| {
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // The border stays zero: only the interior is rewritten per plane.
+            s.plane.clear();
+            s.plane.resize(t.padded_len(), 0.0);
+            s.rows.resize(4 * t.pw(), 0.0);
+            for j in 0..images {
+                let src = &xg[(j * c_in + c) * plane..][..plane];
+                for (r, line) in src.chunks(wd).enumerate() {
+                    let at = (r + 1) * t.pw() + 1;
+                    s.plane[at..at + wd].copy_from_slice(line);
+                }
+                input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
+            }
+        })
+    });
+    let v = &*v;
+    each_chunk(m, c_out * tiles, parallel, |xi_pos, m_xi| {
+        // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ: c_in×T with row stride 16·T; M_ξ row-major.
+        matmul(
+            (c_out, tiles, c_in),
+            m_xi,
+            false,
+            &u[xi_pos * c_in..],
+            (XI * c_in, 1),
+            &v[xi_pos * tiles..],
+            (XI * tiles, 1),
+            Parallelism::None,
+        );
+    });
+    let m = &*m;
+    each_chunk(yg, plane, parallel, |k, out| {
+        let (j, c) = (k / c_out, k % c_out);
+        output_tiles(m, c * tiles + j * per_image, c_out * tiles, t, out);
+    });
 }
 
 /// `Bᵀ d B` of every 4×4 tile `d` of one zero-bordered plane (tile (ty, tx) at padded row 2ty, column 2tx):
