@@ -476,6 +476,9 @@ impl Conv2dOp {
 
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
+        if g.is_3x3_same() && winograd::weight_grad_applies(g.n, (g.c_in, g.c_out), (g.h, g.w)) {
+            return winograd::weight_grad(x, dy, g.dims());
+        }
         if g.is_3x3_same() && conv3x3_direct::weight_grad_applies((g.c_in, g.c_out), (g.h, g.w)) {
             return conv3x3_direct::weight_grad(x, dy, g.dims(), WEIGHT_GRAD_GROUP);
         }

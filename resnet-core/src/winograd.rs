@@ -26,6 +26,13 @@ pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) 
     c_in >= 128 && c_out >= 128 && n >= 1 && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
 }
 
+/// Whether [`weight_grad`] runs: where [`applies`], on even planes (ResNet-18, batch 16, GFLOP/s-equivalent
+/// against im2col + GEMM: 128→128 on 28×28 ~215 vs ~180, 256→256 on 14×14 ~230 vs ~170; on 7×7, where a third
+/// of the tiles' outputs are padding, ~120 vs ~140).
+pub fn weight_grad_applies(n: usize, channels: (usize, usize), (h, w): (usize, usize)) -> bool {
+    applies(n, channels, (h, w)) && h.is_multiple_of(2) && w.is_multiple_of(2)
+}
+
 /// Tiles per GEMM from which Winograd's algorithm wins.
 const MIN_GEMM_TILES: usize = 64;
 
@@ -200,25 +207,8 @@ fn run_group(
     let (plane, per_image) = (h * wd, t.count());
     let images = xg.len() / (c_in * plane);
     let tiles = images * per_image;
-    v.resize(c_in * XI * tiles, 0.0);
     m.resize(XI * c_out * tiles, 0.0);
-    each_chunk(v, XI * tiles, parallel, |c, vc| {
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
-            // The border stays zero: only the interior is rewritten per plane.
-            s.plane.clear();
-            s.plane.resize(t.padded_len(), 0.0);
-            s.rows.resize(4 * t.pw(), 0.0);
-            for j in 0..images {
-                let src = &xg[(j * c_in + c) * plane..][..plane];
-                for (r, line) in src.chunks(wd).enumerate() {
-                    let at = (r + 1) * t.pw() + 1;
-                    s.plane[at..at + wd].copy_from_slice(line);
-                }
-                input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
-            }
-        })
-    });
+    transform_inputs(xg, (c_in, h, wd), t, v, parallel);
     let v = &*v;
     each_chunk(m, c_out * tiles, parallel, |xi_pos, m_xi| {
         // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ: c_in×T with row stride 16·T; M_ξ row-major.
@@ -238,6 +228,151 @@ fn run_group(
         let (j, c) = (k / c_out, k % c_out);
         output_tiles(m, c * tiles + j * per_image, c_out * tiles, t, out);
     });
+}
+
+/// V `[C_in][16][T]` of the images `xg` (T = their tiles, image by image), by channel, on all threads when
+/// `parallel`.
+fn transform_inputs(
+    xg: &[f32],
+    (c_in, h, wd): (usize, usize, usize),
+    t: &Tiles,
+    v: &mut Vec<f32>,
+    parallel: bool,
+) {
+    let (plane, per_image) = (h * wd, t.count());
+    let images = xg.len() / (c_in * plane);
+    let tiles = images * per_image;
+    v.resize(c_in * XI * tiles, 0.0);
+    each_chunk(v, XI * tiles, parallel, |c, vc| {
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // The border stays zero: only the interior is rewritten per plane.
+            s.plane.clear();
+            s.plane.resize(t.padded_len(), 0.0);
+            s.rows.resize(4 * t.pw(), 0.0);
+            for j in 0..images {
+                let src = &xg[(j * c_in + c) * plane..][..plane];
+                for (r, line) in src.chunks(wd).enumerate() {
+                    let at = (r + 1) * t.pw() + 1;
+                    s.plane[at..at + wd].copy_from_slice(line);
+                }
+                input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
+            }
+        })
+    });
+}
+
+/// `dw` `[C_out, C_in, 3, 3]` of `y = conv3x3(x, w)` from `x` and `dy`: with U = G g Gᵀ and y = Aᵀ (U ⊙ V) A
+/// per tile, ∂L/∂U = (A dY Aᵀ) ⊙ V, so dU_ξ = Σ_tiles dM_ξ · V_ξᵀ (dM = A dY Aᵀ, 4×4 from each 2×2 tile of dy)
+/// is one GEMM per ξ whose depth is every tile of the batch, and dw = Gᵀ dU G. The 16 GEMMs run in parallel;
+/// images go in chunks of a fixed size (bounding V and dM), each chunk's products added to dU in order: the
+/// same result whatever the thread count.
+pub fn weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let t = Tiles::new(h, wd);
+    let per_image = t.count();
+    // V and dM of a chunk: at most ~8 M values (32 MB).
+    let chunk = (8usize << 20)
+        .div_ceil(XI * per_image * (c_in + c_out))
+        .clamp(1, n);
+    let mut du = vec![0f32; XI * c_out * c_in];
+    let (mut v, mut dm) = (Vec::new(), Vec::new());
+    for (k, (xc, dyc)) in x
+        .chunks(chunk * c_in * h * wd)
+        .zip(dy.chunks(chunk * c_out * h * wd))
+        .enumerate()
+    {
+        let tiles = (xc.len() / (c_in * h * wd)) * per_image;
+        transform_inputs(xc, (c_in, h, wd), &t, &mut v, true);
+        transform_output_grads(dyc, (c_out, h, wd), &t, &mut dm);
+        let (v, dm) = (&v, &dm);
+        du.par_chunks_mut(c_out * c_in)
+            .enumerate()
+            .for_each(|(xi_pos, du_xi)| {
+                // dM_ξ: c_out×T with row stride 16·T; V_ξᵀ: T×c_in, element (t, c) at c·16T + ξT + t.
+                matmul(
+                    (c_out, c_in, tiles),
+                    du_xi,
+                    k > 0,
+                    &dm[xi_pos * tiles..],
+                    (XI * tiles, 1),
+                    &v[xi_pos * tiles..],
+                    (1, XI * tiles),
+                    Parallelism::None,
+                );
+            });
+    }
+    // dw[o][i] = Gᵀ dU[·][o][i] G, by output channel.
+    let mut dw = vec![0f32; c_out * c_in * 9];
+    dw.par_chunks_mut(c_in * 9)
+        .enumerate()
+        .for_each(|(o, dwo)| {
+            for (i, taps) in dwo.chunks_mut(9).enumerate() {
+                let du_at = |r: usize, c: usize| du[((r * 4 + c) * c_out + o) * c_in + i];
+                // Rows: (Gᵀ dU) is 3×4; then (Gᵀ dU) G is 3×3.
+                let rows: [[f32; 4]; 3] = std::array::from_fn(|ky| {
+                    std::array::from_fn(|c| {
+                        g_transposed_times([du_at(0, c), du_at(1, c), du_at(2, c), du_at(3, c)])[ky]
+                    })
+                });
+                for (ky, row) in rows.iter().enumerate() {
+                    let out = g_transposed_times(*row);
+                    taps[ky * 3..ky * 3 + 3].copy_from_slice(&out);
+                }
+            }
+        });
+    dw
+}
+
+/// `Gᵀ·[a, b, c, d]`, Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]].
+fn g_transposed_times([a, b, c, d]: [f32; 4]) -> [f32; 3] {
+    [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d]
+}
+
+/// dM `[C_out][16][T]` of the output gradients `dy` (T = their tiles, image by image): `A dY Aᵀ` of every 2×2
+/// tile (zeros past the plane's edge), A = [[1, 0], [1, 1], [1, −1], [0, −1]]; by channel, on all threads.
+fn transform_output_grads(
+    dy: &[f32],
+    (c_out, h, wd): (usize, usize, usize),
+    t: &Tiles,
+    dm: &mut Vec<f32>,
+) {
+    let (plane, per_image) = (h * wd, t.count());
+    let images = dy.len() / (c_out * plane);
+    let tiles = images * per_image;
+    dm.resize(c_out * XI * tiles, 0.0);
+    let a_times = |p: f32, q: f32| [p, p + q, p - q, -q];
+    dm.par_chunks_mut(XI * tiles)
+        .enumerate()
+        .for_each(|(c, dmc)| {
+            for j in 0..images {
+                let src = &dy[(j * c_out + c) * plane..][..plane];
+                let at = |y: usize, x: usize| {
+                    if y < h && x < wd {
+                        src[y * wd + x]
+                    } else {
+                        0.0
+                    }
+                };
+                for ty in 0..t.th {
+                    for tx in 0..t.tw {
+                        let k = j * per_image + ty * t.tw + tx;
+                        let (y, x) = (2 * ty, 2 * tx);
+                        // A g: 4 rows of 2; then each row times Aᵀ: 4 values.
+                        let col0 = a_times(at(y, x), at(y + 1, x));
+                        let col1 = a_times(at(y, x + 1), at(y + 1, x + 1));
+                        for r in 0..4 {
+                            for (cc, v) in a_times(col0[r], col1[r]).into_iter().enumerate() {
+                                dmc[(r * 4 + cc) * tiles + k] = v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
 }
 
 /// `Bᵀ d B` of every 4×4 tile `d` of one zero-bordered plane (tile (ty, tx) at padded row 2ty, column 2tx):
@@ -320,6 +455,43 @@ fn output_tiles(m: &[f32], offset: usize, stride: usize, t: &Tiles, out: &mut [f
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
+
+    /// The weight gradient against candle's autograd, on even and odd sizes, in one chunk of images or several.
+    #[test]
+    fn weight_gradient_equals_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (n, c_in, c_out, h, w) in [
+            (2, 5, 7, 6, 10),
+            (1, 3, 4, 7, 5),
+            (3, 8, 2, 1, 3),
+            (40, 300, 300, 9, 9),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let k = Var::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+            let y = x.conv2d(k.as_tensor(), 1, 1, 1, 1)?;
+            let up = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+            let want = (&y * &up)?
+                .sum_all()?
+                .backward()?
+                .get(&k)
+                .unwrap()
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let got = weight_grad(&flat(&x)?, &flat(&up)?, (n, c_in, c_out, h, w));
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{:?}: {diff} of {scale}",
+                (n, c_in, c_out, h, w)
+            );
+        }
+        Ok(())
+    }
 
     /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes, one
     /// image or a group of images per GEMM (called directly: `applies` would route these small shapes elsewhere).
