@@ -174,11 +174,11 @@ impl Predictor {
         matches!(self, Predictor::Folded(..))
     }
 
-    /// Evaluation-mode logits.
+    /// Evaluation-mode logits (computed on rayon's pool, see [`crate::threads::on_pool`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
+        crate::threads::on_pool(|| match self {
             Predictor::Folded(net, _) => net.forward(x),
             Predictor::Unfolded(net) => candle_core::ModuleT::forward_t(net, x, false),
-        }
+        })
     }
 }

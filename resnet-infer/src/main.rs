@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor, D};
 use clap::{Args, Parser, Subcommand};
 use datasets::{DataSource, Normalize};
 use rand::SeedableRng;
+use resnet_core::threads::on_pool;
 use resnet_core::{config_for, parse_device, Model};
 use resnet_infer::evaluate::{eval_pipeline, EvalOptions};
 use resnet_infer::{class_names, evaluate, load_model, metrics::top_k};
@@ -337,12 +338,14 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut phases = [Duration::ZERO; 3];
     let mut step = |phases: &mut [Duration; 3]| -> Result<()> {
         if args.train {
+            // As resnet-train's loop: each phase on rayon's pool (resnet_core::threads::on_pool).
             let t0 = Instant::now();
-            let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)?;
+            let loss = on_pool(|| candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y))?;
             let t1 = Instant::now();
-            let grads = loss.backward()?;
+            let grads = on_pool(|| loss.backward())?;
             let t2 = Instant::now();
-            sgd.step(&grads)?;
+            let sgd = &mut sgd;
+            on_pool(|| sgd.step(&grads))?;
             let t3 = Instant::now();
             for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
                 *phase += b - a;

@@ -11,6 +11,7 @@ use datasets::{
     Augmentation, DataSource, Loader, LoaderConfig, Normalization, Normalize, Pipeline, Split,
 };
 use resnet_core::optim::Sgd;
+use resnet_core::threads::on_pool;
 use resnet_core::{config_for, Family, Model};
 use resnet_infer::evaluate::{evaluate, EvalOptions};
 use std::io::IsTerminal;
@@ -314,8 +315,13 @@ impl Trainer {
                 let lr = self.schedule.lr(it);
                 self.sgd.set_lr(lr);
                 let (x, y) = batch.to_tensors(&device)?;
-                let logits = self.model.forward_t(&x, true)?;
-                let loss = loss_fn(&logits, &y, self.recipe.label_smoothing)?;
+                // On rayon's pool: see resnet_core::threads::on_pool.
+                let (model, smoothing) = (&self.model, self.recipe.label_smoothing);
+                let (logits, loss) = on_pool(|| -> Result<_> {
+                    let logits = model.forward_t(&x, true)?;
+                    let loss = loss_fn(&logits, &y, smoothing)?;
+                    Ok((logits, loss))
+                })?;
                 let loss_value = loss.to_scalar::<f32>()? as f64;
                 if !loss_value.is_finite() {
                     bail!(
@@ -324,8 +330,8 @@ impl Trainer {
                         self.options.out.join(LAST).display()
                     );
                 }
-                let grads = loss.backward()?;
-                self.sgd.step(&grads)?;
+                let sgd = &mut self.sgd;
+                on_pool(|| -> Result<()> { Ok(sgd.step(&loss.backward()?)?) })?;
                 let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 let wrong = predicted
                     .iter()
