@@ -16,7 +16,7 @@
 use crate::conv3x3_direct;
 use crate::cpu_slice::{contiguous_f32, zeroed};
 use crate::winograd;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -326,12 +326,21 @@ fn per_image(
 
 impl Conv2dOp {
     fn forward(&self, g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
-        conv_forward(g, x, w, None)
+        conv_forward(g, x, w, None, None)
     }
 }
 
 /// `Y = W · col(X)`, then per-channel `+ bias` and ReLU when an epilogue is given (folded inference).
-fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+/// `residual` (the unit's shortcut, shaped like Y) is added in the epilogue, before its ReLU.
+fn conv_forward(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    epilogue: Option<&Epilogue>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    // The residual's row for output row `row` (image · C_out + channel) of Y.
+    let residual_row = |row: usize| residual.map(|r| &r[row * g.p()..(row + 1) * g.p()]);
     let (k, p) = (g.k(), g.p());
     let fast = if g.is_winograd(g.c_in, g.c_out) {
         Some(winograd::forward(x, w, g.dims()))
@@ -343,7 +352,7 @@ fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>)
     if let Some(mut out) = fast {
         if let Some(e) = epilogue {
             out.par_chunks_mut(p).enumerate().for_each(|(row, y)| {
-                e.apply(y, row % g.c_out);
+                e.apply(y, row % g.c_out, residual_row(row));
             });
         }
         return out;
@@ -386,7 +395,7 @@ fn conv_forward(g: &Geometry, x: &[f32], w: &[f32], epilogue: Option<&Epilogue>)
         }
         if let Some(e) = epilogue {
             for (channel, row) in y.chunks_mut(p).enumerate() {
-                e.apply(row, channel);
+                e.apply(row, channel, residual_row(i * g.c_out + channel));
             }
         }
     });
@@ -401,17 +410,24 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// `plane ← ReLU?(plane + bias[channel])`.
-    fn apply(&self, plane: &mut [f32], channel: usize) {
+    /// `plane ← ReLU?(plane + bias[channel] (+ residual))`: the same two roundings as a separate add.
+    fn apply(&self, plane: &mut [f32], channel: usize, residual: Option<&[f32]>) {
         let (b, floor) = (
             self.bias[channel],
             if self.relu { 0.0 } else { f32::NEG_INFINITY },
         );
-        plane.iter_mut().for_each(|v| *v = (*v + b).max(floor));
+        match residual {
+            Some(r) => plane
+                .iter_mut()
+                .zip(r)
+                .for_each(|(v, &s)| *v = ((*v + b) + s).max(floor)),
+            None => plane.iter_mut().for_each(|v| *v = (*v + b).max(floor)),
+        }
     }
 }
 
-/// Inference-only convolution with the BN folded in: `ReLU?(conv(x, W') + b)`, arguments `(x, W')`.
+/// Inference-only convolution with the BN folded in: `ReLU?(conv(x, W') + b)`, arguments `(x, W')`; as a
+/// three-argument op `(x, W', s)`, `ReLU?(conv(x, W') + b + s)`: the end of a residual unit in one pass.
 #[derive(Debug, Clone)]
 pub struct FoldedConv2dOp {
     pub stride: usize,
@@ -431,21 +447,59 @@ impl CustomOp2 for FoldedConv2dOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        self.run(xs, xl, ws, wl, None)
+    }
+}
+
+impl CustomOp3 for FoldedConv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-folded-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(xs, xl, ws, wl, Some((rs, rl)))
+    }
+}
+
+impl FoldedConv2dOp {
+    fn run(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let op = Conv2dOp {
             stride: self.stride,
             padding: self.padding,
         };
         let g = Geometry::new(xl.shape(), wl.shape(), &op)?;
+        let shape = Shape::from((g.n, g.c_out, g.oh, g.ow));
+        let residual = match residual {
+            Some((rs, rl)) if rl.shape() == &shape => Some(contiguous_f32(rs, rl, "residual")?),
+            Some((_, rl)) => candle_core::bail!(
+                "residual of shape {:?} added to a convolution output of shape {shape:?}",
+                rl.shape()
+            ),
+            None => None,
+        };
         let out = conv_forward(
             &g,
             contiguous_f32(xs, xl, "conv2d input")?,
             contiguous_f32(ws, wl, "conv2d weight")?,
             Some(&self.epilogue),
+            residual,
         );
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.n, g.c_out, g.oh, g.ow)),
-        ))
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 

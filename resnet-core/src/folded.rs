@@ -46,12 +46,24 @@ impl FoldedConv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None)
+    }
+
+    /// `ReLU?(conv(x) + b + residual)`: on the CPU the residual is added in the convolution's epilogue.
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &self.op);
+            let x = x.contiguous()?;
+            return match residual {
+                Some(r) => x.apply_op3_no_bwd(&self.weight, &r.contiguous()?, &self.op),
+                None => x.apply_op2_no_bwd(&self.weight, &self.op),
+            };
         }
-        let y = x
+        let mut y = x
             .conv2d(&self.weight, self.op.padding, self.op.stride, 1, 1)?
             .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
         if self.op.epilogue.relu {
             y.relu()
         } else {
@@ -92,13 +104,12 @@ impl FoldedResNet {
         };
         let mut units = Vec::with_capacity(net.units.len());
         for unit in &net.units {
-            let last = unit.convs.len() - 1;
+            // Every conv ends in a ReLU: the branch's last one after the shortcut is added (in its epilogue).
             let branch = unit
                 .convs
                 .iter()
                 .zip(&unit.norms)
-                .enumerate()
-                .map(|(k, (conv, norm))| FoldedConv::new(conv, norm, k < last))
+                .map(|(conv, norm)| FoldedConv::new(conv, norm, true))
                 .collect::<Result<Vec<_>>>()?;
             let shortcut = match &unit.shortcut {
                 None => None,
@@ -127,20 +138,19 @@ impl FoldedResNet {
             y = pool.forward(&y)?.detach();
         }
         for unit in &self.units {
+            let shortcut = match &unit.shortcut {
+                Some(FoldedShortcut::Projection(conv)) => Some(conv.forward(&y)?),
+                Some(FoldedShortcut::Unchanged(path)) => Some(path.forward_t(&y, &y, false)?),
+                None => None,
+            };
+            let Some((last, first)) = unit.branch.split_last() else {
+                candle_core::bail!("folded residual unit without convolutions");
+            };
             let mut b = y.clone();
-            for conv in &unit.branch {
+            for conv in first {
                 b = conv.forward(&b)?;
             }
-            y = match &unit.shortcut {
-                Some(FoldedShortcut::Projection(conv)) => {
-                    crate::add_relu::add_relu(&b, &conv.forward(&y)?)?
-                }
-                Some(FoldedShortcut::Unchanged(path)) => {
-                    crate::add_relu::add_relu(&b, &path.forward_t(&y, &y, false)?)?
-                }
-                None => b.relu()?,
-            }
-            .detach();
+            y = last.forward_with(&b, shortcut.as_ref())?.detach();
         }
         self.head.forward(&y.mean((2, 3))?.detach())
     }
