@@ -226,7 +226,18 @@ fn run_group(
     let m = &*m;
     each_chunk(yg, plane, parallel, |k, out| {
         let (j, c) = (k / c_out, k % c_out);
-        output_tiles(m, c * tiles + j * per_image, c_out * tiles, t, out);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            s.rows.resize(s.rows.len().max(2 * per_image), 0.0);
+            output_tiles(
+                m,
+                c * tiles + j * per_image,
+                c_out * tiles,
+                t,
+                &mut s.rows,
+                out,
+            );
+        })
     });
 }
 
@@ -420,31 +431,40 @@ fn input_tiles(
 }
 
 /// `out` (one output plane) from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
-/// `m[ξ·stride + offset + k]`.
-fn output_tiles(m: &[f32], offset: usize, stride: usize, t: &Tiles, out: &mut [f32]) {
-    let (h, w) = (t.h, t.w);
-    for ty in 0..t.th {
-        let base = offset + ty * t.tw;
-        let mrow = |k: usize| &m[k * stride + base..k * stride + base + t.tw];
-        for r in 0..2 {
+/// `m[ξ·stride + offset + k]`. Output row r of every tile at once (contiguous runs over the plane's tiles,
+/// which vectorise), then those values put in place; `z` holds 2 values per tile.
+fn output_tiles(
+    m: &[f32],
+    offset: usize,
+    stride: usize,
+    t: &Tiles,
+    z: &mut [f32],
+    out: &mut [f32],
+) {
+    let (h, w, count) = (t.h, t.w, t.count());
+    let (z0, z1) = z[..2 * count].split_at_mut(count);
+    for r in 0..2 {
+        // Row r of Aᵀ m: s_c = m_c + m_{4+c} + m_{8+c} (r = 0) or m_{4+c} − m_{8+c} − m_{12+c} (r = 1).
+        let rows: [&[f32]; 12] =
+            std::array::from_fn(|i| &m[(4 * r + i) * stride + offset..][..count]);
+        let sign = if r == 0 { 1.0 } else { -1.0 };
+        for k in 0..count {
+            let s = |c: usize| rows[c][k] + sign * rows[4 + c][k] + sign * rows[8 + c][k];
+            let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+            z0[k] = s0 + s1 + s2;
+            z1[k] = s1 - s2 - s3;
+        }
+        for ty in 0..t.th {
             let oy = 2 * ty + r;
             if oy >= h {
                 break;
             }
-            // Row r of Aᵀ m: s_c = m_c + m_{4+c} + m_{8+c} (r = 0) or m_{4+c} − m_{8+c} − m_{12+c} (r = 1).
-            let s = |c: usize, tx: usize| {
-                if r == 0 {
-                    mrow(c)[tx] + mrow(4 + c)[tx] + mrow(8 + c)[tx]
-                } else {
-                    mrow(4 + c)[tx] - mrow(8 + c)[tx] - mrow(12 + c)[tx]
-                }
-            };
             let line = &mut out[oy * w..(oy + 1) * w];
             for tx in 0..t.tw {
-                let (s0, s1, s2, s3) = (s(0, tx), s(1, tx), s(2, tx), s(3, tx));
-                line[2 * tx] = s0 + s1 + s2;
+                let k = ty * t.tw + tx;
+                line[2 * tx] = z0[k];
                 if 2 * tx + 1 < w {
-                    line[2 * tx + 1] = s1 - s2 - s3;
+                    line[2 * tx + 1] = z1[k];
                 }
             }
         }
