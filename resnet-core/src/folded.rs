@@ -186,7 +186,7 @@ impl Predictor {
 
     /// Evaluation-mode logits (computed on rayon's pool, see [`crate::threads::on_pool`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::threads::on_pool(|| match self {
+        crate::threads::on_pool(x.device(), || match self {
             Predictor::Folded(net, _) => net.forward(x),
             Predictor::Unfolded(net) => candle_core::ModuleT::forward_t(net, x, false),
         })

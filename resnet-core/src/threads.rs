@@ -12,10 +12,14 @@ pub fn use_one_compute_pool() {
     }
 }
 
-/// Runs `f` on a worker of rayon's global pool (inline when already on one) and waits for it. The ops inside
-/// fork and join many times per forward pass; forked from a thread outside the pool, each join parks that
-/// thread and wakes it again (ResNet-50, batch 1: ~470 context switches per image, ~85 from a worker;
-/// 16.2–17.4 → 17.2–17.9 img/s).
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+/// On the CPU, runs `f` on a worker of rayon's global pool (inline when already on one) and waits for it. The
+/// ops inside fork and join many times per forward pass; forked from a thread outside the pool, each join parks
+/// that thread and wakes it again (ResNet-50, batch 1: ~470 context switches per image, ~85 from a worker;
+/// 16.2–17.4 → 17.2–17.9 img/s). Other devices run `f` on the calling thread, where their context lives.
+pub fn on_pool<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
 }

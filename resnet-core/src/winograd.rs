@@ -476,45 +476,20 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
 
-    /// The weight gradient against candle's autograd, on even and odd sizes, in one chunk of images or several.
-    #[test]
-    fn weight_gradient_equals_candles() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        for (n, c_in, c_out, h, w) in [
-            (2, 5, 7, 6, 10),
-            (1, 3, 4, 7, 5),
-            (3, 8, 2, 1, 3),
-            (40, 300, 300, 9, 9),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
-            let k = Var::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
-            let y = x.conv2d(k.as_tensor(), 1, 1, 1, 1)?;
-            let up = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
-            let want = (&y * &up)?
-                .sum_all()?
-                .backward()?
-                .get(&k)
-                .unwrap()
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-            let got = weight_grad(&flat(&x)?, &flat(&up)?, (n, c_in, c_out, h, w));
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= 1e-5 * scale,
-                "{:?}: {diff} of {scale}",
-                (n, c_in, c_out, h, w)
-            );
-        }
-        Ok(())
+    /// `got` within 1e-5 of the largest magnitude of `want`, element by element.
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "{what}: {diff} of {scale}");
     }
 
-    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes, one
-    /// image or a group of images per GEMM (called directly: `applies` would route these small shapes elsewhere).
+    fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+        t.flatten_all()?.to_vec1::<f32>()
+    }
+
     #[test]
     fn images_per_group_follows_the_plane_size() {
         assert_eq!(images_per_group(16, 16), 8); // ResNet-18's 7×7 stage: 128 tiles
@@ -524,41 +499,54 @@ mod tests {
         assert_eq!(images_per_group(2, 1), 1);
     }
 
+    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes, one
+    /// image (every stage on all threads) or groups of images per GEMM (called directly: `applies` would route
+    /// these small shapes elsewhere). The last two run in groups of two images (a partial group at the end of
+    /// the first).
     #[test]
     fn forward_and_input_gradient_equal_candles_convolution() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // The last two run in groups of two images (a partial group at the end of the first).
-        for (n, c_in, c_out, h, w) in [
+        for dims in [
             (2, 5, 7, 6, 10),
             (1, 3, 4, 7, 5),
             (3, 8, 2, 1, 3),
             (5, 4, 3, 3, 5),
             (4, 3, 6, 7, 7),
         ] {
+            let (n, c_in, c_out, h, w) = dims;
             let x = Var::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
             let reference = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
-            let kv = k.flatten_all()?.to_vec1::<f32>()?;
-            let dims = (n, c_in, c_out, h, w);
-            let ours = forward(&x.flatten_all()?.to_vec1::<f32>()?, &kv, dims);
             let up = Tensor::randn(0f32, 1.0, reference.shape(), &dev)?;
             let grad = (&reference * &up)?.sum_all()?.backward()?;
-            let dx = input_grad(&up.flatten_all()?.to_vec1::<f32>()?, &kv, dims);
-            for (what, got, want) in [
-                ("forward", ours, reference.flatten_all()?.to_vec1::<f32>()?),
-                (
-                    "input gradient",
-                    dx,
-                    grad.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
-                ),
-            ] {
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff <= 1e-5 * scale, "{what} {dims:?}: {diff} of {scale}");
-            }
+            let ours = forward(&flat(x.as_tensor())?, &flat(&k)?, dims);
+            assert_close(&format!("forward {dims:?}"), &ours, &flat(&reference)?);
+            let dx = input_grad(&flat(&up)?, &flat(&k)?, dims);
+            let want = flat(grad.get(&x).unwrap())?;
+            assert_close(&format!("input gradient {dims:?}"), &dx, &want);
+        }
+        Ok(())
+    }
+
+    /// The weight gradient against candle's autograd, on even and odd sizes, in one chunk of images or several
+    /// (the last: chunks of 35 and 5 images).
+    #[test]
+    fn weight_gradient_equals_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for dims in [
+            (2, 5, 7, 6, 10),
+            (1, 3, 4, 7, 5),
+            (3, 8, 2, 1, 3),
+            (40, 300, 300, 9, 9),
+        ] {
+            let (n, c_in, c_out, h, w) = dims;
+            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let k = Var::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+            let y = x.conv2d(k.as_tensor(), 1, 1, 1, 1)?;
+            let up = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+            let want = flat((&y * &up)?.sum_all()?.backward()?.get(&k).unwrap())?;
+            let got = weight_grad(&flat(&x)?, &flat(&up)?, dims);
+            assert_close(&format!("weight gradient {dims:?}"), &got, &want);
         }
         Ok(())
     }

@@ -340,12 +340,14 @@ fn bench(args: BenchArgs) -> Result<()> {
         if args.train {
             // As resnet-train's loop: each phase on rayon's pool (resnet_core::threads::on_pool).
             let t0 = Instant::now();
-            let loss = on_pool(|| candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y))?;
+            let loss = on_pool(&device, || {
+                candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)
+            })?;
             let t1 = Instant::now();
-            let grads = on_pool(|| loss.backward())?;
+            let grads = on_pool(&device, || loss.backward())?;
             let t2 = Instant::now();
             let sgd = &mut sgd;
-            on_pool(|| sgd.step(&grads))?;
+            on_pool(&device, || sgd.step(&grads))?;
             let t3 = Instant::now();
             for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
                 *phase += b - a;

@@ -317,7 +317,7 @@ impl Trainer {
                 let (x, y) = batch.to_tensors(&device)?;
                 // On rayon's pool: see resnet_core::threads::on_pool.
                 let (model, smoothing) = (&self.model, self.recipe.label_smoothing);
-                let (logits, loss) = on_pool(|| -> Result<_> {
+                let (logits, loss) = on_pool(&device, || -> Result<_> {
                     let logits = model.forward_t(&x, true)?;
                     let loss = loss_fn(&logits, &y, smoothing)?;
                     Ok((logits, loss))
@@ -331,7 +331,9 @@ impl Trainer {
                     );
                 }
                 let sgd = &mut self.sgd;
-                on_pool(|| -> Result<()> { Ok(sgd.step(&loss.backward()?)?) })?;
+                on_pool(&device, || -> Result<()> {
+                    Ok(sgd.step(&loss.backward()?)?)
+                })?;
                 let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 let wrong = predicted
                     .iter()
