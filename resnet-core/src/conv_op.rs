@@ -765,7 +765,18 @@ mod tests {
             (3, 16, 4, 21, 32, 3, 1, 1),
             (1, 32, 3, 16, 16, 3, 1, 1),
             (2, 16, 6, 8, 16, 3, 1, 1),
+            // Winograd through this op's dispatch (forward, input gradient with the channel counts swapped,
+            // weight gradient): groups of images, and one image with every stage on all threads.
+            (2, 128, 16, 16, 136, 3, 1, 1),
+            (1, 136, 16, 16, 128, 3, 1, 1),
         ];
+        for (n, inp, out) in [(2, 128, 136), (1, 136, 128)] {
+            assert!(
+                winograd::applies(n, (inp, out), (16, 16))
+                    && winograd::applies(n, (out, inp), (16, 16))
+            );
+            assert!(winograd::weight_grad_applies(n, (inp, out), (16, 16)));
+        }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert!(

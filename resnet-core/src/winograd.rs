@@ -7,10 +7,11 @@
 //!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
 
 use crate::conv_op::{kernel_3x3, matmul};
-use crate::cpu_slice::zeroed;
+use crate::cpu_slice::written_by;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Transformed tile positions: 4×4.
 const XI: usize = 16;
@@ -156,32 +157,34 @@ fn run(
 ) -> Vec<f32> {
     let t = Tiles::new(h, wd);
     let group = images_per_group(n, t.count());
-    let mut y = zeroed(n * c_out * h * wd);
     let dims = (c_in, c_out, h, wd);
-    if n > group {
-        // Groups in parallel, each on one thread.
-        y.par_chunks_mut(group * c_out * h * wd)
-            .zip(x.par_chunks(group * c_in * h * wd))
-            .for_each(|(yg, xg)| {
-                BUFFERS.with(|b| {
-                    let b = &mut *b.borrow_mut();
-                    run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), false);
-                })
-            });
-    } else {
-        // One group (a single image): each stage on all threads.
-        let (mut v, mut m) = (Vec::new(), Vec::new());
-        run_group(x, u, &mut y, dims, &t, (&mut v, &mut m), true);
-    }
-    y
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        if n > group {
+            // Groups in parallel, each on one thread.
+            y.par_chunks_mut(group * c_out * h * wd)
+                .zip(x.par_chunks(group * c_in * h * wd))
+                .for_each(|(yg, xg)| {
+                    BUFFERS.with(|b| {
+                        let b = &mut *b.borrow_mut();
+                        run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), false);
+                    })
+                });
+        } else {
+            // One group (a single image): each stage on all threads.
+            let (mut v, mut m) = (Vec::new(), Vec::new());
+            run_group(x, u, y, dims, &t, (&mut v, &mut m), true);
+        }
+    };
+    // SAFETY: the groups cover y, and `output_tiles` writes every value of each output plane.
+    unsafe { written_by(n * c_out * h * wd, fill) }
 }
 
 /// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
-fn each_chunk(
-    data: &mut [f32],
+fn each_chunk<T: Send>(
+    data: &mut [T],
     len: usize,
     parallel: bool,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
     if parallel {
         data.par_chunks_mut(len)
@@ -198,7 +201,7 @@ fn each_chunk(
 fn run_group(
     xg: &[f32],
     u: &[f32],
-    yg: &mut [f32],
+    yg: &mut [MaybeUninit<f32>],
     (c_in, c_out, h, wd): (usize, usize, usize, usize),
     t: &Tiles,
     (v, m): (&mut Vec<f32>, &mut Vec<f32>),
@@ -432,14 +435,15 @@ fn input_tiles(
 
 /// `out` (one output plane) from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
 /// `m[ξ·stride + offset + k]`. Output row r of every tile at once (contiguous runs over the plane's tiles,
-/// which vectorise), then those values put in place; `z` holds 2 values per tile.
+/// which vectorise), then those values put in place (every value of `out` is written); `z` holds 2 values per
+/// tile.
 fn output_tiles(
     m: &[f32],
     offset: usize,
     stride: usize,
     t: &Tiles,
     z: &mut [f32],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let (h, w, count) = (t.h, t.w, t.count());
     let (z0, z1) = z[..2 * count].split_at_mut(count);
@@ -462,9 +466,9 @@ fn output_tiles(
             let line = &mut out[oy * w..(oy + 1) * w];
             for tx in 0..t.tw {
                 let k = ty * t.tw + tx;
-                line[2 * tx] = z0[k];
+                line[2 * tx].write(z0[k]);
                 if 2 * tx + 1 < w {
-                    line[2 * tx + 1] = z1[k];
+                    line[2 * tx + 1].write(z1[k]);
                 }
             }
         }
