@@ -117,6 +117,11 @@ impl Loader {
         })
     }
 
+    /// Threads decoding and augmenting images (`threads` of the config, or one per core for 0).
+    pub fn decode_threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
     pub fn split(&self) -> &Split {
         &self.split
     }

@@ -25,6 +25,12 @@ impl Normalize {
         std: [0.2470, 0.2435, 0.2616],
     };
 
+    /// Per-channel statistics of the CIFAR-100 training set.
+    pub const CIFAR100: Normalize = Normalize {
+        mean: [0.5071, 0.4865, 0.4409],
+        std: [0.2673, 0.2564, 0.2762],
+    };
+
     /// Parses `"0.485,0.456,0.406"`-style triples (as in safetensors metadata and the `--mean/--std` flags).
     pub fn parse(mean: &str, std: &str) -> Result<Self> {
         let triple = |what: &str, s: &str| -> Result<[f32; 3]> {

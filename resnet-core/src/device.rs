@@ -38,3 +38,12 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         ))),
     }
 }
+
+/// The `--device` spelling of a device: `cpu`, `cuda:N` or `metal:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -7,6 +7,7 @@ use resnet_core::conv::ConvShape;
 use resnet_core::conv_op::Conv2dOp;
 use std::time::Instant;
 
+#[derive(Debug)]
 pub struct ConvTiming {
     pub shape: ConvShape,
     /// How many times the net applies this shape.

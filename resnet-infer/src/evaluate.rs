@@ -8,6 +8,56 @@ use resnet_core::{Family, Model};
 use serde::Serialize;
 use std::time::Instant;
 
+/// What the evaluation data is (`--dataset`): fixes the class count and the normalisation used when neither
+/// `--mean/--std` nor the weights say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalDataset {
+    Cifar10,
+    Cifar100,
+    Imagenet,
+}
+
+impl EvalDataset {
+    pub fn classes(self) -> usize {
+        match self {
+            Self::Cifar10 => 10,
+            Self::Cifar100 => 100,
+            Self::Imagenet => 1000,
+        }
+    }
+
+    /// The training-set statistics the dataset's networks are usually trained with.
+    pub fn normalize(self) -> Normalize {
+        match self {
+            Self::Cifar10 => Normalize::CIFAR10,
+            Self::Cifar100 => Normalize::CIFAR100,
+            Self::Imagenet => Normalize::IMAGENET,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cifar10 => "cifar10",
+            Self::Cifar100 => "cifar100",
+            Self::Imagenet => "imagenet",
+        }
+    }
+}
+
+/// The normalisation of an evaluation: `--mean/--std`, else the weights' own (file metadata or the hub's
+/// `config.json`), else `--dataset`'s statistics, else ImageNet's.
+pub fn choose_normalization(
+    explicit: Option<Normalize>,
+    from_weights: Option<Normalize>,
+    dataset: Option<EvalDataset>,
+) -> Normalize {
+    explicit
+        .or(from_weights)
+        .or(dataset.map(EvalDataset::normalize))
+        .unwrap_or(Normalize::IMAGENET)
+}
+
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub batch_size: usize,
@@ -24,6 +74,8 @@ pub struct EvalOptions {
     /// Fully-convolutional multi-scale evaluation: average the softmax over these shorter sides (the paper's
     /// ImageNet protocol: 224, 256, 384, 480, 640); empty for single-scale.
     pub scales: Vec<u32>,
+    /// When set, the data and the network's head must both have this dataset's class count.
+    pub dataset: Option<EvalDataset>,
 }
 
 impl Default for EvalOptions {
@@ -38,6 +90,7 @@ impl Default for EvalOptions {
             fold: true,
             ten_crop: false,
             scales: Vec::new(),
+            dataset: None,
         }
     }
 }
@@ -49,6 +102,12 @@ pub struct EvalReport {
     pub images_per_second: f64,
     /// Unreadable images skipped (path and reason).
     pub skipped: Vec<String>,
+    /// Forward passes run (all scales together).
+    pub batches: usize,
+    /// Views averaged per image: 1, 10 (ten-crop) or the number of scales.
+    pub views: usize,
+    /// Whether the network ran with BatchNorm folded into its convolutions.
+    pub bn_folded: bool,
 }
 
 /// The evaluation preprocessing of a network family: the image (CIFAR) or resize + centre crop (ImageNet);
@@ -89,8 +148,26 @@ fn mean_probabilities(logits: &candle_core::Tensor, views: usize) -> Result<Vec<
         .to_vec1::<f32>()?)
 }
 
-pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<EvalReport> {
+/// The checks `evaluate` starts with, for a caller that wants them before it prints anything: `--dataset`'s
+/// class count against the data and the head, the data against the head, one protocol at a time.
+pub fn check_options(model: &Model, split: &Split, options: &EvalOptions) -> Result<()> {
     let classes = model.config().num_classes;
+    if let Some(dataset) = options.dataset {
+        let want = dataset.classes();
+        if split.classes.len() != want {
+            bail!(
+                "--dataset {} has {want} classes, but the data has {}",
+                dataset.name(),
+                split.classes.len()
+            );
+        }
+        if classes != want {
+            bail!(
+                "--dataset {} has {want} classes, but the network's head has {classes} outputs",
+                dataset.name()
+            );
+        }
+    }
     if split.classes.len() > classes {
         bail!(
             "the data has {} classes but the network's head has {classes} outputs",
@@ -100,6 +177,16 @@ pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<Ev
     if options.ten_crop && !options.scales.is_empty() {
         bail!("--ten-crop and --multi-scale are separate protocols: choose one");
     }
+    if options.scales.contains(&0) {
+        bail!("--multi-scale sizes must be at least 1 pixel");
+    }
+    eval_pipeline(model.config().family, options)?;
+    Ok(())
+}
+
+pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<EvalReport> {
+    check_options(model, &split, options)?;
+    let classes = model.config().num_classes;
     let predictor = model.predictor(options.fold)?;
     let labels = split.labels();
     let start = Instant::now();
@@ -125,7 +212,9 @@ pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<Ev
     let mut sums = vec![0f32; split.len() * classes];
     let mut seen = vec![false; split.len()];
     let mut skipped = Vec::new();
+    let (mut batches, mut views) = (0, 0);
     for (pipeline, batch_size) in passes {
+        views += pipeline.views();
         let config = LoaderConfig {
             batch_size,
             shuffle: false,
@@ -139,6 +228,7 @@ pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<Ev
             if batch.is_empty() {
                 continue;
             }
+            batches += 1;
             let (images, _) = batch.to_tensors(&options.device)?;
             let probs = mean_probabilities(&predictor.forward(&images)?, batch.views)?;
             for (&i, row) in batch.indices.iter().zip(probs.chunks(classes)) {
@@ -161,5 +251,8 @@ pub fn evaluate(model: &Model, split: Split, options: &EvalOptions) -> Result<Ev
         images_per_second: accuracy.images as f64 / seconds.max(1e-9),
         accuracy,
         skipped,
+        batches,
+        views,
+        bn_folded: predictor.is_folded(),
     })
 }

@@ -1,5 +1,6 @@
 //! The library behind the `resnet-infer` binary: loading weights from anywhere, evaluation, classification.
 
+pub mod bench;
 pub mod class_names;
 pub mod conv_bench;
 pub mod evaluate;
@@ -7,7 +8,7 @@ pub mod hub;
 pub mod loading;
 pub mod metrics;
 
-pub use evaluate::{evaluate, EvalOptions, EvalReport};
+pub use evaluate::{choose_normalization, evaluate, EvalDataset, EvalOptions, EvalReport};
 pub use loading::{load_model, LoadedModel};
 
 /// Keeps freed memory for reuse instead of handing it back to the OS: a training or inference loop frees and

@@ -3,14 +3,14 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::{Args, Parser, Subcommand};
-use datasets::{DataSource, Normalize};
+use datasets::{DataSource, Normalize, Split};
 use rand::SeedableRng;
-use resnet_core::threads::on_pool;
-use resnet_core::{config_for, parse_device, Model};
-use resnet_infer::evaluate::{eval_pipeline, EvalOptions};
-use resnet_infer::{class_names, evaluate, load_model, metrics::top_k};
+use resnet_core::{config_for, parse_device, Model, ResNetConfig};
+use resnet_infer::bench::{bench, default_side, BenchOptions};
+use resnet_infer::evaluate::{check_options, eval_pipeline};
+use resnet_infer::{choose_normalization, class_names, evaluate, load_model, metrics::top_k};
+use resnet_infer::{EvalDataset, EvalOptions, LoadedModel};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 /// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
 #[global_allocator]
@@ -55,7 +55,8 @@ struct WeightsArgs {
     /// A safetensors file (the project's checkpoint or a published layout).
     #[arg(long)]
     weights: String,
-    /// Per-channel mean on [0,1] pixels, e.g. 0.485,0.456,0.406 (default: the weights' metadata, else ImageNet's).
+    /// Per-channel mean on [0,1] pixels, e.g. 0.485,0.456,0.406 (default: the weights' metadata or hub config,
+    /// else --dataset's statistics, else ImageNet's).
     #[arg(long)]
     mean: Option<String>,
     /// Per-channel std, e.g. 0.229,0.224,0.225.
@@ -85,10 +86,10 @@ struct EvalArgs {
     data: PathBuf,
     #[arg(long, default_value_t = 250)]
     batch_size: usize,
-    /// What the data is: checks the class count and sets the default normalisation when the weights carry none
-    /// (cifar10/cifar100: CIFAR-10 statistics; imagenet: ImageNet statistics).
-    #[arg(long, value_parser = ["cifar10", "cifar100", "imagenet"])]
-    dataset: Option<String>,
+    /// What the data is: the data and the network's head must have its class count (10, 100, 1000), and its
+    /// training-set statistics normalise the images when neither --mean/--std nor the weights say.
+    #[arg(long, value_enum)]
+    dataset: Option<EvalDataset>,
     /// Average over the paper's ten crops (corners, centre, and their mirror images).
     #[arg(long)]
     ten_crop: bool,
@@ -164,38 +165,104 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Classify(a) => classify(a),
         Command::Summary(a) => summary(a),
-        Command::Bench(a) => bench(a),
+        Command::Bench(a) => bench_command(a),
     }
 }
 
-/// `--mean/--std`, else the weights' metadata, else ImageNet statistics.
-fn normalization(args: &WeightsArgs, from_weights: Option<Normalize>) -> Result<Normalize> {
-    match (&args.mean, &args.std) {
-        (Some(m), Some(s)) => Ok(Normalize::parse(m, s)?),
-        (None, None) => Ok(from_weights.unwrap_or(Normalize::IMAGENET)),
+// Each subcommand's arguments become library options in one conversion. The argument structs are destructured
+// in full (no `..`), and the options are written out in full (no `..Default::default()`): a new flag that is not
+// wired to the library does not compile.
+
+/// `--mean/--std` (both or neither).
+fn explicit_normalization(
+    mean: &Option<String>,
+    std: &Option<String>,
+) -> Result<Option<Normalize>> {
+    match (mean, std) {
+        (Some(m), Some(s)) => Ok(Some(Normalize::parse(m, s)?)),
+        (None, None) => Ok(None),
         _ => bail!("--mean and --std go together"),
     }
 }
 
+/// A model, its data and every evaluation option, from `eval`'s arguments.
+struct EvalJob {
+    loaded: LoadedModel,
+    /// What the data is, for the log.
+    source: String,
+    split: Split,
+    options: EvalOptions,
+    json: bool,
+}
+
+impl TryFrom<EvalArgs> for EvalJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: EvalArgs) -> Result<Self> {
+        let EvalArgs {
+            common:
+                WeightsArgs {
+                    model,
+                    weights,
+                    mean,
+                    std,
+                    crop_pct,
+                    device,
+                    no_fold,
+                    json,
+                },
+            data,
+            batch_size,
+            dataset,
+            ten_crop,
+            multi_scale,
+            strict,
+        } = args;
+        if batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let explicit = explicit_normalization(&mean, &std)?;
+        let device = parse_device(&device)?;
+        let loaded = load_model(model.as_deref(), &weights, &device)?;
+        let source = DataSource::open_test(&data)?;
+        let summary = source.summary();
+        let split = source
+            .test
+            .or(source.train)
+            .context("the dataset has no images")?;
+        let options = EvalOptions {
+            batch_size,
+            normalize: choose_normalization(explicit, loaded.normalize, dataset),
+            crop_pct,
+            threads: 0,
+            strict,
+            device,
+            fold: !no_fold,
+            ten_crop,
+            scales: multi_scale,
+            dataset,
+        };
+        Ok(EvalJob {
+            loaded,
+            source: summary,
+            split,
+            options,
+            json,
+        })
+    }
+}
+
 fn eval(args: EvalArgs) -> Result<()> {
-    let device = parse_device(&args.common.device)?;
-    let loaded = load_model(args.common.model.as_deref(), &args.common.weights, &device)?;
-    let source = DataSource::open_test(&args.data)?;
-    eprintln!("{}", source.summary());
-    let split = source
-        .test
-        .or(source.train)
-        .context("the dataset has no images")?;
+    let EvalJob {
+        loaded,
+        source,
+        split,
+        options,
+        json,
+    } = args.try_into()?;
+    check_options(&loaded.model, &split, &options)?;
+    println!("{source}");
     let classes = split.classes.clone();
-    let options = EvalOptions {
-        batch_size: args.batch_size,
-        normalize: normalization(&args.common, loaded.normalize)?,
-        crop_pct: args.common.crop_pct,
-        strict: args.strict,
-        device,
-        fold: !args.common.no_fold,
-        ..Default::default()
-    };
     let report = evaluate(&loaded.model, split, &options)?;
     let r = &report.accuracy;
     println!(
@@ -212,36 +279,86 @@ fn eval(args: EvalArgs) -> Result<()> {
             report.skipped.len()
         );
     }
-    if args.common.json {
+    if json {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }
 
+/// A model, the images and the preprocessing, from `classify`'s arguments.
+struct ClassifyJob {
+    loaded: LoadedModel,
+    images: Vec<PathBuf>,
+    options: EvalOptions,
+    json: bool,
+}
+
+impl TryFrom<ClassifyArgs> for ClassifyJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ClassifyArgs) -> Result<Self> {
+        let ClassifyArgs {
+            common:
+                WeightsArgs {
+                    model,
+                    weights,
+                    mean,
+                    std,
+                    crop_pct,
+                    device,
+                    no_fold,
+                    json,
+                },
+            images,
+        } = args;
+        let explicit = explicit_normalization(&mean, &std)?;
+        let device = parse_device(&device)?;
+        let loaded = load_model(model.as_deref(), &weights, &device)?;
+        // One image at a time, single view: the evaluation-only options keep their plain values.
+        let options = EvalOptions {
+            batch_size: 1,
+            normalize: choose_normalization(explicit, loaded.normalize, None),
+            crop_pct,
+            threads: 0,
+            strict: true,
+            device,
+            fold: !no_fold,
+            ten_crop: false,
+            scales: Vec::new(),
+            dataset: None,
+        };
+        Ok(ClassifyJob {
+            loaded,
+            images,
+            options,
+            json,
+        })
+    }
+}
+
 fn classify(args: ClassifyArgs) -> Result<()> {
-    let device = parse_device(&args.common.device)?;
-    let loaded = load_model(args.common.model.as_deref(), &args.common.weights, &device)?;
-    let options = EvalOptions {
-        normalize: normalization(&args.common, loaded.normalize)?,
-        crop_pct: args.common.crop_pct,
-        ..Default::default()
-    };
+    let ClassifyJob {
+        loaded,
+        images,
+        options,
+        json,
+    } = args.try_into()?;
     let pipeline = eval_pipeline(loaded.model.config().family, &options)?;
     let names = class_names::for_head(loaded.model.config().num_classes);
-    let predictor = loaded.model.predictor(!args.common.no_fold)?;
+    let predictor = loaded.model.predictor(options.fold)?;
     // Evaluation pipelines draw no random numbers; the generator only satisfies the signature.
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    for path in &args.images {
+    for path in &images {
         let img = datasets::transforms::open_rgb(path)?;
         let (chw, (h, w)) = pipeline.apply(&img, &mut rng)?;
-        let x = Tensor::from_vec(chw, (1, 3, h, w), &device)?;
+        let x = Tensor::from_vec(chw, (1, 3, h, w), &options.device)?;
         let probs = candle_nn::ops::softmax(&predictor.forward(&x)?, D::Minus1)?;
         let probs = probs.flatten_all()?.to_vec1::<f32>()?;
         let top: Vec<serde_json::Value> = top_k(&probs, 5)
             .into_iter()
             .map(|i| serde_json::json!({"index": i, "name": names[i], "probability": probs[i]}))
             .collect();
-        if args.common.json {
+        if json {
             println!(
                 "{}",
                 serde_json::json!({"image": path.display().to_string(), "top5": top})
@@ -261,35 +378,63 @@ fn classify(args: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_side(model: &Model) -> usize {
-    match model.config().family {
-        resnet_core::Family::Cifar => 32,
-        resnet_core::Family::ImageNet => 224,
+/// The network and the input side, from `summary`'s arguments.
+struct SummaryJob {
+    name: String,
+    config: ResNetConfig,
+    input: Option<usize>,
+    json: bool,
+}
+
+impl TryFrom<SummaryArgs> for SummaryJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: SummaryArgs) -> Result<Self> {
+        let SummaryArgs {
+            model,
+            input,
+            classes,
+            json,
+        } = args;
+        let mut config = config_for(&model)?;
+        match classes {
+            Some(0) => bail!("--classes must be at least 1"),
+            Some(c) => config.num_classes = c,
+            None => {}
+        }
+        if input == Some(0) {
+            bail!("--input must be at least 1 pixel");
+        }
+        Ok(SummaryJob {
+            name: model,
+            config,
+            input,
+            json,
+        })
     }
 }
 
 fn summary(args: SummaryArgs) -> Result<()> {
-    let mut config = config_for(&args.model)?;
-    if let Some(c) = args.classes {
-        config.num_classes = c;
-    }
+    let SummaryJob {
+        name,
+        config,
+        input,
+        json,
+    } = args.try_into()?;
     let model = Model::new(&config, 0, &Device::Cpu)?;
-    let side = args.input.unwrap_or_else(|| default_side(&model));
+    let side = input.unwrap_or_else(|| default_side(&model));
     let layers = model.net.layers((side, side));
     let params = model.parameter_count();
     let macs: u64 = layers.iter().map(|l| l.macs).sum();
-    if args.json {
+    if json {
         println!(
             "{}",
-            serde_json::json!({"model": args.model, "input": side, "params": params, "macs": macs, "layers": layers})
+            serde_json::json!({"model": name, "input": side, "classes": config.num_classes, "params": params,
+                "macs": macs, "layers": layers})
         );
         return Ok(());
     }
-    println!(
-        "{} ({} layers) at {side}×{side}",
-        args.model,
-        config.depth()
-    );
+    println!("{name} ({} layers) at {side}×{side}", config.depth());
     println!(
         "{:<24} {:>16} {:>12} {:>16}",
         "layer", "output", "params", "mult-adds"
@@ -309,98 +454,54 @@ fn summary(args: SummaryArgs) -> Result<()> {
     Ok(())
 }
 
-/// Peak resident memory of this process (VmHWM), in MB; 0 where /proc is not available.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+impl TryFrom<BenchArgs> for (BenchOptions, bool) {
+    type Error = anyhow::Error;
+
+    fn try_from(args: BenchArgs) -> Result<Self> {
+        let BenchArgs {
+            model,
+            batch_size,
+            input,
+            train,
+            iterations,
+            no_fold,
+            convs,
+            device,
+            json,
+        } = args;
+        let options = BenchOptions {
+            model,
+            batch_size,
+            input,
+            train,
+            iterations,
+            fold: !no_fold,
+            convs,
+            device: parse_device(&device)?,
+        };
+        Ok((options, json))
+    }
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
-    if args.batch_size == 0 || args.iterations == 0 {
-        bail!("--batch-size and --iterations must be at least 1");
-    }
-    let device = parse_device(&args.device)?;
-    let model = Model::by_name(&args.model, 0, &device)?;
-    let side = args.input.unwrap_or_else(|| default_side(&model));
-    let x = Tensor::randn(0f32, 1.0, (args.batch_size, 3, side, side), &device)?;
-    let classes = model.config().num_classes as u32;
-    let labels: Vec<u32> = (0..args.batch_size as u32).map(|i| i % classes).collect();
-    let y = Tensor::new(labels.as_slice(), &device)?;
-    let mut sgd = resnet_core::optim::Sgd::new(model.trainable_vars(), Default::default());
-    let predictor = model.predictor(!args.no_fold)?;
-    // Time spent in forward (with the loss), backward and update over the timed training steps.
-    let mut phases = [Duration::ZERO; 3];
-    let mut step = |phases: &mut [Duration; 3]| -> Result<()> {
-        if args.train {
-            // As resnet-train's loop: each phase on rayon's pool (resnet_core::threads::on_pool).
-            let t0 = Instant::now();
-            let loss = on_pool(&device, || {
-                candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &y)
-            })?;
-            let t1 = Instant::now();
-            let grads = on_pool(&device, || loss.backward())?;
-            let t2 = Instant::now();
-            let sgd = &mut sgd;
-            on_pool(&device, || sgd.step(&grads))?;
-            let t3 = Instant::now();
-            for (phase, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
-                *phase += b - a;
-            }
-        } else {
-            predictor.forward(&x)?.to_device(&Device::Cpu)?;
-        }
-        Ok(())
-    };
-    // Two warm-up steps, as ../shared/reference/pytorch_bench.py: the first training step also creates the
-    // momentum buffers, and the allocator's arena is still growing.
-    step(&mut [Duration::ZERO; 3])?;
-    step(&mut [Duration::ZERO; 3])?;
-    let start = Instant::now();
-    for _ in 0..args.iterations {
-        step(&mut phases)?;
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    let ips = (args.batch_size * args.iterations) as f64 / seconds;
-    let mode = match (args.train, predictor.is_folded()) {
-        (true, _) => "train step",
-        (false, true) => "inference (BN folded)",
-        (false, false) => "inference",
-    };
-    let rss = peak_rss_mb();
+fn bench_command(args: BenchArgs) -> Result<()> {
+    let (options, json): (BenchOptions, bool) = args.try_into()?;
+    let r = bench(&options)?;
     println!(
-        "{} {mode}, batch {}, {side}×{side}: {ips:.1} img/s, peak RSS {rss:.0} MB",
-        args.model, args.batch_size
+        "{} {}, batch {}, {}×{}: {:.1} img/s, peak RSS {:.0} MB",
+        r.model, r.mode, r.batch_size, r.input, r.input, r.images_per_second, r.peak_rss_mb
     );
-    if args.train {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3 / args.iterations as f64;
-        println!(
-            "per step: forward {:.1} ms, backward {:.1} ms, update {:.1} ms",
-            ms(phases[0]),
-            ms(phases[1]),
-            ms(phases[2])
-        );
+    if let (Some(f), Some(b), Some(u)) = (r.forward_ms, r.backward_ms, r.update_ms) {
+        println!("per step: forward {f:.1} ms, backward {b:.1} ms, update {u:.1} ms");
     }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"model": args.model, "mode": mode, "batch_size": args.batch_size, "input": side,
-                "images_per_second": ips, "peak_rss_mb": rss, "device": args.device})
-        );
-    }
-    if args.convs {
-        let shapes = model.conv_shapes((side, side));
-        let timings =
-            resnet_infer::conv_bench::time_convs(&shapes, args.batch_size, args.iterations)?;
+    if !r.convs.is_empty() {
         print!(
             "{}",
-            resnet_infer::conv_bench::table(&timings, args.batch_size)
+            resnet_infer::conv_bench::table(&r.convs, options.batch_size)
         );
+    }
+    // Last, as the `--json` contract says.
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use recipe::{Recipe, Schedule};
 use resnet_core::parse_device;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use trainer::{RunOptions, Trainer};
 
 /// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
@@ -59,19 +59,20 @@ enum Command {
 
 #[derive(clap::Args, Clone)]
 struct TrainArgs {
-    /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …).
-    #[arg(long, default_value = "resnet20")]
-    model: String,
+    /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …)
+    /// [default: resnet20].
+    #[arg(long)]
+    model: Option<String>,
     /// Dataset folder (CIFAR-10/100 binaries, or an ImageFolder with train/ and val/ or test/), or
     /// hub:OWNER/REPO[@REV][:CONFIG] for CIFAR parquet files on the Hugging Face hub [default: hub:uoft-cs/cifar10].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder: config.json, metrics.csv, checkpoints.
-    #[arg(long)]
+    /// Run folder: config.json, metrics.csv, checkpoints [default: runs/MODEL].
+    #[arg(long, conflicts_with = "resume")]
     out: Option<PathBuf>,
-    /// cifar-paper, preact-cifar, imagenet-paper or quick.
-    #[arg(long, default_value = "cifar-paper")]
-    recipe: String,
+    /// cifar-paper, preact-cifar, imagenet-paper or quick [default: cifar-paper].
+    #[arg(long)]
+    recipe: Option<String>,
     /// Stop after this many iterations (overrides the recipe).
     #[arg(long, conflicts_with = "epochs")]
     iterations: Option<u64>,
@@ -109,15 +110,17 @@ struct TrainArgs {
     eval_every: Option<u64>,
     #[arg(long)]
     log_every: Option<u64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed of the initial weights, the data order and the augmentation [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Write a checkpoint every N iterations and at the end (default 1000; a resumed run keeps its own).
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Numbered checkpoints to keep (default 3; a resumed run keeps its own).
     #[arg(long)]
     keep: Option<usize>,
-    /// Continue the run in this folder from its newest readable checkpoint.
+    /// Continue the run in this folder from its newest readable checkpoint, with its own recipe (only
+    /// --iterations/--epochs, --data, --checkpoint-every, --keep, --threads, --strict and --device may be given).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Decode threads (0: one per core).
@@ -155,121 +158,218 @@ fn positive(name: &str, v: Option<f64>) -> Result<()> {
     }
 }
 
-/// The named recipe with every flag applied.
-fn resolve_recipe(cli: &TrainArgs) -> Result<Recipe> {
-    let config = resnet_core::config_for(&cli.model)?;
-    let mut r = Recipe::named(&cli.recipe, &cli.model, config.depth()).with_context(|| {
-        format!(
-            "unknown recipe `{}`: expected one of {}",
-            cli.recipe,
-            recipe::NAMES.join(", ")
-        )
-    })?;
-    positive("lr", cli.lr)?;
-    if cli.batch_size == Some(0) {
-        bail!("--batch-size must be at least 1");
-    }
-    let ranges = [
-        ("momentum", cli.momentum, 1.0),
-        ("label-smoothing", cli.label_smoothing, 1.0),
-        ("weight-decay", cli.weight_decay, f64::INFINITY),
-    ];
-    for (name, value, end) in ranges {
-        if let Some(v) = value.filter(|v| !(0.0..end).contains(v)) {
-            bail!("--{name} must be in [0, {end}), got {v}");
-        }
-    }
-    r.batch_size = cli.batch_size.unwrap_or(r.batch_size);
-    r.sgd.lr = cli.lr.unwrap_or(r.sgd.lr);
-    r.sgd.momentum = cli.momentum.unwrap_or(r.sgd.momentum);
-    r.sgd.weight_decay = cli.weight_decay.unwrap_or(r.sgd.weight_decay);
-    r.sgd.nesterov |= cli.nesterov;
-    r.sgd.decay_norm_and_bias &= !cli.no_decay_norm_bias;
-    if let Some(m) = &cli.milestones {
-        r.schedule = Schedule::Step {
-            milestones: m.clone(),
-            factor: 0.1,
-        };
-    }
-    r.label_smoothing = cli.label_smoothing.unwrap_or(r.label_smoothing);
-    r.zero_init_residual |= cli.zero_init_residual;
-    r.bn_recalibration_batches = cli.bn_recalibrate.unwrap_or(r.bn_recalibration_batches);
-    r.validation_holdout = cli.holdout.unwrap_or(r.validation_holdout);
-    r.eval_every = cli.eval_every.unwrap_or(r.eval_every);
-    r.log_every = cli.log_every.unwrap_or(r.log_every);
-    if cli.iterations == Some(0) || cli.epochs == Some(0) {
-        bail!("--iterations / --epochs must be at least 1");
-    }
-    if let Some(n) = cli.iterations {
-        r.iterations = n;
-    }
-    Ok(r)
+/// A run to start or continue: the recipe, where and how, and (resume) the iteration count to extend to.
+struct TrainJob {
+    recipe: Recipe,
+    options: RunOptions,
+    resume: bool,
+    extend_to: Option<u64>,
 }
 
-/// Trains one network; returns its run folder.
-fn train(cli: &TrainArgs) -> Result<PathBuf> {
-    let mut recipe = resolve_recipe(cli)?;
-    let device = parse_device(&cli.device)?;
-    let (out, resume) = match (&cli.resume, &cli.out) {
-        (Some(dir), _) => (dir.clone(), true),
-        (None, Some(out)) => (out.clone(), false),
-        (None, None) => (PathBuf::from("runs").join(&recipe.model), false),
-    };
-    let saved = if resume {
-        Some(saved_config(&out)?)
-    } else {
-        None
-    };
-    let saved_value = |key: &str| saved.as_ref().and_then(|c| c[key].as_u64());
-    let data = match &cli.data {
-        Some(d) => d.clone(),
-        None if resume => saved
-            .as_ref()
-            .and_then(|c| c["data"].as_str())
-            .map(PathBuf::from)
-            .with_context(|| {
-                format!(
-                    "{} has no data folder: pass --data",
-                    out.join("config.json").display()
-                )
-            })?,
-        None => {
+/// Iterations in `epochs` passes over the training images of `data` (less the recipe's held-out images).
+fn epochs_to_iterations(epochs: u64, data: &Path, recipe: &Recipe) -> Result<u64> {
+    let source = datasets::DataSource::open(data)?;
+    let train = source
+        .train
+        .as_ref()
+        .or(source.test.as_ref())
+        .map_or(0, |s| s.len());
+    let per_epoch =
+        (train.saturating_sub(recipe.validation_holdout) / recipe.batch_size).max(1) as u64;
+    Ok(epochs * per_epoch)
+}
+
+/// Every flag into the recipe and the run options, in one place. `TrainArgs` is destructured in full (no `..`):
+/// a new flag that is not wired here does not compile.
+impl TryFrom<&TrainArgs> for TrainJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &TrainArgs) -> Result<Self> {
+        let TrainArgs {
+            model,
+            data,
+            out,
+            recipe,
+            iterations,
+            epochs,
+            batch_size,
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+            no_decay_norm_bias,
+            milestones,
+            label_smoothing,
+            bn_recalibrate,
+            zero_init_residual,
+            holdout,
+            eval_every,
+            log_every,
+            seed,
+            checkpoint_every,
+            keep,
+            resume,
+            threads,
+            strict,
+            device,
+        } = args;
+        positive("lr", *lr)?;
+        if *batch_size == Some(0) {
+            bail!("--batch-size must be at least 1");
+        }
+        let ranges = [
+            ("momentum", *momentum, 1.0),
+            ("label-smoothing", *label_smoothing, 1.0),
+            ("weight-decay", *weight_decay, f64::INFINITY),
+        ];
+        for (name, value, end) in ranges {
+            if let Some(v) = value.filter(|v| !(0.0..end).contains(v)) {
+                bail!("--{name} must be in [0, {end}), got {v}");
+            }
+        }
+        if *iterations == Some(0) || *epochs == Some(0) {
+            bail!("--iterations / --epochs must be at least 1");
+        }
+        let device = parse_device(device)?;
+
+        if let Some(dir) = resume {
+            // A resumed run continues with the recipe it was started with: a flag that would change it is an
+            // error, never silently dropped.
+            let recipe_flags = [
+                ("--model", model.is_some()),
+                ("--recipe", recipe.is_some()),
+                ("--batch-size", batch_size.is_some()),
+                ("--lr", lr.is_some()),
+                ("--momentum", momentum.is_some()),
+                ("--weight-decay", weight_decay.is_some()),
+                ("--nesterov", *nesterov),
+                ("--no-decay-norm-bias", *no_decay_norm_bias),
+                ("--milestones", milestones.is_some()),
+                ("--label-smoothing", label_smoothing.is_some()),
+                ("--bn-recalibrate", bn_recalibrate.is_some()),
+                ("--zero-init-residual", *zero_init_residual),
+                ("--holdout", holdout.is_some()),
+                ("--eval-every", eval_every.is_some()),
+                ("--log-every", log_every.is_some()),
+                ("--seed", seed.is_some()),
+            ];
+            if let Some((flag, _)) = recipe_flags.iter().find(|(_, given)| *given) {
+                bail!(
+                    "{flag} cannot change a resumed run: {} continues with the recipe in its config.json (start a new run with --out to change it)",
+                    dir.display()
+                );
+            }
+            let saved = saved_config(dir)?;
+            let saved_recipe: Recipe = serde_json::from_value(saved["recipe"].clone())
+                .with_context(|| format!("the recipe in {}", dir.join("config.json").display()))?;
+            let saved_value = |key: &str| saved[key].as_u64();
+            let data = match data {
+                Some(d) => d.clone(),
+                None => saved["data"].as_str().map(PathBuf::from).with_context(|| {
+                    format!(
+                        "{} has no data folder: pass --data",
+                        dir.join("config.json").display()
+                    )
+                })?,
+            };
+            let extend_to = match epochs {
+                Some(e) => Some(epochs_to_iterations(*e, &data, &saved_recipe)?),
+                None => *iterations,
+            };
+            let options = RunOptions {
+                data,
+                out: dir.clone(),
+                seed: saved["seed"].as_u64().unwrap_or(0),
+                checkpoint_every: checkpoint_every
+                    .or(saved_value("checkpoint_every"))
+                    .unwrap_or(1000),
+                keep: keep
+                    .or(saved_value("keep").map(|k| k as usize))
+                    .unwrap_or(3)
+                    .max(1),
+                threads: *threads,
+                strict: *strict,
+                device,
+            };
+            return Ok(TrainJob {
+                recipe: saved_recipe,
+                options,
+                resume: true,
+                extend_to,
+            });
+        }
+
+        let model = model.clone().unwrap_or_else(|| "resnet20".into());
+        let recipe_name = recipe.as_deref().unwrap_or("cifar-paper");
+        let config = resnet_core::config_for(&model)?;
+        let mut r = Recipe::named(recipe_name, &model, config.depth()).with_context(|| {
+            format!(
+                "unknown recipe `{recipe_name}`: expected one of {}",
+                recipe::NAMES.join(", ")
+            )
+        })?;
+        r.batch_size = batch_size.unwrap_or(r.batch_size);
+        r.sgd.lr = lr.unwrap_or(r.sgd.lr);
+        r.sgd.momentum = momentum.unwrap_or(r.sgd.momentum);
+        r.sgd.weight_decay = weight_decay.unwrap_or(r.sgd.weight_decay);
+        r.sgd.nesterov |= *nesterov;
+        r.sgd.decay_norm_and_bias &= !*no_decay_norm_bias;
+        if let Some(m) = milestones {
+            r.schedule = Schedule::Step {
+                milestones: m.clone(),
+                factor: 0.1,
+            };
+        }
+        r.label_smoothing = label_smoothing.unwrap_or(r.label_smoothing);
+        r.zero_init_residual |= *zero_init_residual;
+        r.bn_recalibration_batches = bn_recalibrate.unwrap_or(r.bn_recalibration_batches);
+        r.validation_holdout = holdout.unwrap_or(r.validation_holdout);
+        r.eval_every = eval_every.unwrap_or(r.eval_every);
+        r.log_every = log_every.unwrap_or(r.log_every);
+        let data = data.clone().unwrap_or_else(|| {
             eprintln!(
                 "no --data given: CIFAR-10 from the Hugging Face hub ({}), cached by hf-hub",
                 datasets::DEFAULT_HUB_DATA
             );
             PathBuf::from(datasets::DEFAULT_HUB_DATA)
+        });
+        if let Some(n) = iterations {
+            r.iterations = *n;
         }
-    };
-    if let Some(epochs) = cli.epochs {
-        let source = datasets::DataSource::open(&data)?;
-        let train = source
-            .train
-            .as_ref()
-            .or(source.test.as_ref())
-            .map_or(0, |s| s.len());
-        let per_epoch =
-            (train.saturating_sub(recipe.validation_holdout) / recipe.batch_size).max(1) as u64;
-        recipe.iterations = epochs * per_epoch;
+        if let Some(e) = epochs {
+            r.iterations = epochs_to_iterations(*e, &data, &r)?;
+        }
+        let options = RunOptions {
+            data,
+            out: out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&model)),
+            seed: seed.unwrap_or(0),
+            checkpoint_every: checkpoint_every.unwrap_or(1000),
+            keep: keep.unwrap_or(3).max(1),
+            threads: *threads,
+            strict: *strict,
+            device,
+        };
+        Ok(TrainJob {
+            recipe: r,
+            options,
+            resume: false,
+            extend_to: None,
+        })
     }
-    let options = RunOptions {
-        data,
-        out: out.clone(),
-        seed: cli.seed,
-        checkpoint_every: cli
-            .checkpoint_every
-            .or(saved_value("checkpoint_every"))
-            .unwrap_or(1000),
-        keep: cli
-            .keep
-            .or(saved_value("keep").map(|k| k as usize))
-            .unwrap_or(3)
-            .max(1),
-        threads: cli.threads,
-        strict: cli.strict,
-        device,
-    };
-    let mut trainer = Trainer::new(recipe, options, resume, cli.iterations)?;
+}
+
+/// Trains one network; returns its run folder.
+fn train(args: &TrainArgs) -> Result<PathBuf> {
+    let TrainJob {
+        recipe,
+        options,
+        resume,
+        extend_to,
+    } = args.try_into()?;
+    let out = options.out.clone();
+    let mut trainer = Trainer::new(recipe, options, resume, extend_to)?;
     if !resume {
         eprintln!(
             "recipe:\n{}",
@@ -325,12 +425,17 @@ fn experiment(name: &str, args: &TrainArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs").join(name));
     let mut table = String::from("| model | iterations | final training error (%) | final test error (%) | best test error (%) |\n|---|---|---|---|---|\n");
     let mut dirs = Vec::new();
+    if args.resume.is_some() || args.model.is_some() {
+        bail!("experiment {name} starts fresh runs of its own networks: --resume and --model do not apply");
+    }
     for model in models {
         let mut run = args.clone();
-        run.model = model.to_string();
+        run.model = Some(model.to_string());
         run.out = Some(base.join(model));
-        if model.starts_with("preact") && args.recipe == "cifar-paper" {
-            run.recipe = "preact-cifar".into();
+        if model.starts_with("preact")
+            && run.recipe.as_deref().unwrap_or("cifar-paper") == "cifar-paper"
+        {
+            run.recipe = Some("preact-cifar".into());
         }
         let dir = train(&run)?;
         let rows = metrics_log::read_rows(&dir.join("metrics.csv"))?;

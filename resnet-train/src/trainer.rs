@@ -6,13 +6,12 @@ use crate::metrics_log::{MetricsLog, Row};
 use crate::recipe::{Recipe, TrainTransform};
 use crate::schedule::LrSchedule;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, D};
 use datasets::{
     Augmentation, DataSource, Loader, LoaderConfig, Normalization, Normalize, Pipeline, Split,
 };
 use resnet_core::optim::Sgd;
-use resnet_core::threads::on_pool;
-use resnet_core::{config_for, Family, Model};
+use resnet_core::{config_for, train_step, Family, Model};
 use resnet_infer::evaluate::{evaluate, EvalOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -40,17 +39,6 @@ pub struct Trainer {
     state: TrainingState,
     options: RunOptions,
     log: MetricsLog,
-}
-
-/// Cross-entropy with optional label smoothing ε: (1−ε)·CE + ε·mean over classes of −log p.
-fn loss_fn(logits: &Tensor, labels: &Tensor, smoothing: f64) -> candle_core::Result<Tensor> {
-    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let nll = candle_nn::loss::nll(&log_p, labels)?;
-    if smoothing == 0.0 {
-        return Ok(nll);
-    }
-    let uniform = log_p.mean(D::Minus1)?.mean_all()?.neg()?;
-    (nll * (1.0 - smoothing))? + (uniform * smoothing)?
 }
 
 impl Trainer {
@@ -142,6 +130,11 @@ impl Trainer {
                 strict: options.strict,
             },
         )?;
+        eprintln!(
+            "loader: batch {}, {} decode threads",
+            recipe.batch_size,
+            loader.decode_threads()
+        );
         let mut sgd = Sgd::new(model.trainable_vars(), recipe.sgd);
         let mut schedule = LrSchedule::new(
             recipe.sgd.lr,
@@ -230,16 +223,26 @@ impl Trainer {
         &self.recipe
     }
 
+    /// Where a stopped run can be resumed from, for its error message.
+    fn last_good_checkpoint(&self) -> String {
+        let last = self.options.out.join(LAST);
+        if last.is_file() {
+            format!("the last good checkpoint is {}", last.display())
+        } else {
+            "no checkpoint had been written yet".into()
+        }
+    }
+
     fn checkpoint(&self) -> Result<()> {
         let out = &self.options.out;
-        // Never replace a good checkpoint with weights that have overflowed.
-        for (name, var) in self.model.trainable_vars() {
-            let norm = var.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()?;
+        // Never replace a good checkpoint with weights or BN statistics that have overflowed.
+        for (name, tensor) in self.model.state_dict()? {
+            let norm = tensor.sqr()?.sum_all()?.to_scalar::<f32>()?;
             if !norm.is_finite() {
                 bail!(
-                    "parameter {name} is no longer finite at iteration {}: training stopped; the last good checkpoint is {}",
+                    "{name} is no longer finite at iteration {}: training stopped; {}",
                     self.state.iteration,
-                    out.join(LAST).display()
+                    self.last_good_checkpoint()
                 );
             }
         }
@@ -315,25 +318,21 @@ impl Trainer {
                 let lr = self.schedule.lr(it);
                 self.sgd.set_lr(lr);
                 let (x, y) = batch.to_tensors(&device)?;
-                // On rayon's pool: see resnet_core::threads::on_pool.
-                let (model, smoothing) = (&self.model, self.recipe.label_smoothing);
-                let (logits, loss) = on_pool(&device, || -> Result<_> {
-                    let logits = model.forward_t(&x, true)?;
-                    let loss = loss_fn(&logits, &y, smoothing)?;
-                    Ok((logits, loss))
-                })?;
-                let loss_value = loss.to_scalar::<f32>()? as f64;
+                let step = train_step(
+                    &self.model,
+                    &mut self.sgd,
+                    &x,
+                    &y,
+                    self.recipe.label_smoothing,
+                )?;
+                let (logits, loss_value) = (step.logits, step.loss as f64);
                 if !loss_value.is_finite() {
                     bail!(
-                        "the loss became {loss_value} at iteration {}: training stopped; the last good checkpoint is {}",
+                        "the loss became {loss_value} at iteration {}: training stopped; {}",
                         it + 1,
-                        self.options.out.join(LAST).display()
+                        self.last_good_checkpoint()
                     );
                 }
-                let sgd = &mut self.sgd;
-                on_pool(&device, || -> Result<()> {
-                    Ok(sgd.step(&loss.backward()?)?)
-                })?;
                 let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 let wrong = predicted
                     .iter()

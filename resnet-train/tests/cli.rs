@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tests::{assert_one_line_error, cifar10_jpg_root, temp_dir};
+use tests::{assert_one_line_error, temp_dir};
 
 fn train_cmd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-train"))
@@ -19,23 +19,7 @@ fn train(args: &[&str]) -> Output {
 
 /// A small ImageFolder of real CIFAR-10 JPEGs: `per_class` training and 20 test images per class (symlinks).
 fn small_cifar(name: &str, per_class: usize) -> PathBuf {
-    let src = cifar10_jpg_root();
-    let root = temp_dir(name);
-    for (split, n) in [("train", per_class), ("test", 20)] {
-        for class in datasets::cifar_binary::CIFAR10_CLASSES {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            let mut files: Vec<PathBuf> = std::fs::read_dir(src.join(split).join(class))
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            files.sort();
-            for f in files.iter().take(n) {
-                std::os::unix::fs::symlink(f, dir.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    root
+    tests::small_cifar(name, per_class, 20)
 }
 
 /// `(iteration, train_loss cell as written)` of every row of a run's metrics.csv.
@@ -204,41 +188,63 @@ fn a_killed_run_resumes_with_exactly_the_same_losses() {
 #[test]
 fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let data = small_cifar("train-nan", 20);
-    let out = temp_dir("run-nan");
-    let mut args = QUICK.to_vec();
-    args.extend([
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e30",
-        "--iterations",
-        "50",
-        "--checkpoint-every",
-        "1",
-        "--eval-every",
-        "0",
-    ]);
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let res = train(&args);
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success(), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.contains("stopped"), "{stderr}");
-    // Whatever was saved holds finite weights.
+    let diverge = |name: &str, lr: &str| {
+        let mut args = QUICK.to_vec();
+        args.extend([
+            "--batch-size",
+            "32",
+            "--lr",
+            lr,
+            "--iterations",
+            "50",
+            "--checkpoint-every",
+            "1",
+            "--eval-every",
+            "0",
+        ]);
+        let out = temp_dir(name);
+        let res = train_cmd()
+            .args(&args)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+        assert!(!res.status.success(), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let error = stderr.lines().last().unwrap().to_string();
+        assert!(
+            error.starts_with("error:") && error.contains("training stopped"),
+            "{stderr}"
+        );
+        (out, error)
+    };
+    // lr 1e4 (seed 3): iterations 1–2 stay finite, the BN statistics overflow at iteration 3.
+    let (out, error) = diverge("run-nan", "1e4");
     let last = out.join("last.safetensors");
-    if last.exists() {
-        let t = candle_core::safetensors::load(&last, &candle_core::Device::Cpu).unwrap();
-        for (name, v) in t {
-            let v = v.to_dtype(candle_core::DType::F32).unwrap();
-            let s: f32 = v.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(s.is_finite(), "{name} is not finite in the last checkpoint");
-        }
+    assert!(error.contains("at iteration 3"), "{error}");
+    assert!(error.contains(&last.display().to_string()), "{error}");
+    let metadata = resnet_core::weights::read_metadata(&last).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&metadata["training_state"]).unwrap();
+    assert_eq!(state["iteration"], 2);
+    let t = candle_core::safetensors::load(&last, &candle_core::Device::Cpu).unwrap();
+    for (name, v) in t {
+        let v = v.to_dtype(candle_core::DType::F32).unwrap();
+        let values = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            values.iter().all(|x| x.is_finite()),
+            "{name} is not finite in the last checkpoint"
+        );
     }
+    // lr 1e30 overflows at the first step: no checkpoint exists, and the message does not claim one.
+    let (out, error) = diverge("run-nan-at-once", "1e30");
+    assert!(!out.join("last.safetensors").exists());
+    assert!(
+        error.contains("no checkpoint had been written yet"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -324,36 +330,90 @@ fn experiment_and_compare_write_a_table_and_a_figure() {
     );
 }
 
+/// `--bn-recalibrate N`: the first BatchNorm's statistics in the final checkpoint are the plain averages, over the
+/// next epoch's first N training batches, of the batch mean and unbiased variance of conv1's output, computed
+/// here directly from the images and the checkpoint's conv1 weight.
 #[test]
-fn bn_recalibration_runs_after_training_when_asked() {
+fn bn_recalibration_sets_the_plain_average_over_training_batches() {
+    use candle_core::{Device, Tensor};
     let data = small_cifar("train-recal", 8);
-    let out = temp_dir("run-recal");
     let mut args = QUICK.to_vec();
     args.extend([
         "--batch-size",
         "16",
         "--iterations",
         "3",
+        "--eval-every",
+        "0",
         "--bn-recalibrate",
         "2",
     ]);
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let res = train(&args);
-    ok(&res);
-    let stderr = String::from_utf8_lossy(&res.stderr);
+    let run = run_with("run-recal", &data, &args);
+    assert_eq!(run.config["recipe"]["bn_recalibration_batches"], 2);
+
+    let last = run.dir.join("last.safetensors");
+    let tensors = candle_core::safetensors::load(&last, &Device::Cpu).unwrap();
+    let metadata = resnet_core::weights::read_metadata(&last).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&metadata["training_state"]).unwrap();
+    let epoch = state["epoch"].as_u64().unwrap();
+    // The trainer's loader: same split, transform, seed and batch size.
+    let split = datasets::DataSource::open(&data).unwrap().train.unwrap();
+    let loader = datasets::Loader::new(
+        split,
+        datasets::Pipeline::new(
+            datasets::Augmentation::CifarTrain { padding: 4 },
+            datasets::Normalization::PerChannel(datasets::Normalize::CIFAR10),
+        ),
+        datasets::LoaderConfig {
+            batch_size: 16,
+            shuffle: true,
+            seed: 3,
+            drop_last: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let conv1 = &tensors["conv1.weight"];
+    let (mut mean, mut var) = (vec![0f64; 16], vec![0f64; 16]);
+    for batch in loader.epoch(epoch + 1, 0).take(2) {
+        let (x, _) = batch.unwrap().to_tensors(&Device::Cpu).unwrap();
+        let y = x.conv2d(conv1, 1, 1, 1, 1).unwrap(); // [16, 16, 32, 32]
+        let per_channel: Vec<Vec<f32>> = y
+            .transpose(0, 1)
+            .unwrap()
+            .flatten_from(1)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (c, values) in per_channel.iter().enumerate() {
+            let n = values.len() as f64;
+            let m = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let v = values.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / (n - 1.0);
+            mean[c] += m / 2.0;
+            var[c] += v / 2.0;
+        }
+    }
+    let saved = |name: &str| -> Vec<f64> {
+        let t: &Tensor = &tensors[name];
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    };
+    for (name, want) in [("bn1.running_mean", &mean), ("bn1.running_var", &var)] {
+        for (got, want) in saved(name).iter().zip(want.iter()) {
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1e-2),
+                "{name}: {got} vs {want} computed directly"
+            );
+        }
+    }
     assert!(
-        stderr.contains("recomputed BatchNorm statistics over 2 training batches"),
-        "{stderr}"
-    );
-    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
-    assert!(
-        config.contains("\"bn_recalibration_batches\": 2"),
-        "{config}"
+        run.stderr
+            .contains("recomputed BatchNorm statistics over 2 training batches"),
+        "{}",
+        run.stderr
     );
 }
 
@@ -396,4 +456,329 @@ fn default_data_comes_from_the_hub() {
     let out = run(&["--resume", dir.to_str().unwrap(), "--iterations", "4"]);
     ok(&out);
     assert_eq!(losses(&dir).last().unwrap().0, 4);
+}
+
+/// Every cell of every row of a run's metrics.csv (iteration, epoch, lr, train_loss, train_error,
+/// test_top1_error, test_top5_error, images_per_second).
+fn metrics(run: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+/// Column `c` of every metrics row.
+fn column(rows: &[Vec<String>], c: usize) -> Vec<String> {
+    rows.iter().map(|r| r[c].clone()).collect()
+}
+
+/// A finished run of `args` on `data` in a fresh folder: the folder, metrics rows, config.json and stderr.
+struct Run {
+    dir: PathBuf,
+    rows: Vec<Vec<String>>,
+    config: serde_json::Value,
+    stderr: String,
+}
+
+fn run_with(name: &str, data: &Path, args: &[&str]) -> Run {
+    let dir = temp_dir(name);
+    let out = train_cmd()
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    ok(&out);
+    let config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    Run {
+        rows: metrics(&dir),
+        config,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        dir,
+    }
+}
+
+/// Index of the first row whose loss differs between two runs (None: identical losses).
+fn first_loss_difference(a: &Run, b: &Run) -> Option<usize> {
+    column(&a.rows, 3)
+        .iter()
+        .zip(column(&b.rows, 3))
+        .position(|(x, y)| *x != y)
+}
+
+/// Each training flag changes what it names: the recipe saved in config.json and the run itself (losses,
+/// learning rates, rows, checkpoints, the data split). If a flag were parsed and dropped, its check fails.
+#[test]
+fn every_training_flag_changes_the_run() {
+    let data = small_cifar("train-every-flag", 4); // 40 training images, 200 test images
+                                                   // The defaults of these runs; a variant's own value of a flag replaces its default.
+    let defaults = [
+        ("--recipe", "quick"),
+        ("--log-every", "1"),
+        ("--seed", "3"),
+        ("--model", "resnet8"),
+        ("--batch-size", "8"),
+        ("--iterations", "4"),
+        ("--eval-every", "0"),
+    ];
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = Vec::new();
+        for (flag, value) in defaults {
+            let replaced =
+                extra.contains(&flag) || (flag == "--iterations" && extra.contains(&"--epochs"));
+            if !replaced {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
+        run_with(name, &data, &args)
+    };
+    let base = run("flag-base", &[]);
+    assert_eq!(column(&base.rows, 0), ["1", "2", "3", "4"]);
+    assert_eq!(
+        column(&base.rows, 1),
+        ["0", "0", "0", "0"],
+        "5 batches of 8 per epoch"
+    );
+    assert_eq!(column(&base.rows, 2), ["0.1"; 4]);
+    let recipe = |r: &Run, key: &str| r.config["recipe"].pointer(key).cloned().unwrap();
+
+    // Optimiser flags: the first loss after the first update differs (after the second with momentum, whose
+    // first buffer is the gradient itself), and the recipe records the value.
+    for (flag, value, key, differs_from_row) in [
+        ("--lr", "0.3", "/sgd/lr", 1),
+        ("--momentum", "0.5", "/sgd/momentum", 2),
+        ("--weight-decay", "0.05", "/sgd/weight_decay", 1),
+        ("--label-smoothing", "0.2", "/label_smoothing", 0),
+    ] {
+        let r = run(&format!("flag{flag}"), &[flag, value]);
+        let v: f64 = value.parse().unwrap();
+        assert_eq!(recipe(&r, key), v, "{flag}");
+        assert_eq!(
+            first_loss_difference(&r, &base),
+            Some(differs_from_row),
+            "{flag}"
+        );
+    }
+    let lr_run = run("flag-lr-column", &["--lr", "0.3"]);
+    assert_eq!(column(&lr_run.rows, 2), ["0.3"; 4]);
+    let nesterov = run("flag-nesterov", &["--nesterov"]);
+    assert_eq!(recipe(&nesterov, "/sgd/nesterov"), true);
+    assert_eq!(first_loss_difference(&nesterov, &base), Some(1));
+    // BN parameters without decay: visible next to a strong decay.
+    let decay = run("flag-decay", &["--weight-decay", "0.05"]);
+    let no_norm_decay = run(
+        "flag-no-decay-norm-bias",
+        &["--weight-decay", "0.05", "--no-decay-norm-bias"],
+    );
+    assert_eq!(recipe(&no_norm_decay, "/sgd/decay_norm_and_bias"), false);
+    assert_eq!(first_loss_difference(&no_norm_decay, &decay), Some(1));
+
+    // Model, initialisation and seed: the very first loss differs.
+    let zero = run("flag-zero-init", &["--zero-init-residual"]);
+    assert_eq!(recipe(&zero, "/zero_init_residual"), true);
+    assert_eq!(zero.config["network"]["zero_init_residual"], true);
+    assert_eq!(first_loss_difference(&zero, &base), Some(0));
+    let seeded = run("flag-seed", &["--seed", "4"]);
+    assert_eq!(seeded.config["seed"], 4);
+    assert_eq!(first_loss_difference(&seeded, &base), Some(0));
+    let deeper = run("flag-model", &["--model", "resnet14"]);
+    assert_eq!(first_loss_difference(&deeper, &base), Some(0));
+    let loaded = resnet_infer::load_model(
+        None,
+        deeper.dir.join("last.safetensors").to_str().unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(loaded.name, "resnet14");
+    assert_eq!(
+        loaded.model.parameter_count(),
+        resnet_core::Model::by_name("resnet14", 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .parameter_count()
+    );
+
+    // Schedule: the learning rate of each logged step.
+    let stepped = run("flag-milestones", &["--milestones", "2"]);
+    let lrs: Vec<f64> = column(&stepped.rows, 2)
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    for (lr, want) in lrs.iter().zip([0.1, 0.1, 0.01, 0.01]) {
+        assert!((lr - want).abs() < 1e-12, "{lrs:?}");
+    }
+    assert_eq!(
+        recipe(&stepped, "/schedule"),
+        serde_json::json!({"kind": "step", "milestones": [2], "factor": 0.1})
+    );
+    // --recipe: cifar-paper warms ResNet-110 up at lr 0.01; quick does not.
+    let paper = run_with(
+        "flag-recipe",
+        &data,
+        &[
+            "--recipe",
+            "cifar-paper",
+            "--model",
+            "resnet110",
+            "--batch-size",
+            "8",
+            "--iterations",
+            "1",
+            "--log-every",
+            "1",
+        ],
+    );
+    assert_eq!(recipe(&paper, "/name"), "cifar-paper");
+    assert_eq!(column(&paper.rows, 2), ["0.01"]);
+
+    // Data: batch size and held-out images change the epochs; --epochs the iteration count.
+    let big_batch = run("flag-batch-size", &["--batch-size", "16"]);
+    assert_eq!(recipe(&big_batch, "/batch_size"), 16);
+    assert_eq!(
+        column(&big_batch.rows, 1),
+        ["0", "0", "1", "1"],
+        "2 batches of 16 per epoch"
+    );
+    let held_out = run("flag-holdout", &["--holdout", "16"]);
+    assert!(
+        held_out.stderr.contains("held out 16 training images"),
+        "{}",
+        held_out.stderr
+    );
+    assert_eq!(
+        column(&held_out.rows, 1),
+        ["0", "0", "0", "1"],
+        "3 batches of 8 per epoch"
+    );
+    let epochs = run("flag-epochs", &["--epochs", "2"]);
+    assert_eq!(
+        epochs.rows.last().unwrap()[0],
+        "10",
+        "2 epochs of 5 batches"
+    );
+    let threads = run("flag-threads", &["--threads", "3"]);
+    assert!(
+        threads.stderr.contains("3 decode threads"),
+        "{}",
+        threads.stderr
+    );
+
+    // Logging, evaluation and checkpoints.
+    let sparse = run("flag-log-every", &["--log-every", "2"]);
+    assert_eq!(column(&sparse.rows, 0), ["2", "4"]);
+    assert_eq!(
+        column(&base.rows, 5)[..3],
+        ["", "", ""],
+        "evaluation at the end only"
+    );
+    let evaluated = run("flag-eval-every", &["--eval-every", "2"]);
+    let test_errors = column(&evaluated.rows, 5);
+    assert!(
+        test_errors[1].parse::<f64>().is_ok() && test_errors[0].is_empty(),
+        "{test_errors:?}"
+    );
+    let checkpoints = run(
+        "flag-checkpoints",
+        &["--checkpoint-every", "1", "--keep", "2"],
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&checkpoints.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("ckpt-"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["ckpt-000000003.safetensors", "ckpt-000000004.safetensors"]
+    );
+    assert_eq!(checkpoints.config["checkpoint_every"], 1);
+    assert_eq!(checkpoints.config["keep"], 2);
+}
+
+/// `--strict` stops at an unreadable training image; without it the image is skipped and counted.
+#[test]
+fn strict_stops_at_an_unreadable_image() {
+    let data = small_cifar("train-strict", 2);
+    let broken = data.join("train/cat/broken.jpg");
+    std::fs::write(&broken, b"not a jpeg").unwrap();
+    let args = [
+        QUICK,
+        &[
+            "--batch-size",
+            "7",
+            "--iterations",
+            "3",
+            "--eval-every",
+            "0",
+        ],
+    ]
+    .concat();
+    let lenient = run_with("strict-off", &data, &args);
+    assert!(
+        lenient
+            .stderr
+            .contains("1 unreadable image(s) were skipped"),
+        "{}",
+        lenient.stderr
+    );
+    let out = temp_dir("strict-on");
+    let res = train_cmd()
+        .args(&args)
+        .arg("--strict")
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.lines().last().unwrap().starts_with("error:") && stderr.contains("broken.jpg"),
+        "{stderr}"
+    );
+}
+
+/// A resumed run keeps its recipe: flags that would change it are refused, never silently dropped; --epochs
+/// extends it like --iterations.
+#[test]
+fn resume_refuses_recipe_flags_and_extends_by_epochs() {
+    let data = small_cifar("train-resume-flags", 2); // 20 training images
+    let args = [
+        QUICK,
+        &[
+            "--batch-size",
+            "5",
+            "--iterations",
+            "2",
+            "--eval-every",
+            "0",
+        ],
+    ]
+    .concat();
+    let first = run_with("resume-flags", &data, &args);
+    let dir = first.dir.to_str().unwrap();
+    for (flag, value) in [
+        ("--lr", Some("0.5")),
+        ("--seed", Some("9")),
+        ("--model", Some("resnet32")),
+        ("--nesterov", None),
+    ] {
+        let mut a = vec!["--resume", dir, flag];
+        a.extend(value);
+        assert_one_line_error(&train(&a), &format!("{flag} cannot change a resumed run"));
+    }
+    assert_one_line_error(&train(&["--resume", dir, "--out", dir]), "--out");
+    ok(&train(&["--resume", dir, "--epochs", "2"]));
+    assert_eq!(
+        losses(&first.dir).last().unwrap().0,
+        8,
+        "2 epochs of 4 batches"
+    );
 }

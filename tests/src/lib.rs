@@ -156,3 +156,28 @@ pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
         "expected `{needle}` in:\n{stderr}"
     );
 }
+
+/// A small ImageFolder of the real CIFAR-10 JPEGs under `temp_dir(name)`: the first `train` training and `test`
+/// test images of each class (symlinks; 0 leaves the split out).
+pub fn small_cifar(name: &str, train: usize, test: usize) -> PathBuf {
+    let src = cifar10_jpg_root();
+    let root = temp_dir(name);
+    for (split, n) in [("train", train), ("test", test)] {
+        if n == 0 {
+            continue;
+        }
+        for class in datasets::cifar_binary::CIFAR10_CLASSES {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(src.join(split).join(class))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            for f in files.iter().take(n) {
+                std::os::unix::fs::symlink(f, dir.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    root
+}

@@ -1,0 +1,74 @@
+//! One SGD training step — forward, loss, backward, update — the single function that `resnet-train` runs and
+//! `resnet-infer bench --train` times, so the benchmark measures exactly what training does.
+
+use crate::optim::Sgd;
+use crate::threads::on_pool;
+use crate::{Model, Result};
+use candle_core::{Tensor, D};
+use std::time::{Duration, Instant};
+
+/// What one step produced.
+pub struct TrainStep {
+    /// `[N, classes]`, from the training-mode forward pass.
+    pub logits: Tensor,
+    /// The mean loss of the batch. When it is not finite, backward and the update were skipped: the parameters
+    /// are those before the step.
+    pub loss: f32,
+    /// Wall time of the forward pass (with the loss), of backward and of the update.
+    pub forward: Duration,
+    pub backward: Duration,
+    pub update: Duration,
+}
+
+/// Cross-entropy with label smoothing ε, as `torch.nn.CrossEntropyLoss(label_smoothing=ε)`:
+/// (1−ε)·CE + ε·mean over classes of −log p.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&log_p, labels)?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = log_p.mean(D::Minus1)?.mean_all()?.neg()?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
+/// Forward in training mode (BN batch statistics, running averages updated), the loss, backward and one SGD
+/// update with `sgd`'s current learning rate. On the CPU each phase runs on rayon's pool
+/// ([`crate::threads::on_pool`]).
+pub fn train_step(
+    model: &Model,
+    sgd: &mut Sgd,
+    images: &Tensor,
+    labels: &Tensor,
+    label_smoothing: f64,
+) -> Result<TrainStep> {
+    let device = images.device().clone();
+    let t0 = Instant::now();
+    let (logits, loss) = on_pool(&device, || -> Result<_> {
+        let logits = model.forward_t(images, true)?;
+        let loss = cross_entropy(&logits, labels, label_smoothing)?;
+        Ok((logits, loss))
+    })?;
+    let loss_value = loss.to_scalar::<f32>()?;
+    let t1 = Instant::now();
+    if !loss_value.is_finite() {
+        return Ok(TrainStep {
+            logits,
+            loss: loss_value,
+            forward: t1 - t0,
+            backward: Duration::ZERO,
+            update: Duration::ZERO,
+        });
+    }
+    let grads = on_pool(&device, || loss.backward())?;
+    let t2 = Instant::now();
+    on_pool(&device, || sgd.step(&grads))?;
+    let t3 = Instant::now();
+    Ok(TrainStep {
+        logits,
+        loss: loss_value,
+        forward: t1 - t0,
+        backward: t2 - t1,
+        update: t3 - t2,
+    })
+}
