@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU measurements of issue #7 in one command, for a session that has the device machine.
+# All GPU measurements of issue #7 in one command, for a machine with a GPU (the device tool).
 # Prepare here (no GPU needed):
 #   ../shared/gpu/build-cuda.sh resnet-infer cuda          # -> target-cuda/dist/resnet-infer-cuda.xz
 #   mkdir -p .device && cp ../shared/gpu/run-on-device.sh ../shared/reference/cifar_ref.py .device/

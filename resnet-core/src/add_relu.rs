@@ -65,12 +65,16 @@ impl CustomOp2 for AddRelu {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?.apply_op2_no_bwd(out, &ReluMask)?;
+        let g = relu_mask(&grad.contiguous()?, out)?;
         Ok((Some(g.clone()), Some(g)))
     }
 }
 
-/// `(g, out) → g·[out > 0]`.
+/// `g·[out > 0]`: the gradient through a ReLU from its output (CPU).
+pub(crate) fn relu_mask(g: &Tensor, out: &Tensor) -> Result<Tensor> {
+    g.apply_op2_no_bwd(out, &ReluMask)
+}
+
 struct ReluMask;
 
 impl CustomOp2 for ReluMask {

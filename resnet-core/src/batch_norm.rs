@@ -1,7 +1,8 @@
 //! BatchNorm2d with PyTorch's semantics: batch statistics (biased variance) in training and a running
 //! estimate updated with momentum 0.1 from the *unbiased* variance; running statistics in evaluation.
 
-use crate::batch_norm_op::{BatchNormTrain, ChannelStats};
+use crate::add_relu::add_relu;
+use crate::batch_norm_op::{BatchNormAddRelu, BatchNormTrain, ChannelStats};
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -60,31 +61,37 @@ impl BatchNorm {
         }
     }
 
-    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let (n, _c, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
-        if count < 2.0 {
-            candle_core::bail!(
-                "BatchNorm in training needs more than one value per channel, got input {:?}",
-                x.shape()
-            );
-        }
-        let (y, mean, var) = if x.device().is_cpu() && x.dtype() == DType::F32 {
-            self.forward_train_fused(&x.contiguous()?, relu)?
-        } else {
-            let (y, mean, var) = self.forward_train_composed(x)?;
-            (if relu { y.relu()? } else { y }, mean, var)
-        };
-        let unbiased = (var * (count / (count - 1.0)))?;
-        let rm = ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?;
-        let rv = ((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (unbiased * MOMENTUM)?)?;
-        self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
-        Ok(y)
+    /// The affine map's `(γ, β)`.
+    pub(crate) fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 
-    /// CPU: one statistics pass and one output pass, closed-form backward (see `batch_norm_op`).
-    fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Whether a training-mode pass on `x` runs the fused CPU ops (`batch_norm_op`, `bn_relu_conv`).
+    pub(crate) fn fuses(x: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32
+    }
+
+    /// `ReLU(BN(x) + shortcut)`, the end of an original residual unit. In training on the CPU one op that
+    /// saves only `x` and its output (the BN output is not kept for backward).
+    pub fn forward_add_relu(&self, x: &Tensor, shortcut: &Tensor, train: bool) -> Result<Tensor> {
+        if !(train && Self::fuses(x)) || shortcut.shape() != x.shape() {
+            return add_relu(&self.forward_t(x, train)?, shortcut);
+        }
+        let x = x.contiguous()?;
+        let op = BatchNormAddRelu {
+            stats: self.train_statistics(&x, true)?,
+        };
+        x.apply_op3(
+            &Tensor::cat(&[&self.weight, &self.bias], 0)?,
+            &shortcut.contiguous()?,
+            op,
+        )
+    }
+
+    /// The batch statistics of a contiguous f32 CPU tensor `x` (one f64-accumulated pass), as the parameters of
+    /// the fused training op, with the running averages updated.
+    pub(crate) fn train_statistics(&self, x: &Tensor, relu: bool) -> Result<BatchNormTrain> {
+        let count = Self::train_count(x)?;
         let stats = x.apply_op1_no_bwd(&ChannelStats)?;
         let (mean, var) = (stats.get(0)?, stats.get(1)?);
         let op = BatchNormTrain {
@@ -96,8 +103,50 @@ impl BatchNorm {
                 .collect(),
             relu,
         };
-        let y = x.apply_op3(&self.weight, &self.bias, op)?;
-        Ok((y, mean, var))
+        self.update_running(&mean, &var, count)?;
+        Ok(op)
+    }
+
+    /// Values per channel in a training-mode pass over `x`; BN needs at least two.
+    fn train_count(x: &Tensor) -> Result<f64> {
+        let (n, _c, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        if count < 2.0 {
+            candle_core::bail!(
+                "BatchNorm in training needs more than one value per channel, got input {:?}",
+                x.shape()
+            );
+        }
+        Ok(count)
+    }
+
+    /// PyTorch's running averages: momentum 0.1, the variance unbiased.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: f64) -> Result<()> {
+        let unbiased = (var * (count / (count - 1.0)))?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (unbiased * MOMENTUM)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)
+    }
+
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if Self::fuses(x) {
+            return self.forward_train_fused(&x.contiguous()?, relu);
+        }
+        let count = Self::train_count(x)?;
+        let (y, mean, var) = self.forward_train_composed(x)?;
+        self.update_running(&mean, &var, count)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// CPU: one statistics pass and one output pass, closed-form backward (see `batch_norm_op`).
+    fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let op = self.train_statistics(x, relu)?;
+        x.apply_op3(&self.weight, &self.bias, op)
     }
 
     /// Other devices: the same arithmetic from candle ops, differentiated by candle's autograd.
@@ -173,7 +222,9 @@ mod tests {
         let x = Var::randn(1f32, 2.0, (4, 5, 6, 7), &dev)?;
         let upstream = Tensor::randn(0f32, 1.0, (4, 5, 6, 7), &dev)?;
 
-        let (fused, fm, fv) = bn.forward_train_fused(x.as_tensor(), false)?;
+        let fused = bn.forward_train_fused(x.as_tensor(), false)?;
+        let stats = x.as_tensor().apply_op1_no_bwd(&ChannelStats)?;
+        let (fm, fv) = (stats.get(0)?, stats.get(1)?);
         let (composed, cm, cv) = bn.forward_train_composed(x.as_tensor())?;
         assert!(max_diff(&fused, &composed) < 1e-5);
         assert!(max_diff(&fm, &cm) < 1e-5 && max_diff(&fv, &cv) < 1e-5);

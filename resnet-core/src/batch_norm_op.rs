@@ -6,6 +6,7 @@
 //! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order, in `LANES` independent
 //! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
+use crate::add_relu::relu_mask;
 use crate::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -95,6 +96,7 @@ impl CustomOp1 for ChannelStats {
 }
 
 /// `y = (x − mean) · inv_std · γ + β` with the batch's statistics, then ReLU if `relu`; arguments `(x, γ, β)`.
+#[derive(Debug, Clone)]
 pub struct BatchNormTrain {
     pub mean: Vec<f32>,
     pub inv_std: Vec<f32>,
@@ -115,27 +117,13 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "batch-norm input")?;
-        let gamma = contiguous_f32(s2, l2, "batch-norm weight")?;
-        let beta = contiguous_f32(s3, l3, "batch-norm bias")?;
-        let (_, c, h, w) = l1.shape().dims4()?;
-        let plane = h * w;
-        let fill = |y: &mut [MaybeUninit<f32>]| {
-            y.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane))
-                .enumerate()
-                .for_each(|(i, (out, inp))| {
-                    let ch = i % c;
-                    let scale = gamma[ch] * self.inv_std[ch];
-                    let shift = beta[ch] - self.mean[ch] * scale;
-                    let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
-                    out.iter_mut().zip(inp).for_each(|(o, &v)| {
-                        o.write((v * scale + shift).max(floor));
-                    });
-                });
-        };
-        // SAFETY: the planes cover y and every element is written.
-        let y = unsafe { written_by(x.len(), fill) };
+        let y = self.normalize(
+            l1.shape(),
+            contiguous_f32(s1, l1, "batch-norm input")?,
+            contiguous_f32(s2, l2, "batch-norm weight")?,
+            contiguous_f32(s3, l3, "batch-norm bias")?,
+            None,
+        )?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -147,6 +135,70 @@ impl CustomOp3 for BatchNormTrain {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgamma_dbeta) = self.gradients(x, gamma, y, grad)?;
+        let c = gamma.dim(0)?;
+        let dgamma = dgamma_dbeta.narrow(0, 0, c)?;
+        let dbeta = dgamma_dbeta.narrow(0, c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+impl BatchNormTrain {
+    /// `ReLU?((x − mean) · inv_std · γ + β (+ residual))` of an NCHW tensor of `shape`, plane by plane.
+    /// The residual is added after the affine map and before the ReLU: the roundings of a separate add.
+    pub(crate) fn normalize(
+        &self,
+        shape: &Shape,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        let (_, c, h, w) = shape.dims4()?;
+        if gamma.len() != c || beta.len() != c || residual.is_some_and(|r| r.len() != x.len()) {
+            candle_core::bail!(
+                "batch-norm over {} channels got input {shape:?} (residual of {:?} values)",
+                gamma.len(),
+                residual.map(<[f32]>::len)
+            );
+        }
+        let plane = h * w;
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            y.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (out, inp))| {
+                    let ch = i % c;
+                    let scale = gamma[ch] * self.inv_std[ch];
+                    let shift = beta[ch] - self.mean[ch] * scale;
+                    match residual {
+                        Some(r) => {
+                            let r = &r[i * plane..(i + 1) * plane];
+                            out.iter_mut().zip(inp).zip(r).for_each(|((o, &v), &s)| {
+                                o.write(((v * scale + shift) + s).max(floor));
+                            });
+                        }
+                        None => out.iter_mut().zip(inp).for_each(|(o, &v)| {
+                            o.write((v * scale + shift).max(floor));
+                        }),
+                    }
+                });
+        };
+        // SAFETY: the planes cover y and every element is written.
+        Ok(unsafe { written_by(x.len(), fill) })
+    }
+
+    /// `(dx, [dγ; dβ])` from the input `x`, γ, the output `y` and its gradient `dy` (`y` gives the ReLU's mask,
+    /// so a following residual add + ReLU is differentiated too when `y` is the unit's output).
+    /// The two sums come back as one compact `[2C]` tensor.
+    pub(crate) fn gradients(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let c = gamma.dim(0)?;
         let grad_op = BatchNormTrainGrad {
             mean: self.mean.clone(),
@@ -154,13 +206,60 @@ impl CustomOp3 for BatchNormTrain {
             gamma: gamma.to_vec1()?,
             relu: self.relu,
         };
-        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, y, &grad_op)?;
+        let packed = x.apply_op3_no_bwd(&dy.contiguous()?, y, &grad_op)?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        // Own copies of the two small sums: views would keep the whole packed buffer alive until the update.
-        let dgamma = packed.narrow(0, n, c)?.force_contiguous()?;
-        let dbeta = packed.narrow(0, n + c, c)?.force_contiguous()?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        // An own copy of the small sums: a view would keep the whole packed buffer alive until the update.
+        let sums = packed.narrow(0, n, 2 * c)?.force_contiguous()?;
+        Ok((dx, sums))
+    }
+}
+
+/// `ReLU(BN(x) + s)` in training, arguments `(x, [γ; β], s)`: the end of an original residual unit as one pass.
+/// Backward needs only `x` and the output (its sign is the ReLU's mask), not the BN output.
+pub struct BatchNormAddRelu {
+    /// The batch statistics; `relu` is true.
+    pub stats: BatchNormTrain,
+}
+
+impl CustomOp3 for BatchNormAddRelu {
+    fn name(&self) -> &'static str {
+        "batch-norm-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let affine = contiguous_f32(s2, l2, "batch-norm weight and bias")?;
+        let (gamma, beta) = affine.split_at(affine.len() / 2);
+        let y = self.stats.normalize(
+            l1.shape(),
+            contiguous_f32(s1, l1, "batch-norm input")?,
+            gamma,
+            beta,
+            Some(contiguous_f32(s3, l3, "residual")?),
+        )?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        affine: &Tensor,
+        _shortcut: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gamma = affine.narrow(0, 0, affine.dim(0)? / 2)?;
+        let (dx, dgamma_dbeta) = self.stats.gradients(x, &gamma, out, grad)?;
+        let dshortcut = relu_mask(&grad.contiguous()?, out)?;
+        Ok((Some(dx), Some(dgamma_dbeta), Some(dshortcut)))
     }
 }
 

@@ -325,8 +325,32 @@ fn per_image(
 }
 
 impl Conv2dOp {
-    fn forward(&self, g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
-        conv_forward(g, x, w, None, None)
+    /// `conv(x, w) (+ residual)` on CPU data of the given shapes; returns the output and its shape. Also for ops
+    /// that make the convolution's input themselves (`bn_relu_conv`).
+    pub(crate) fn forward_slices(
+        &self,
+        (x_shape, x): (&Shape, &[f32]),
+        (w_shape, w): (&Shape, &[f32]),
+        residual: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let g = Geometry::new(x_shape, w_shape, self)?;
+        let shape = Shape::from((g.n, g.c_out, g.oh, g.ow));
+        let out = match residual {
+            None => conv_forward(&g, x, w, None, None),
+            Some(r) if r.len() == shape.elem_count() => {
+                // Bias 0: (v + 0) + s is v + s, the rounding of a separate add.
+                let add = Epilogue {
+                    bias: vec![0.0; g.c_out],
+                    relu: false,
+                };
+                conv_forward(&g, x, w, Some(&add), Some(r))
+            }
+            Some(r) => candle_core::bail!(
+                "residual of {} values added to a convolution output of shape {shape:?}",
+                r.len()
+            ),
+        };
+        Ok((out, shape))
     }
 }
 
@@ -604,16 +628,12 @@ impl CustomOp2 for Conv2dOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xl.shape(), wl.shape(), self)?;
-        let out = self.forward(
-            &g,
-            contiguous_f32(xs, xl, "conv2d input")?,
-            contiguous_f32(ws, wl, "conv2d weight")?,
-        );
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.n, g.c_out, g.oh, g.ow)),
-        ))
+        let (out, shape) = self.forward_slices(
+            (xl.shape(), contiguous_f32(xs, xl, "conv2d input")?),
+            (wl.shape(), contiguous_f32(ws, wl, "conv2d weight")?),
+            None,
+        )?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(

@@ -8,6 +8,7 @@ use crate::residual_unit::ResidualUnit;
 use crate::{Family, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
+use std::ops::Range;
 
 /// A row of [`ResNet::layers`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -157,6 +158,12 @@ impl ResNet {
 
     /// Pooled features `[N, C]` before the classifier.
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.stem_t(x, train)?;
+        self.pooled_t(&self.units_t(0..self.units.len(), &y, train)?, train)
+    }
+
+    /// The stem: its convolution (BN-ReLU and max-pool in original / ImageNet nets).
+    pub(crate) fn stem_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, c, _, _) = x.dims4()?;
         if c != 3 {
             candle_core::bail!("ResNet input must be [N, 3, H, W], got {:?}", x.shape());
@@ -168,7 +175,13 @@ impl ResNet {
         if let Some(pool) = &self.stem_pool {
             y = pool.forward(&y)?;
         }
-        for unit in &self.units {
+        Ok(y)
+    }
+
+    /// The residual units `range`, in order.
+    pub(crate) fn units_t(&self, range: Range<usize>, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        for unit in &self.units[range] {
             y = unit.forward_t(&y, train)?;
             if !train {
                 // The weights are variables, so every result keeps its inputs alive for a backward pass;
@@ -176,10 +189,25 @@ impl ResNet {
                 y = y.detach();
             }
         }
-        if let Some(norm) = &self.final_norm {
-            y = norm.forward_relu(&y, train)?;
+        Ok(y)
+    }
+
+    /// The number of residual units.
+    pub fn unit_count(&self) -> usize {
+        self.units.len()
+    }
+
+    /// (The final BN-ReLU,) global average pooling: the classifier's input from the last unit's output.
+    pub(crate) fn pooled_t(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.final_norm {
+            Some(norm) => norm.forward_relu(y, train)?.mean((2, 3)),
+            None => y.mean((2, 3)),
         }
-        y.mean((2, 3))
+    }
+
+    /// Logits from the last unit's output.
+    pub(crate) fn head_t(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        self.head.forward(&self.pooled_t(y, train)?)
     }
 }
 

@@ -4,8 +4,8 @@
 //! Pre-activation:              y = F(x) + shortcut(x),        F = BN-ReLU-conv-…-BN-ReLU-conv
 //! Plain (no shortcut):         the same layers, without the addition.
 
-use crate::add_relu::add_relu;
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::bn_relu_conv::bn_relu_conv;
 use crate::conv::Conv2d;
 use crate::conv::{conv, ConvShape};
 use crate::shortcut::ShortcutPath;
@@ -134,32 +134,45 @@ impl ResidualUnit {
             .map_or(0, |c| c.weight().dim(0).unwrap_or(0))
     }
 
+    // In training on the CPU, each BN-ReLU-conv runs as one op that keeps only its input for backward
+    // (`bn_relu_conv`), and an original unit's last BN, the addition and the ReLU as another
+    // (`BatchNorm::forward_add_relu`): a unit saves one tensor per convolution, plus its output.
+
     fn forward_original(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        for (k, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
-            let z = conv.forward(&y)?;
-            y = if k + 1 < self.convs.len() {
-                norm.forward_relu(&z, train)?
-            } else {
-                norm.forward_t(&z, train)?
-            };
+        let mut z = self.convs[0].forward(x)?;
+        for k in 1..self.convs.len() {
+            z = bn_relu_conv(&self.norms[k - 1], &self.convs[k], &z, None, train)?;
         }
+        let last = &self.norms[self.norms.len() - 1];
         match &self.shortcut {
-            Some(shortcut) => add_relu(&y, &shortcut.forward_t(x, x, train)?),
-            None => y.relu(),
+            Some(shortcut) => last.forward_add_relu(&z, &shortcut.forward_t(x, x, train)?, train),
+            None => last.forward_t(&z, train)?.relu(),
         }
     }
 
     fn forward_pre_activation(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let pre_activated = self.norms[0].forward_relu(x, train)?;
-        let mut y = self.convs[0].forward(&pre_activated)?;
-        for (conv, norm) in self.convs.iter().zip(&self.norms).skip(1) {
-            y = conv.forward(&norm.forward_relu(&y, train)?)?;
+        let (first, last) = (0, self.convs.len() - 1);
+        // A projection shortcut reads the pre-activated input, so it is made once; otherwise the first
+        // BN-ReLU-conv recomputes it in backward.
+        let (mut y, shortcut) = match &self.shortcut {
+            Some(projection @ ShortcutPath::Projection { .. }) => {
+                let pre_activated = self.norms[first].forward_relu(x, train)?;
+                let y = self.convs[first].forward(&pre_activated)?;
+                (y, Some(projection.forward_t(x, &pre_activated, train)?))
+            }
+            shortcut => (
+                bn_relu_conv(&self.norms[first], &self.convs[first], x, None, train)?,
+                shortcut
+                    .as_ref()
+                    .map(|s| s.forward_t(x, x, train))
+                    .transpose()?,
+            ),
+        };
+        for k in first + 1..=last {
+            let residual = if k == last { shortcut.as_ref() } else { None };
+            y = bn_relu_conv(&self.norms[k], &self.convs[k], &y, residual, train)?;
         }
-        match &self.shortcut {
-            Some(shortcut) => y + shortcut.forward_t(x, &pre_activated, train)?,
-            None => Ok(y),
-        }
+        Ok(y)
     }
 }
 

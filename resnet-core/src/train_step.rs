@@ -2,6 +2,7 @@
 //! `resnet-infer bench --train` times, so the benchmark measures exactly what training does.
 
 use crate::optim::Sgd;
+use crate::recompute;
 use crate::threads::on_pool;
 use crate::{Model, Result};
 use candle_core::{Tensor, D};
@@ -32,21 +33,35 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result
     Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
 }
 
+/// How a training step runs, beyond the SGD settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepOptions {
+    /// ε of [`cross_entropy`].
+    pub label_smoothing: f64,
+    /// Keep only the activations between ⌈√units⌉ segments and recompute the rest in backward
+    /// ([`crate::recompute`]): less memory, one more forward pass, the same results.
+    pub recompute: bool,
+}
+
 /// Forward in training mode (BN batch statistics, running averages updated), the loss, backward and one SGD
 /// update with `sgd`'s current learning rate. On the CPU each phase runs on rayon's pool
-/// ([`crate::threads::on_pool`]).
+/// ([`crate::threads::on_pool`]). With recomputation, the segments' forward passes are timed with backward.
 pub fn train_step(
     model: &Model,
     sgd: &mut Sgd,
     images: &Tensor,
     labels: &Tensor,
-    label_smoothing: f64,
+    options: &StepOptions,
 ) -> Result<TrainStep> {
     let device = images.device().clone();
+    let loss_of = |logits: &Tensor| cross_entropy(logits, labels, options.label_smoothing);
+    if options.recompute {
+        return recomputed_step(model, sgd, images, loss_of);
+    }
     let t0 = Instant::now();
     let (logits, loss) = on_pool(&device, || -> Result<_> {
         let logits = model.forward_t(images, true)?;
-        let loss = cross_entropy(&logits, labels, label_smoothing)?;
+        let loss = loss_of(&logits)?;
         Ok((logits, loss))
     })?;
     let loss_value = loss.to_scalar::<f32>()?;
@@ -70,5 +85,38 @@ pub fn train_step(
         forward: t1 - t0,
         backward: t2 - t1,
         update: t3 - t2,
+    })
+}
+
+/// [`train_step`] with activations recomputed per segment; backward's time includes the recomputation.
+fn recomputed_step(
+    model: &Model,
+    sgd: &mut Sgd,
+    images: &Tensor,
+    loss_of: impl Fn(&Tensor) -> Result<Tensor> + Sync,
+) -> Result<TrainStep> {
+    let device = images.device().clone();
+    let t0 = Instant::now();
+    let (pass, loss) = on_pool(&device, || -> Result<_> {
+        let pass = recompute::forward(model, images)?;
+        let loss = loss_of(&pass.logits)?;
+        Ok((pass, loss))
+    })?;
+    let logits = pass.logits.clone();
+    let loss_value = loss.to_scalar::<f32>()?;
+    let t1 = Instant::now();
+    let (mut backward, mut update) = (Duration::ZERO, Duration::ZERO);
+    if loss_value.is_finite() {
+        let grads = on_pool(&device, || pass.backward(&loss))?;
+        let t2 = Instant::now();
+        on_pool(&device, || sgd.step(&grads))?;
+        (backward, update) = (t2 - t1, t2.elapsed());
+    }
+    Ok(TrainStep {
+        logits,
+        loss: loss_value,
+        forward: t1 - t0,
+        backward,
+        update,
     })
 }

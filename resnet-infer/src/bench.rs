@@ -5,7 +5,8 @@ use crate::conv_bench::{time_convs, ConvTiming};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use resnet_core::optim::Sgd;
-use resnet_core::{train_step, Family, Model};
+use resnet_core::recompute;
+use resnet_core::{cross_entropy, saved_tensor_bytes, train_step, Family, Model, StepOptions};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ pub struct BenchOptions {
     pub input: Option<usize>,
     /// Time a training step instead of inference.
     pub train: bool,
+    /// Training with activations recomputed per segment ([`resnet_core::recompute`]).
+    pub recompute: bool,
     /// Timed iterations, after two warm-up iterations.
     pub iterations: usize,
     /// Inference with BatchNorm folded into the convolutions.
@@ -43,6 +46,9 @@ pub struct BenchReport {
     pub forward_ms: Option<f64>,
     pub backward_ms: Option<f64>,
     pub update_ms: Option<f64>,
+    /// Training: what the forward pass keeps for backward (every tensor of the autograd graph but the
+    /// parameters), in MB.
+    pub saved_activations_mb: Option<f64>,
     #[serde(skip)]
     pub convs: Vec<ConvTiming>,
 }
@@ -82,11 +88,15 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let y = Tensor::new(labels.as_slice(), device)?;
     let mut sgd = Sgd::new(model.trainable_vars(), Default::default());
     let predictor = model.predictor(options.fold)?;
+    let step_options = StepOptions {
+        label_smoothing: 0.0,
+        recompute: options.recompute,
+    };
     // Forward, backward and update time over the timed training steps.
     let mut phases = [Duration::ZERO; 3];
     let mut step = |phases: &mut [Duration; 3]| -> Result<()> {
         if options.train {
-            let s = train_step(&model, &mut sgd, &x, &y, 0.0)?;
+            let s = train_step(&model, &mut sgd, &x, &y, &step_options)?;
             for (total, t) in phases.iter_mut().zip([s.forward, s.backward, s.update]) {
                 *total += t;
             }
@@ -115,6 +125,10 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             .train
             .then(|| d.as_secs_f64() * 1e3 / options.iterations as f64)
     };
+    let saved_activations_mb = match options.train {
+        true => Some(saved_activations(&model, &x, &y, options.recompute)? as f64 / 1e6),
+        false => None,
+    };
     let convs = if options.convs {
         time_convs(
             &model.conv_shapes((side, side)),
@@ -138,6 +152,21 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),
         update_ms: ms(phases[2]),
+        saved_activations_mb,
         convs,
     })
+}
+
+/// Bytes that a training forward pass (with the loss) keeps for backward: after the timed steps, so the peak
+/// RSS above is the steps' own. With recomputation, what the segmented forward keeps (the boundaries and the
+/// head), the recomputed segments come and go during backward.
+fn saved_activations(model: &Model, x: &Tensor, y: &Tensor, recompute: bool) -> Result<usize> {
+    let bytes = if recompute {
+        let pass = recompute::forward(model, x)?;
+        let loss = cross_entropy(&pass.logits, y, 0.0)?;
+        saved_tensor_bytes(&loss) + pass.boundary_bytes()
+    } else {
+        saved_tensor_bytes(&cross_entropy(&model.forward_t(x, true)?, y, 0.0)?)
+    };
+    Ok(bytes)
 }

@@ -135,6 +135,9 @@ struct BenchArgs {
     /// Time a training step (forward, backward, SGD update) instead of inference.
     #[arg(long)]
     train: bool,
+    /// With --train: recompute activations per segment in backward (as resnet-train --recompute).
+    #[arg(long)]
+    recompute: bool,
     /// Timed iterations (after two warm-up iterations).
     #[arg(long, default_value_t = 5)]
     iterations: usize,
@@ -173,15 +176,46 @@ fn run(cli: Cli) -> Result<()> {
 // in full (no `..`), and the options are written out in full (no `..Default::default()`): a new flag that is not
 // wired to the library does not compile.
 
-/// `--mean/--std` (both or neither).
-fn explicit_normalization(
-    mean: &Option<String>,
-    std: &Option<String>,
-) -> Result<Option<Normalize>> {
-    match (mean, std) {
-        (Some(m), Some(s)) => Ok(Some(Normalize::parse(m, s)?)),
-        (None, None) => Ok(None),
-        _ => bail!("--mean and --std go together"),
+/// The model and the options of [`WeightsArgs`], shared by `eval` and `classify`.
+struct Weights {
+    loaded: LoadedModel,
+    /// `--mean/--std`, when given.
+    explicit_normalize: Option<Normalize>,
+    crop_pct: f64,
+    device: Device,
+    fold: bool,
+    json: bool,
+}
+
+impl TryFrom<WeightsArgs> for Weights {
+    type Error = anyhow::Error;
+
+    fn try_from(args: WeightsArgs) -> Result<Self> {
+        let WeightsArgs {
+            model,
+            weights,
+            mean,
+            std,
+            crop_pct,
+            device,
+            no_fold,
+            json,
+        } = args;
+        let explicit_normalize = match (mean, std) {
+            (Some(m), Some(s)) => Some(Normalize::parse(&m, &s)?),
+            (None, None) => None,
+            _ => bail!("--mean and --std go together"),
+        };
+        let device = parse_device(&device)?;
+        let loaded = load_model(model.as_deref(), &weights, &device)?;
+        Ok(Weights {
+            loaded,
+            explicit_normalize,
+            crop_pct,
+            device,
+            fold: !no_fold,
+            json,
+        })
     }
 }
 
@@ -200,17 +234,7 @@ impl TryFrom<EvalArgs> for EvalJob {
 
     fn try_from(args: EvalArgs) -> Result<Self> {
         let EvalArgs {
-            common:
-                WeightsArgs {
-                    model,
-                    weights,
-                    mean,
-                    std,
-                    crop_pct,
-                    device,
-                    no_fold,
-                    json,
-                },
+            common,
             data,
             batch_size,
             dataset,
@@ -221,9 +245,14 @@ impl TryFrom<EvalArgs> for EvalJob {
         if batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        let explicit = explicit_normalization(&mean, &std)?;
-        let device = parse_device(&device)?;
-        let loaded = load_model(model.as_deref(), &weights, &device)?;
+        let Weights {
+            loaded,
+            explicit_normalize,
+            crop_pct,
+            device,
+            fold,
+            json,
+        } = common.try_into()?;
         let source = DataSource::open_test(&data)?;
         let summary = source.summary();
         let split = source
@@ -232,12 +261,12 @@ impl TryFrom<EvalArgs> for EvalJob {
             .context("the dataset has no images")?;
         let options = EvalOptions {
             batch_size,
-            normalize: choose_normalization(explicit, loaded.normalize, dataset),
+            normalize: choose_normalization(explicit_normalize, loaded.normalize, dataset),
             crop_pct,
             threads: 0,
             strict,
             device,
-            fold: !no_fold,
+            fold,
             ten_crop,
             scales: multi_scale,
             dataset,
@@ -297,32 +326,24 @@ impl TryFrom<ClassifyArgs> for ClassifyJob {
     type Error = anyhow::Error;
 
     fn try_from(args: ClassifyArgs) -> Result<Self> {
-        let ClassifyArgs {
-            common:
-                WeightsArgs {
-                    model,
-                    weights,
-                    mean,
-                    std,
-                    crop_pct,
-                    device,
-                    no_fold,
-                    json,
-                },
-            images,
-        } = args;
-        let explicit = explicit_normalization(&mean, &std)?;
-        let device = parse_device(&device)?;
-        let loaded = load_model(model.as_deref(), &weights, &device)?;
+        let ClassifyArgs { common, images } = args;
+        let Weights {
+            loaded,
+            explicit_normalize,
+            crop_pct,
+            device,
+            fold,
+            json,
+        } = common.try_into()?;
         // One image at a time, single view: the evaluation-only options keep their plain values.
         let options = EvalOptions {
             batch_size: 1,
-            normalize: choose_normalization(explicit, loaded.normalize, None),
+            normalize: choose_normalization(explicit_normalize, loaded.normalize, None),
             crop_pct,
             threads: 0,
             strict: true,
             device,
-            fold: !no_fold,
+            fold,
             ten_crop: false,
             scales: Vec::new(),
             dataset: None,
@@ -463,17 +484,22 @@ impl TryFrom<BenchArgs> for (BenchOptions, bool) {
             batch_size,
             input,
             train,
+            recompute,
             iterations,
             no_fold,
             convs,
             device,
             json,
         } = args;
+        if recompute && !train {
+            bail!("--recompute applies to a training step: add --train");
+        }
         let options = BenchOptions {
             model,
             batch_size,
             input,
             train,
+            recompute,
             iterations,
             fold: !no_fold,
             convs,
@@ -492,6 +518,9 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     );
     if let (Some(f), Some(b), Some(u)) = (r.forward_ms, r.backward_ms, r.update_ms) {
         println!("per step: forward {f:.1} ms, backward {b:.1} ms, update {u:.1} ms");
+    }
+    if let Some(saved) = r.saved_activations_mb {
+        println!("saved for backward after the forward pass: {saved:.0} MB");
     }
     if !r.convs.is_empty() {
         print!(

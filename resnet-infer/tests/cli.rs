@@ -23,9 +23,13 @@ fn last_json(out: &Output) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("last line is JSON")
 }
 
-/// `resnet-infer eval` of the pretrained CIFAR-10 `model` on `data` with `extra` flags: the `--json` object.
-fn eval_json(model: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
-    let weights = shared(&format!("weights/cifar10-{model}.safetensors"));
+/// `resnet-infer eval --json` of `model` with `weights` on `data`, with `extra` flags: the JSON object.
+fn eval_weights_json(
+    model: &str,
+    weights: &Path,
+    data: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
     let mut args = vec![
         "eval",
         "--model",
@@ -38,6 +42,12 @@ fn eval_json(model: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
     ];
     args.extend_from_slice(extra);
     last_json(&infer(&args))
+}
+
+/// The same with the pretrained CIFAR-10 `model` of ../shared/weights.
+fn eval_json(model: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let weights = shared(&format!("weights/cifar10-{model}.safetensors"));
+    eval_weights_json(model, &weights, data, extra)
 }
 
 fn eval_pretrained(model: &str) -> (f64, f64, u64) {
@@ -265,20 +275,7 @@ fn every_eval_flag_reaches_the_evaluation() {
     let bare = dir.join("resnet20-no-metadata.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     candle_core::safetensors::save(&tensors, &bare).unwrap();
-    let eval_bare = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            "resnet20",
-            "--weights",
-            bare.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        last_json(&infer(&args))
-    };
+    let eval_bare = |extra: &[&str]| eval_weights_json("resnet20", &bare, &data, extra);
     assert_eq!(
         result_of(&eval_bare(&["--dataset", "cifar10"])),
         result_of(&renormalised)
@@ -563,7 +560,53 @@ fn bench_flags_reach_the_measurement() {
     // The phases are parts of the timed steps.
     assert!(phases.iter().sum::<f64>() <= j["seconds"].as_f64().unwrap() * 1e3 / 2.0 + 1e-6);
 
+    // What the forward keeps for backward: at least the 19 activations of 16×40×40 of the first stage's
+    // convolutions (3 images, f32), at most 3 tensors per convolution of the whole net.
+    let saved = j["saved_activations_mb"].as_f64().unwrap();
+    let stage1 = 3.0 * 16.0 * 40.0 * 40.0 * 4.0 / 1e6;
+    assert!(
+        saved > 7.0 * 2.0 * stage1 && saved < 19.0 * 3.0 * stage1,
+        "{saved} MB"
+    );
+    // Recomputation keeps only the segment boundaries (3 segments of 9 units: 3 tensors and the head's).
+    let (r, stdout) = bench(&["--train", "--recompute"]);
+    assert_eq!(r["mode"], "train step");
+    let recomputed = r["saved_activations_mb"].as_f64().unwrap();
+    assert!(recomputed < saved / 4.0, "{recomputed} vs {saved} MB");
+    assert!(
+        stdout.contains("saved for backward after the forward pass"),
+        "{stdout}"
+    );
+    assert_one_line_error(
+        &infer(&["bench", "--model", "resnet20", "--recompute"]),
+        "--recompute applies to a training step",
+    );
+
     let (_, stdout) = bench(&["--convs"]);
     assert!(stdout.contains("| 16→16 3×3/1 on 40×40 | 6 |"), "{stdout}");
     assert!(stdout.contains("all convolutions of the net"), "{stdout}");
+}
+
+/// No leak over a long run: the peak memory of 200 training steps is that of 20 (within allocator noise).
+#[test]
+fn peak_memory_of_200_training_steps_is_that_of_20() {
+    let peak = |iterations: &str| {
+        let out = infer(&[
+            "bench",
+            "--model",
+            "resnet8",
+            "--batch-size",
+            "32",
+            "--train",
+            "--iterations",
+            iterations,
+            "--json",
+        ]);
+        last_json(&out)["peak_rss_mb"].as_f64().unwrap()
+    };
+    let (short, long) = (peak("20"), peak("200"));
+    assert!(
+        long <= short * 1.05 + 4.0,
+        "peak RSS {long} MB after 200 steps, {short} MB after 20"
+    );
 }

@@ -120,7 +120,8 @@ struct TrainArgs {
     #[arg(long)]
     keep: Option<usize>,
     /// Continue the run in this folder from its newest readable checkpoint, with its own recipe (only
-    /// --iterations/--epochs, --data, --checkpoint-every, --keep, --threads, --strict and --device may be given).
+    /// --iterations/--epochs, --data, --checkpoint-every, --keep, --threads, --strict, --recompute and --device may be
+    /// given).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Decode threads (0: one per core).
@@ -129,6 +130,10 @@ struct TrainArgs {
     /// Fail on the first unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,
+    /// Keep only the activations between ⌈√units⌉ segments of the net and recompute the rest in backward
+    /// (as torch.utils.checkpoint): less memory, one more forward pass per step, the same results.
+    #[arg(long)]
+    recompute: bool,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -211,6 +216,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
             resume,
             threads,
             strict,
+            recompute,
             device,
         } = args;
         positive("lr", *lr)?;
@@ -289,6 +295,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
                     .max(1),
                 threads: *threads,
                 strict: *strict,
+                recompute: *recompute,
                 device,
             };
             return Ok(TrainJob {
@@ -349,6 +356,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
             keep: keep.unwrap_or(3).max(1),
             threads: *threads,
             strict: *strict,
+            recompute: *recompute,
             device,
         };
         Ok(TrainJob {

@@ -11,7 +11,7 @@ use datasets::{
     Augmentation, DataSource, Loader, LoaderConfig, Normalization, Normalize, Pipeline, Split,
 };
 use resnet_core::optim::Sgd;
-use resnet_core::{config_for, train_step, Family, Model};
+use resnet_core::{config_for, train_step, Family, Model, StepOptions};
 use resnet_infer::evaluate::{evaluate, EvalOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub keep: usize,
     pub threads: usize,
     pub strict: bool,
+    /// Recompute activations per segment in backward ([`resnet_core::recompute`]).
+    pub recompute: bool,
     pub device: Device,
 }
 
@@ -135,6 +137,13 @@ impl Trainer {
             recipe.batch_size,
             loader.decode_threads()
         );
+        if options.recompute {
+            let units = model.net.unit_count();
+            eprintln!(
+                "memory: activations recomputed in backward, {} segments of {units} residual units",
+                resnet_core::recompute::segments(units).len()
+            );
+        }
         let mut sgd = Sgd::new(model.trainable_vars(), recipe.sgd);
         let mut schedule = LrSchedule::new(
             recipe.sgd.lr,
@@ -318,13 +327,11 @@ impl Trainer {
                 let lr = self.schedule.lr(it);
                 self.sgd.set_lr(lr);
                 let (x, y) = batch.to_tensors(&device)?;
-                let step = train_step(
-                    &self.model,
-                    &mut self.sgd,
-                    &x,
-                    &y,
-                    self.recipe.label_smoothing,
-                )?;
+                let step_options = StepOptions {
+                    label_smoothing: self.recipe.label_smoothing,
+                    recompute: self.options.recompute,
+                };
+                let step = train_step(&self.model, &mut self.sgd, &x, &y, &step_options)?;
                 let (logits, loss_value) = (step.logits, step.loss as f64);
                 if !loss_value.is_finite() {
                     bail!(

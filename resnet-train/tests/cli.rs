@@ -1,6 +1,7 @@
 //! `resnet-train` as a user runs it: real CIFAR-10 images, a training loss that falls, exact resume after a
 //! kill, damaged checkpoints, a run that diverges, checkpoints that `resnet-infer` reads, and bad flags.
 
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -660,6 +661,31 @@ fn every_training_flag_changes_the_run() {
         epochs.rows.last().unwrap()[0],
         "10",
         "2 epochs of 5 batches"
+    );
+    // Recomputation changes what backward keeps, never a result: the same losses and the same final weights.
+    let recomputed = run("flag-recompute", &["--recompute"]);
+    assert!(
+        recomputed
+            .stderr
+            .contains("activations recomputed in backward, 2 segments of 3 residual units"),
+        "{}",
+        recomputed.stderr
+    );
+    assert_eq!(column(&recomputed.rows, 3), column(&base.rows, 3));
+    let tensors = |r: &Run| {
+        let t =
+            candle_core::safetensors::load(r.dir.join("last.safetensors"), &Device::Cpu).unwrap();
+        let mut named: Vec<(String, Vec<f32>)> = t
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    };
+    assert_eq!(
+        tensors(&recomputed),
+        tensors(&base),
+        "weights, BN statistics, momenta"
     );
     let threads = run("flag-threads", &["--threads", "3"]);
     assert!(

@@ -11,4 +11,5 @@ mod pretrained_cifar;
 mod registry;
 mod sgd_parity;
 mod train_parity;
+mod train_step_parity;
 mod weight_files;
