@@ -11,6 +11,7 @@ use crate::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::Mutex;
 
 /// The H·W planes of channel `ch` in NCHW data.
 fn planes_of(
@@ -205,13 +206,19 @@ impl BatchNormTrain {
             inv_std: self.inv_std.clone(),
             gamma: gamma.to_vec1()?,
             relu: self.relu,
+            sums: Mutex::new(Vec::new()),
         };
-        let packed = x.apply_op3_no_bwd(&dy.contiguous()?, y, &grad_op)?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        // An own copy of the small sums: a view would keep the whole packed buffer alive until the update.
-        let sums = packed.narrow(0, n, 2 * c)?.force_contiguous()?;
-        Ok((dx, sums))
+        let dx = x.apply_op3_no_bwd(&dy.contiguous()?, y, &grad_op)?;
+        let sums = grad_op.sums.into_inner().unwrap_or_else(|e| e.into_inner());
+        let sums: Vec<f32> = sums
+            .iter()
+            .map(|s| s.0 as f32)
+            .chain(sums.iter().map(|s| s.1 as f32))
+            .collect();
+        if sums.len() != 2 * c {
+            candle_core::bail!("batch-norm backward: {} sums for {c} channels", sums.len());
+        }
+        Ok((dx, Tensor::new(sums, x.device())?))
     }
 }
 
@@ -263,13 +270,16 @@ impl CustomOp3 for BatchNormAddRelu {
     }
 }
 
-/// PyTorch's closed form, arguments `(x, dy, y)`, output packed as `[dx (N·C·H·W), dγ (C), dβ (C)]`:
+/// PyTorch's closed form, arguments `(x, dy, y)`, output dx; the per-channel `(dγ, dβ)` are left in `sums`:
 /// g = dy·[y > 0] with ReLU (else dy); dβ = Σ g, dγ = Σ g·x̂, dx = γ·inv_std/M · (M·g − dβ − x̂·dγ).
+/// (dx is a tensor of its own, exactly the input's size: packed with the sums it was a slightly larger buffer
+/// than every activation, which the allocator could not fill with them afterwards.)
 struct BatchNormTrainGrad {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
     gamma: Vec<f32>,
     relu: bool,
+    sums: Mutex<Vec<(f64, f64)>>,
 }
 
 impl BatchNormTrainGrad {
@@ -324,8 +334,7 @@ impl CustomOp3 for BatchNormTrainGrad {
                 (dgamma, dbeta)
             })
             .collect();
-        let fill = |out: &mut [MaybeUninit<f32>]| {
-            let (dx, tail) = out.split_at_mut(x.len());
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
             dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
                 let ch = i % c;
                 let inv = self.inv_std[ch];
@@ -343,14 +352,10 @@ impl CustomOp3 for BatchNormTrainGrad {
                     d.write(k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma));
                 }
             });
-            for ch in 0..c {
-                tail[ch].write(sums[ch].0 as f32);
-                tail[c + ch].write(sums[ch].1 as f32);
-            }
         };
-        // SAFETY: the planes cover dx, and the loop the 2·c sums after it.
-        let out = unsafe { written_by(x.len() + 2 * c, fill) };
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
+        // SAFETY: the planes cover dx.
+        let dx = unsafe { written_by(x.len(), fill) };
+        *self.sums.lock().unwrap_or_else(|e| e.into_inner()) = sums;
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

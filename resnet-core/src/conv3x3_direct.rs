@@ -10,7 +10,7 @@
 //! Layouts: x `[N, C_in, H, W]`, weight `[C_out, C_in, 3, 3]`, y `[N, C_out, H, W]`, all row-major.
 
 use crate::conv_op::kernel_3x3;
-use crate::cpu_slice::written_by;
+use crate::cpu_slice::{written_by, Scratch};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -199,14 +199,14 @@ impl Padded {
     }
 
     /// Padded copies of the `n` images of `x`, made in parallel.
-    fn copy_all(&self, x: &[f32], n: usize) -> Vec<f32> {
+    fn copy_all(&self, x: &[f32], n: usize) -> Scratch {
         let fill = |buf: &mut [MaybeUninit<f32>]| {
             buf.par_chunks_mut(self.image)
                 .zip(x.par_chunks(self.c_in * self.h * self.w))
                 .for_each(|(dst, src)| self.fill(src, dst));
         };
         // SAFETY: `fill` writes every element of each image's chunk.
-        unsafe { written_by(n * self.image, fill) }
+        unsafe { Scratch::written_by(n * self.image, fill) }
     }
 
     /// Writes image `src` `[C_in, H, W]` into `dst`: every element, the border and the slack as zeros.
