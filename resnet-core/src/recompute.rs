@@ -66,6 +66,11 @@ pub fn forward<'a>(model: &'a Model, images: &Tensor) -> Result<SegmentedForward
 }
 
 impl SegmentedForward<'_> {
+    /// The number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.parts.len()
+    }
+
     /// Bytes of the activations kept between segments (the images not counted).
     pub fn boundary_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

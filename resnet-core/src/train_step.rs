@@ -19,6 +19,8 @@ pub struct TrainStep {
     pub forward: Duration,
     pub backward: Duration,
     pub update: Duration,
+    /// Segments whose activations backward recomputed (0 without recomputation).
+    pub recomputed_segments: usize,
 }
 
 /// Cross-entropy with label smoothing ε, as `torch.nn.CrossEntropyLoss(label_smoothing=ε)`:
@@ -73,6 +75,7 @@ pub fn train_step(
             forward: t1 - t0,
             backward: Duration::ZERO,
             update: Duration::ZERO,
+            recomputed_segments: 0,
         });
     }
     let grads = on_pool(&device, || loss.backward())?;
@@ -85,6 +88,7 @@ pub fn train_step(
         forward: t1 - t0,
         backward: t2 - t1,
         update: t3 - t2,
+        recomputed_segments: 0,
     })
 }
 
@@ -103,6 +107,7 @@ fn recomputed_step(
         Ok((pass, loss))
     })?;
     let logits = pass.logits.clone();
+    let segments = pass.segment_count();
     let loss_value = loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
     let (mut backward, mut update) = (Duration::ZERO, Duration::ZERO);
@@ -118,5 +123,6 @@ fn recomputed_step(
         forward: t1 - t0,
         backward,
         update,
+        recomputed_segments: segments,
     })
 }

@@ -137,13 +137,6 @@ impl Trainer {
             recipe.batch_size,
             loader.decode_threads()
         );
-        if options.recompute {
-            let units = model.net.unit_count();
-            eprintln!(
-                "memory: activations recomputed in backward, {} segments of {units} residual units",
-                resnet_core::recompute::segments(units).len()
-            );
-        }
         let mut sgd = Sgd::new(model.trainable_vars(), recipe.sgd);
         let mut schedule = LrSchedule::new(
             recipe.sgd.lr,
@@ -303,6 +296,7 @@ impl Trainer {
     /// Trains until the recipe's iteration count; returns the final test error if there is a test split.
     pub fn run(&mut self) -> Result<Option<f64>> {
         let total = self.recipe.iterations;
+        let start = self.state.iteration;
         let device = self.options.device.clone();
         let (mut loss_sum, mut err_sum, mut rows_n, mut images) = (0.0, 0.0, 0u64, 0usize);
         let mut since = Instant::now();
@@ -332,6 +326,14 @@ impl Trainer {
                     recompute: self.options.recompute,
                 };
                 let step = train_step(&self.model, &mut self.sgd, &x, &y, &step_options)?;
+                if step.recomputed_segments > 0 && it == start {
+                    // Said by the step itself: the flag reached the training step.
+                    eprintln!(
+                        "memory: activations recomputed in backward, {} segments of {} residual units",
+                        step.recomputed_segments,
+                        self.model.net.unit_count()
+                    );
+                }
                 let (logits, loss_value) = (step.logits, step.loss as f64);
                 if !loss_value.is_finite() {
                     bail!(
