@@ -3,8 +3,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
-use std::cell::RefCell;
 use std::mem::MaybeUninit;
+use std::sync::Mutex;
 
 /// The elements of `storage` under `layout`; `what` names the operand in errors (e.g. "conv2d input").
 pub fn contiguous_f32<'a>(
@@ -45,18 +45,45 @@ pub unsafe fn written_by(len: usize, init: impl FnOnce(&mut [MaybeUninit<f32>]))
     out
 }
 
-thread_local! {
-    /// Buffers of [`Scratch`] not in use, per thread (a kernel takes its temporaries on the calling thread): a
-    /// few, the largest kept.
-    static SCRATCH_POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
-}
+/// Buffers of [`Scratch`] not in use, for all threads (a per-thread pool kept one set of the largest
+/// temporaries on every thread the ops happened to run on).
+static SCRATCH_POOL: ScratchPool = ScratchPool::new();
 
 /// Buffers the pool keeps; more are freed (the smallest first).
 const SCRATCH_KEPT: usize = 4;
 
+/// A few free buffers, the largest kept.
+struct ScratchPool(Mutex<Vec<Vec<f32>>>);
+
+impl ScratchPool {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    /// The smallest free buffer of at least `len` elements, else the largest (to be grown), else a new one.
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity());
+        let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
+        pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<f32>) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(buf);
+        if pool.len() > SCRATCH_KEPT {
+            if let Some(i) = (0..pool.len()).min_by_key(|&i| pool[i].capacity()) {
+                pool.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// A kernel's temporary buffer (a padded copy of the images, say), taken from a small pool and given back when
 /// dropped. Temporaries a little larger than the activations, allocated and freed by every call, left holes
-/// between the activations a training forward pass keeps (≈ 3 MB per residual unit of peak RSS at batch 128).
+/// between the activations a training forward pass keeps (≈ 1.5 MB per residual unit of peak RSS at batch 128).
 pub struct Scratch(Vec<f32>);
 
 impl Scratch {
@@ -65,14 +92,18 @@ impl Scratch {
     /// # Safety
     /// `init` writes every element of the slice it is given.
     pub unsafe fn written_by(len: usize, init: impl FnOnce(&mut [MaybeUninit<f32>])) -> Self {
-        let mut buf = SCRATCH_POOL.with_borrow_mut(|pool| {
-            // The smallest buffer that is large enough, else the largest (grown below), else a new one.
-            let fits = (0..pool.len())
-                .filter(|&i| pool[i].capacity() >= len)
-                .min_by_key(|&i| pool[i].capacity());
-            let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
-            pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
-        });
+        // SAFETY: the caller's promise.
+        unsafe { Self::from_pool(&SCRATCH_POOL, len, init) }
+    }
+
+    /// # Safety
+    /// As [`Scratch::written_by`].
+    unsafe fn from_pool(
+        pool: &ScratchPool,
+        len: usize,
+        init: impl FnOnce(&mut [MaybeUninit<f32>]),
+    ) -> Self {
+        let mut buf = pool.take(len);
         buf.clear();
         buf.reserve(len);
         init(&mut buf.spare_capacity_mut()[..len]);
@@ -91,17 +122,7 @@ impl std::ops::Deref for Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        // During thread teardown the pool may be gone: the buffer is then simply freed.
-        let _ = SCRATCH_POOL.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            pool.push(buf);
-            if pool.len() > SCRATCH_KEPT {
-                if let Some(i) = (0..pool.len()).min_by_key(|&i| pool[i].capacity()) {
-                    pool.swap_remove(i);
-                }
-            }
-        });
+        SCRATCH_POOL.give(std::mem::take(&mut self.0));
     }
 }
 
@@ -109,29 +130,35 @@ impl Drop for Scratch {
 mod tests {
     use super::*;
 
-    fn filled(len: usize, value: f32) -> Scratch {
-        // SAFETY: every element is written.
-        unsafe {
-            Scratch::written_by(len, |b| {
-                b.iter_mut().for_each(|v| *v = MaybeUninit::new(value))
-            })
-        }
+    fn fill(value: f32) -> impl FnOnce(&mut [MaybeUninit<f32>]) {
+        move |b| b.iter_mut().for_each(|v| *v = MaybeUninit::new(value))
     }
 
     #[test]
-    fn scratch_buffers_are_reused_and_hold_what_was_written() {
-        let first = filled(1000, 1.0);
-        let address = first.as_ptr();
-        assert!(first.iter().all(|&v| v == 1.0));
-        drop(first);
-        // Another test may take the buffer in between: look for it among a few takes.
-        let again: Vec<Scratch> = (0..SCRATCH_KEPT + 1).map(|_| filled(600, 2.0)).collect();
-        assert!(again
-            .iter()
-            .all(|s| s.len() == 600 && s.iter().all(|&v| v == 2.0)));
-        assert!(
-            again.iter().any(|s| s.as_ptr() == address),
-            "the freed buffer is handed out again"
+    fn the_pool_hands_back_the_best_fitting_buffer_and_keeps_the_largest() {
+        let pool = ScratchPool::new();
+        for cap in [100, 1000, 10, 500] {
+            pool.give(Vec::with_capacity(cap));
+        }
+        assert_eq!(pool.take(300).capacity(), 500, "the smallest that fits");
+        assert_eq!(
+            pool.take(2000).capacity(),
+            1000,
+            "none fits: the largest, to be grown"
         );
+        // Left: 100, 10. Each give beyond SCRATCH_KEPT buffers frees the smallest: 10, then 20, then 30.
+        for cap in [500, 20, 30, 40, 50] {
+            pool.give(Vec::with_capacity(cap));
+        }
+        let caps: Vec<usize> = (0..5).map(|_| pool.take(1).capacity()).collect();
+        assert_eq!(caps, [40, 50, 100, 500, 0], "then a new buffer");
+    }
+
+    #[test]
+    fn scratch_holds_what_was_written() {
+        let pool = ScratchPool::new();
+        // SAFETY: `fill` writes every element.
+        let s = unsafe { Scratch::from_pool(&pool, 600, fill(2.0)) };
+        assert!(s.len() == 600 && s.iter().all(|&v| v == 2.0));
     }
 }

@@ -41,6 +41,9 @@ pub struct BenchReport {
     pub seconds: f64,
     pub images_per_second: f64,
     pub peak_rss_mb: f64,
+    /// Heap bytes in use after the timed iterations (parameters, momenta, caches), in MB: what the steps leave
+    /// behind, the same after 20 steps as after 200 unless something leaks.
+    pub live_heap_mb: f64,
     pub device: String,
     /// Training: mean milliseconds per step of forward (with the loss), backward and update.
     pub forward_ms: Option<f64>,
@@ -114,6 +117,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         step(&mut phases)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let live_heap_mb = crate::heap::live_bytes() as f64 / 1e6;
     let images = options.batch_size * options.iterations;
     let mode = match (options.train, predictor.is_folded()) {
         (true, _) => "train step",
@@ -148,6 +152,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         seconds,
         images_per_second: images as f64 / seconds,
         peak_rss_mb: peak_rss_mb(),
+        live_heap_mb,
         device: resnet_core::device_name(device),
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),

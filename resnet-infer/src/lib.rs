@@ -4,6 +4,7 @@ pub mod bench;
 pub mod class_names;
 pub mod conv_bench;
 pub mod evaluate;
+pub mod heap;
 pub mod hub;
 pub mod loading;
 pub mod metrics;

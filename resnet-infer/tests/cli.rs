@@ -587,26 +587,42 @@ fn bench_flags_reach_the_measurement() {
     assert!(stdout.contains("all convolutions of the net"), "{stdout}");
 }
 
-/// No leak over a long run: the peak memory of 200 training steps is that of 20 (within allocator noise).
+/// No leak over a long run: after 200 training steps the heap holds what it held after 20, and the peak RSS is
+/// the same up to where the allocator's 32 MiB segments settle (seen: 87–102 MB for either count).
 #[test]
-fn peak_memory_of_200_training_steps_is_that_of_20() {
-    let peak = |iterations: &str| {
-        let out = infer(&[
-            "bench",
-            "--model",
-            "resnet8",
-            "--batch-size",
-            "32",
-            "--train",
-            "--iterations",
-            iterations,
-            "--json",
-        ]);
-        last_json(&out)["peak_rss_mb"].as_f64().unwrap()
+fn memory_after_200_training_steps_is_that_after_20() {
+    let run = |iterations: &str| {
+        // One worker thread: the per-thread im2col column buffers then fill in the first step,
+        // not whenever the scheduler first hands a thread a given layer.
+        let out = Command::new(env!("CARGO_BIN_EXE_resnet-infer"))
+            .args([
+                "bench",
+                "--model",
+                "resnet8",
+                "--batch-size",
+                "32",
+                "--train",
+                "--json",
+            ])
+            .args(["--iterations", iterations])
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .expect("running resnet-infer");
+        let j = last_json(&out);
+        (
+            j["live_heap_mb"].as_f64().unwrap(),
+            j["peak_rss_mb"].as_f64().unwrap(),
+        )
     };
-    let (short, long) = (peak("20"), peak("200"));
+    let ((live_short, rss_short), (live_long, rss_long)) = (run("20"), run("200"));
+    // Parameters, momenta and caches: a few MB, not zero (the count is wired), and not a byte more later.
+    assert!(live_short > 1.0, "{live_short} MB in use");
     assert!(
-        long <= short * 1.05 + 4.0,
-        "peak RSS {long} MB after 200 steps, {short} MB after 20"
+        (live_long - live_short).abs() < 0.064,
+        "heap in use {live_long} MB after 200 steps, {live_short} MB after 20"
+    );
+    assert!(
+        rss_long <= rss_short + 32.0,
+        "peak RSS {rss_long} MB after 200 steps, {rss_short} MB after 20"
     );
 }

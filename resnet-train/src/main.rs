@@ -17,7 +17,7 @@ use trainer::{RunOptions, Trainer};
 
 /// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: resnet_infer::heap::CountingMimalloc = resnet_infer::heap::CountingMimalloc;
 
 #[derive(Parser)]
 #[command(
