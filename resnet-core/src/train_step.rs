@@ -47,7 +47,7 @@ pub struct StepOptions {
 
 /// Forward in training mode (BN batch statistics, running averages updated), the loss, backward and one SGD
 /// update with `sgd`'s current learning rate. On the CPU each phase runs on rayon's pool
-/// ([`crate::threads::on_pool`]). With recomputation, the segments' forward passes are timed with backward.
+/// ([`crate::threads::on_pool`]). With recomputation, the segments' second forward passes are timed with backward.
 pub fn train_step(
     model: &Model,
     sgd: &mut Sgd,
@@ -56,16 +56,20 @@ pub fn train_step(
     options: &StepOptions,
 ) -> Result<TrainStep> {
     let device = images.device().clone();
-    let loss_of = |logits: &Tensor| cross_entropy(logits, labels, options.label_smoothing);
-    if options.recompute {
-        return recomputed_step(model, sgd, images, loss_of);
-    }
     let t0 = Instant::now();
-    let (logits, loss) = on_pool(&device, || -> Result<_> {
-        let logits = model.forward_t(images, true)?;
-        let loss = loss_of(&logits)?;
-        Ok((logits, loss))
+    // `segmented`: the forward that kept only the segment boundaries, when recomputing.
+    let (logits, loss, segmented) = on_pool(&device, || -> Result<_> {
+        let (logits, segmented) = match options.recompute {
+            true => {
+                let pass = recompute::forward(model, images)?;
+                (pass.logits.clone(), Some(pass))
+            }
+            false => (model.forward_t(images, true)?, None),
+        };
+        let loss = cross_entropy(&logits, labels, options.label_smoothing)?;
+        Ok((logits, loss, segmented))
     })?;
+    let recomputed_segments = segmented.as_ref().map_or(0, |p| p.segment_count());
     let loss_value = loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
     if !loss_value.is_finite() {
@@ -75,10 +79,13 @@ pub fn train_step(
             forward: t1 - t0,
             backward: Duration::ZERO,
             update: Duration::ZERO,
-            recomputed_segments: 0,
+            recomputed_segments,
         });
     }
-    let grads = on_pool(&device, || loss.backward())?;
+    let grads = on_pool(&device, || match segmented {
+        Some(pass) => pass.backward(&loss),
+        None => Ok(loss.backward()?),
+    })?;
     let t2 = Instant::now();
     on_pool(&device, || sgd.step(&grads))?;
     let t3 = Instant::now();
@@ -88,41 +95,6 @@ pub fn train_step(
         forward: t1 - t0,
         backward: t2 - t1,
         update: t3 - t2,
-        recomputed_segments: 0,
-    })
-}
-
-/// [`train_step`] with activations recomputed per segment; backward's time includes the recomputation.
-fn recomputed_step(
-    model: &Model,
-    sgd: &mut Sgd,
-    images: &Tensor,
-    loss_of: impl Fn(&Tensor) -> Result<Tensor> + Sync,
-) -> Result<TrainStep> {
-    let device = images.device().clone();
-    let t0 = Instant::now();
-    let (pass, loss) = on_pool(&device, || -> Result<_> {
-        let pass = recompute::forward(model, images)?;
-        let loss = loss_of(&pass.logits)?;
-        Ok((pass, loss))
-    })?;
-    let logits = pass.logits.clone();
-    let segments = pass.segment_count();
-    let loss_value = loss.to_scalar::<f32>()?;
-    let t1 = Instant::now();
-    let (mut backward, mut update) = (Duration::ZERO, Duration::ZERO);
-    if loss_value.is_finite() {
-        let grads = on_pool(&device, || pass.backward(&loss))?;
-        let t2 = Instant::now();
-        on_pool(&device, || sgd.step(&grads))?;
-        (backward, update) = (t2 - t1, t2.elapsed());
-    }
-    Ok(TrainStep {
-        logits,
-        loss: loss_value,
-        forward: t1 - t0,
-        backward,
-        update,
-        recomputed_segments: segments,
+        recomputed_segments,
     })
 }
