@@ -1,8 +1,8 @@
 //! BatchNorm2d with PyTorch's semantics: batch statistics (biased variance) in training and a running
 //! estimate updated with momentum 0.1 from the *unbiased* variance; running statistics in evaluation.
 
-use crate::add_relu::add_relu;
-use crate::batch_norm_op::{BatchNormAddRelu, BatchNormTrain, ChannelStats};
+use crate::ops::add_relu::add_relu;
+use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormTrain, ChannelStats};
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -66,7 +66,7 @@ impl BatchNorm {
         (&self.weight, &self.bias)
     }
 
-    /// Whether a training-mode pass on `x` runs the fused CPU ops (`batch_norm_op`, `bn_relu_conv`).
+    /// Whether a training-mode pass on `x` runs the fused CPU ops (`ops::batch_norm`, `bn_relu_conv`).
     pub(crate) fn fuses(x: &Tensor) -> bool {
         x.device().is_cpu() && x.dtype() == DType::F32
     }
@@ -143,7 +143,7 @@ impl BatchNorm {
         }
     }
 
-    /// CPU: one statistics pass and one output pass, closed-form backward (see `batch_norm_op`).
+    /// CPU: one statistics pass and one output pass, closed-form backward (see `ops::batch_norm`).
     fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let op = self.train_statistics(x, relu)?;
         x.apply_op3(&self.weight, &self.bias, op)

@@ -11,10 +11,10 @@
 //! the parameters travel as one flat pack (its gradient is split back by `Tensor::cat`'s backward).
 
 use crate::batch_norm::BatchNorm;
-use crate::batch_norm_op::BatchNormTrain;
 use crate::conv::Conv2d;
-use crate::conv_op::Conv2dOp;
-use crate::cpu_slice::contiguous_f32;
+use crate::ops::batch_norm::BatchNormTrain;
+use crate::ops::conv::Conv2dOp;
+use crate::ops::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 
 /// `conv(ReLU(BN(x)))`, plus `residual` when given (the shortcut added by a pre-activation unit's last conv).
@@ -168,9 +168,9 @@ impl CustomOp3 for BnReluConvOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::add_relu::add_relu;
     use crate::batch_norm::batch_norm;
     use crate::conv::conv;
+    use crate::ops::add_relu::add_relu;
     use crate::param_store::ParamStore;
     use candle_core::{Device, ModuleT, Var};
 

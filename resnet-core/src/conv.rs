@@ -1,6 +1,6 @@
 //! Bias-free convolutions with He (fan-out) initialisation, as every ResNet convolution.
 
-use crate::conv_op::Conv2dOp;
+use crate::ops::conv::Conv2dOp;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 

@@ -6,8 +6,8 @@
 
 use crate::batch_norm::BatchNorm;
 use crate::conv::Conv2d;
-use crate::conv_op::{Epilogue, FoldedConv2dOp};
-use crate::max_pool::MaxPool2d;
+use crate::ops::conv::{Epilogue, FoldedConv2dOp};
+use crate::ops::max_pool::MaxPool2d;
 use crate::shortcut::ShortcutPath;
 use crate::{ResNet, Unit};
 use candle_core::{DType, Module, Result, Tensor};

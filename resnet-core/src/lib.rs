@@ -8,21 +8,16 @@
 //! # Ok::<(), resnet_core::ResNetError>(())
 //! ```
 
-mod add_relu;
 pub mod batch_norm;
-pub mod batch_norm_op;
 mod bn_relu_conv;
 mod config;
 pub mod conv;
-mod conv3x3_direct;
-pub mod conv_op;
-mod cpu_slice;
 mod device;
 mod error;
 pub mod folded;
-pub mod max_pool;
 mod model;
 mod network;
+pub mod ops;
 pub mod optim;
 pub mod param_store;
 pub mod recompute;
@@ -35,8 +30,6 @@ mod train_step;
 pub mod transformers_names;
 mod weight_layout;
 pub mod weights;
-mod winograd;
-mod zero_pad_shortcut;
 
 pub use config::{Block, Family, ResNetConfig, Shortcut, Unit};
 pub use device::{device_name, parse_device};

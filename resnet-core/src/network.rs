@@ -3,7 +3,7 @@
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs, ConvShape};
-use crate::max_pool::MaxPool2d;
+use crate::ops::max_pool::MaxPool2d;
 use crate::residual_unit::ResidualUnit;
 use crate::{Family, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};

@@ -2,7 +2,7 @@
 //! `g ← ∇ + λw`; `v ← μv + g`; `w ← w − lr·v`, or with Nesterov `w ← w − lr·(g + μv)`.
 //! candle-nn's SGD has no momentum. The buffers are kept by parameter name so they can be checkpointed.
 
-use crate::cpu_slice::contiguous_f32;
+use crate::ops::cpu_slice::contiguous_f32;
 use crate::Result;
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;

@@ -3,7 +3,7 @@
 use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::conv::conv;
 use crate::conv::Conv2d;
-use crate::zero_pad_shortcut::ZeroPadShortcut;
+use crate::ops::zero_pad_shortcut::ZeroPadShortcut;
 use crate::{Shortcut, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -23,3 +23,8 @@ pub fn on_pool<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Se
         f()
     }
 }
+
+/// Threads of the pool the CPU kernels run on (rayon's global pool: `RAYON_NUM_THREADS`, else one per core).
+pub fn kernel_threads() -> usize {
+    rayon::current_num_threads()
+}

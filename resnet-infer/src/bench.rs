@@ -4,6 +4,8 @@
 use crate::conv_bench::{time_convs, ConvTiming};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use resnet_core::ops::isa::Isa;
+use resnet_core::ops::peak::{fma_peak, Peak};
 use resnet_core::optim::Sgd;
 use resnet_core::recompute;
 use resnet_core::{cross_entropy, saved_tensor_bytes, train_step, Family, Model, StepOptions};
@@ -26,6 +28,8 @@ pub struct BenchOptions {
     pub fold: bool,
     /// Also time the convolution op on each distinct conv shape of the net.
     pub convs: bool,
+    /// Also measure this machine's FMA peak for the kernel set in use (always with `convs`).
+    pub peak: bool,
     pub device: Device,
 }
 
@@ -45,6 +49,10 @@ pub struct BenchReport {
     /// behind, the same after 20 steps as after 200 unless something leaks.
     pub live_heap_mb: f64,
     pub device: String,
+    /// The CPU kernel set that ran (`RESNET_CPU_ISA`): avx512, avx2 or generic.
+    pub isa: &'static str,
+    /// This machine's f32 FMA peak for that kernel set, all threads, in GFLOP/s (with `--peak` or `--convs`).
+    pub peak_gflops: Option<f64>,
     /// Training: mean milliseconds per step of forward (with the loss), backward and update.
     pub forward_ms: Option<f64>,
     pub backward_ms: Option<f64>,
@@ -54,6 +62,14 @@ pub struct BenchReport {
     pub saved_activations_mb: Option<f64>,
     #[serde(skip)]
     pub convs: Vec<ConvTiming>,
+}
+
+/// How long the FMA peak is timed.
+pub const PEAK_TIME: Duration = Duration::from_millis(500);
+
+/// `bench --peak` without a model: the FMA peak of the kernel set in use.
+pub fn peak_only() -> Peak {
+    fma_peak(Isa::current(), PEAK_TIME)
 }
 
 /// The input side a network is benchmarked and summarised at by default.
@@ -133,6 +149,8 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         true => Some(saved_activations(&model, &x, &y, options.recompute)? as f64 / 1e6),
         false => None,
     };
+    let isa = Isa::current();
+    let peak = (options.peak || options.convs).then(|| fma_peak(isa, PEAK_TIME));
     let convs = if options.convs {
         time_convs(
             &model.conv_shapes((side, side)),
@@ -154,6 +172,8 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         peak_rss_mb: peak_rss_mb(),
         live_heap_mb,
         device: resnet_core::device_name(device),
+        isa: isa.name(),
+        peak_gflops: peak.map(|p| p.gflops),
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),
         update_ms: ms(phases[2]),

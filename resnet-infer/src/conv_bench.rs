@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use resnet_core::conv::ConvShape;
-use resnet_core::conv_op::Conv2dOp;
+use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -16,6 +16,8 @@ pub struct ConvTiming {
     pub seconds: [f64; 3],
     /// GFLOP/s (2 FLOPs per multiply-add) of each pass.
     pub gflops: [f64; 3],
+    /// The algorithm each pass ran.
+    pub algorithms: [Option<Algorithm>; 3],
 }
 
 /// Times each distinct shape of `shapes` at `batch` images, `iterations` calls per pass after one warm-up.
@@ -56,9 +58,14 @@ pub fn time_convs(
                 &|| op.weight_gradient(&x, &dy, weight.shape()),
             ];
             let flops = 2.0 * shape.macs() as f64 * batch as f64;
-            let mut seconds = [0.0; 3];
-            for (pass, s) in passes.iter().zip(&mut seconds) {
+            let (mut seconds, mut algorithms) = ([0.0; 3], [None; 3]);
+            for ((pass, s), (p, a)) in passes
+                .iter()
+                .zip(&mut seconds)
+                .zip(Pass::ALL.into_iter().zip(&mut algorithms))
+            {
                 pass()?;
+                *a = last_algorithm(p);
                 let start = Instant::now();
                 for _ in 0..iterations {
                     pass()?;
@@ -70,24 +77,35 @@ pub fn time_convs(
                 count,
                 seconds,
                 gflops: seconds.map(|s| flops / s / 1e9),
+                algorithms,
             })
         })
         .collect()
 }
 
-/// A markdown table of the timings, with the total time of all the net's convolutions per pass.
-pub fn table(timings: &[ConvTiming], batch: usize) -> String {
+/// A markdown table of the timings, with the total time of all the net's convolutions per pass; with a peak
+/// (GFLOP/s), each pass's share of it.
+pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String {
     let mut out = format!(
-        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | share of conv time |\n|---|---|---|---|---|---|\n"
+        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time |\n|---|---|---|---|---|---|---|\n"
     );
     let total: f64 = timings
         .iter()
         .map(|t| t.count as f64 * t.seconds.iter().sum::<f64>())
         .sum();
+    let rate = |g: f64| match peak {
+        Some(p) => format!("{g:.1} ({:.0} %)", 100.0 * g / p),
+        None => format!("{g:.1}"),
+    };
     for t in timings {
         let s = t.shape;
+        let algorithms: Vec<String> = t
+            .algorithms
+            .iter()
+            .map(|a| a.map_or("?".into(), |a| format!("{a:?}")))
+            .collect();
         out += &format!(
-            "| {}→{} {}×{}/{} on {}×{} | {} | {:.1} | {:.1} | {:.1} | {:.1} % |\n",
+            "| {}→{} {}×{}/{} on {}×{} | {} | {} | {} | {} | {} | {:.1} % |\n",
             s.in_channels,
             s.out_channels,
             s.kernel,
@@ -96,9 +114,10 @@ pub fn table(timings: &[ConvTiming], batch: usize) -> String {
             s.input.0,
             s.input.1,
             t.count,
-            t.gflops[0],
-            t.gflops[1],
-            t.gflops[2],
+            rate(t.gflops[0]),
+            rate(t.gflops[1]),
+            rate(t.gflops[2]),
+            algorithms.join(", "),
             100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total
         );
     }

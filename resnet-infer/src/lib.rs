@@ -32,13 +32,19 @@ pub fn parse_args<T: clap::Parser>() -> T {
     match T::try_parse() {
         Ok(args) => args,
         Err(e) if e.use_stderr() => {
-            eprintln!(
-                "{}",
-                e.to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            // One line: clap's message up to its usage block, so that a missing argument is named too
+            // ("… were not provided: --model <MODEL>").
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            match message.is_empty() {
+                true => eprintln!("error: invalid arguments"),
+                false => eprintln!("{}", message.join(" ")),
+            }
             std::process::exit(2);
         }
         Err(e) => e.exit(),

@@ -125,8 +125,9 @@ struct SummaryArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    #[arg(long)]
-    model: String,
+    /// Registered network name (required unless --peak is given alone).
+    #[arg(long, required_unless_present = "peak")]
+    model: Option<String>,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Input side in pixels (default: 32 for CIFAR nets, 224 for ImageNet nets).
@@ -145,9 +146,13 @@ struct BenchArgs {
     #[arg(long)]
     no_fold: bool,
     /// Also time the CPU convolution op on each distinct convolution shape of the net (forward, input
-    /// gradient, weight gradient) and print GFLOP/s per shape.
+    /// gradient, weight gradient) and print GFLOP/s per shape and its share of the machine's FMA peak.
     #[arg(long)]
     convs: bool,
+    /// Measure this machine's f32 FMA peak (a register-only FMA loop on every thread) for the kernel set in
+    /// use; alone (without --model) it prints only that.
+    #[arg(long)]
+    peak: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long)]
@@ -164,6 +169,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    resnet_core::ops::isa::select_from_env()?;
     match cli.command {
         Command::Eval(a) => eval(a),
         Command::Classify(a) => classify(a),
@@ -475,7 +481,13 @@ fn summary(args: SummaryArgs) -> Result<()> {
     Ok(())
 }
 
-impl TryFrom<BenchArgs> for (BenchOptions, bool) {
+/// What `bench` measures: a net (with options, and whether to print JSON), or the FMA peak alone.
+enum BenchJob {
+    Net(BenchOptions, bool),
+    Peak(bool),
+}
+
+impl TryFrom<BenchArgs> for BenchJob {
     type Error = anyhow::Error;
 
     fn try_from(args: BenchArgs) -> Result<Self> {
@@ -488,9 +500,13 @@ impl TryFrom<BenchArgs> for (BenchOptions, bool) {
             iterations,
             no_fold,
             convs,
+            peak,
             device,
             json,
         } = args;
+        let Some(model) = model else {
+            return Ok(BenchJob::Peak(json));
+        };
         if recompute && !train {
             bail!("--recompute applies to a training step: add --train");
         }
@@ -503,19 +519,41 @@ impl TryFrom<BenchArgs> for (BenchOptions, bool) {
             iterations,
             fold: !no_fold,
             convs,
+            peak,
             device: parse_device(&device)?,
         };
-        Ok((options, json))
+        Ok(BenchJob::Net(options, json))
     }
 }
 
+fn print_peak(gflops: f64, isa: &str) {
+    println!(
+        "f32 FMA peak, {isa} kernels, {} threads: {gflops:.1} GFLOP/s",
+        resnet_core::threads::kernel_threads()
+    );
+}
+
 fn bench_command(args: BenchArgs) -> Result<()> {
-    let (options, json): (BenchOptions, bool) = args.try_into()?;
+    let (options, json) = match args.try_into()? {
+        BenchJob::Net(options, json) => (options, json),
+        BenchJob::Peak(json) => {
+            let p = resnet_infer::bench::peak_only();
+            print_peak(p.gflops, p.isa.name());
+            if json {
+                let j = serde_json::json!({"isa": p.isa.name(), "threads": p.threads, "peak_gflops": p.gflops});
+                println!("{j}");
+            }
+            return Ok(());
+        }
+    };
     let r = bench(&options)?;
     println!(
-        "{} {}, batch {}, {}×{}: {:.1} img/s, peak RSS {:.0} MB",
-        r.model, r.mode, r.batch_size, r.input, r.input, r.images_per_second, r.peak_rss_mb
+        "{} {}, batch {}, {}×{}, {} kernels: {:.1} img/s, peak RSS {:.0} MB",
+        r.model, r.mode, r.batch_size, r.input, r.input, r.isa, r.images_per_second, r.peak_rss_mb
     );
+    if let Some(p) = r.peak_gflops {
+        print_peak(p, r.isa);
+    }
     if let (Some(f), Some(b), Some(u)) = (r.forward_ms, r.backward_ms, r.update_ms) {
         println!("per step: forward {f:.1} ms, backward {b:.1} ms, update {u:.1} ms");
     }
@@ -525,7 +563,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     if !r.convs.is_empty() {
         print!(
             "{}",
-            resnet_infer::conv_bench::table(&r.convs, options.batch_size)
+            resnet_infer::conv_bench::table(&r.convs, options.batch_size, r.peak_gflops)
         );
     }
     // Last, as the `--json` contract says.

@@ -582,9 +582,67 @@ fn bench_flags_reach_the_measurement() {
         "--recompute applies to a training step",
     );
 
-    let (_, stdout) = bench(&["--convs"]);
+    let (j, stdout) = bench(&["--convs"]);
     assert!(stdout.contains("| 16→16 3×3/1 on 40×40 | 6 |"), "{stdout}");
     assert!(stdout.contains("all convolutions of the net"), "{stdout}");
+    // Each pass's share of the FMA peak, which --convs measures, and the algorithm that ran.
+    assert!(j["peak_gflops"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains(" %) |"), "{stdout}");
+    assert!(stdout.contains("Gemm"), "{stdout}");
+}
+
+/// The kernel set: the best this CPU has by default, `RESNET_CPU_ISA` forces a narrower one, and the bench
+/// says which ran on its first line and in its JSON.
+#[test]
+fn cpu_kernel_set_is_chosen_reported_and_checked() {
+    let run = |isa: Option<&str>, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_resnet-infer"));
+        c.args(args);
+        if let Some(isa) = isa {
+            c.env("RESNET_CPU_ISA", isa);
+        }
+        c.output().expect("running resnet-infer")
+    };
+    let net = [
+        "bench",
+        "--model",
+        "resnet8",
+        "--batch-size",
+        "2",
+        "--iterations",
+        "1",
+        "--json",
+    ];
+    let best = last_json(&run(None, &net));
+    let best = best["isa"].as_str().unwrap().to_string();
+    assert!(
+        ["avx512", "avx2", "generic"].contains(&best.as_str()),
+        "{best}"
+    );
+    let out = run(Some("generic"), &net);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(last_json(&out)["isa"], "generic");
+    assert!(
+        stdout.lines().next().unwrap().contains("generic kernels"),
+        "{stdout}"
+    );
+
+    // --peak alone: one line and, with --json, the figure.
+    let j = last_json(&run(Some("generic"), &["bench", "--peak", "--json"]));
+    assert_eq!(j["isa"], "generic");
+    assert!(j["peak_gflops"].as_f64().unwrap() > 0.0 && j["threads"].as_u64().unwrap() >= 1);
+
+    assert_one_line_error(
+        &run(Some("sse9"), &net),
+        "RESNET_CPU_ISA=sse9: expected one of avx512, avx2, generic",
+    );
+    if best != "avx512" {
+        assert_one_line_error(
+            &run(Some("avx512"), &net),
+            "this CPU does not run avx512 kernels",
+        );
+    }
+    assert_one_line_error(&run(None, &["bench"]), "not provided: --model");
 }
 
 /// No leak over a long run: after 200 training steps the heap holds what it held after 20, and the peak RSS is

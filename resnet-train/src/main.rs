@@ -143,6 +143,10 @@ fn main() {
     resnet_infer::keep_freed_memory();
     resnet_core::threads::use_one_compute_pool();
     let cli: Cli = resnet_infer::parse_args();
+    if let Err(e) = resnet_core::ops::isa::select_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         None => train(&cli.train).map(|_| ()),
         Some(Command::Compare { runs, out }) => compare(&runs, &out),

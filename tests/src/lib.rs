@@ -6,6 +6,7 @@ pub mod mock_hub;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use resnet_core::ops::isa::Isa;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -180,4 +181,17 @@ pub fn small_cifar(name: &str, train: usize, test: usize) -> PathBuf {
         }
     }
     root
+}
+
+/// Runs `f` once on every CPU kernel set this machine has (`resnet_core::ops::isa`), narrowest first, and
+/// returns to the best one. Tests of one binary that do this take turns, so each sees its own kernel set.
+pub fn for_each_isa(mut f: impl FnMut(Isa) -> Result<()>) -> Result<()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let result = Isa::available().into_iter().try_for_each(|isa| {
+        resnet_core::ops::isa::select(isa)?;
+        f(isa).with_context(|| format!("with the {isa} kernel set"))
+    });
+    resnet_core::ops::isa::select(Isa::best_available())?;
+    result
 }

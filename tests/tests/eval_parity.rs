@@ -1,9 +1,9 @@
 //! Eval-mode logits of published ImageNet checkpoints (float16 files) equal PyTorch's:
-//! max |ours − theirs| ≤ 1e-3 × max |theirs| (../shared/fixtures/README.md).
+//! max |ours − theirs| ≤ 1e-3 × max |theirs| (../shared/fixtures/README.md), on every CPU kernel set.
 
 use candle_core::Device;
 use resnet_core::Model;
-use tests::{load_fixture, max_abs, max_abs_diff, shared};
+use tests::{for_each_isa, load_fixture, max_abs, max_abs_diff, shared};
 
 fn check(model_name: &str, fixture: &str) -> anyhow::Result<()> {
     let model = Model::by_name(model_name, 0, &Device::Cpu)?;
@@ -20,15 +20,15 @@ fn check(model_name: &str, fixture: &str) -> anyhow::Result<()> {
 
 #[test]
 fn torchvision_resnet18_logits_match_pytorch() -> anyhow::Result<()> {
-    check("resnet18", "torchvision-resnet18")
+    for_each_isa(|_| check("resnet18", "torchvision-resnet18"))
 }
 
 #[test]
 fn torchvision_resnet50_logits_match_pytorch() -> anyhow::Result<()> {
-    check("resnet50", "torchvision-resnet50")
+    for_each_isa(|_| check("resnet50", "torchvision-resnet50"))
 }
 
 #[test]
 fn timm_resnetv2_50_logits_match_pytorch() -> anyhow::Result<()> {
-    check("resnetv2_50", "timm-resnetv2_50")
+    for_each_isa(|_| check("resnetv2_50", "timm-resnetv2_50"))
 }

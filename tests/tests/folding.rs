@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use resnet_core::{Family, Model, Unit, REGISTERED};
-use tests::{load_fixture, max_abs, max_abs_diff, shared};
+use tests::{for_each_isa, load_fixture, max_abs, max_abs_diff, shared};
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs_diff(a, b).unwrap() / max_abs(b).unwrap()
@@ -45,15 +45,18 @@ fn folded_published_checkpoints_match_pytorch() -> anyhow::Result<()> {
         let model = Model::by_name(name, 0, &Device::Cpu)?;
         model.load_weights(&shared(&format!("fixtures/{fixture}.safetensors")))?;
         let io = load_fixture(&format!("fixtures/{fixture}.io.safetensors"))?;
-        let folded = model.predictor(true)?.forward(&io["input"])?;
-        assert!(
-            rel_diff(&folded, &io["logits"]) <= 1e-3,
-            "{name} vs PyTorch"
-        );
-        assert!(
-            rel_diff(&folded, &model.forward_t(&io["input"], false)?) <= 1e-4,
-            "{name} folded vs unfolded"
-        );
+        for_each_isa(|isa| {
+            let folded = model.predictor(true)?.forward(&io["input"])?;
+            assert!(
+                rel_diff(&folded, &io["logits"]) <= 1e-3,
+                "{name} vs PyTorch ({isa})"
+            );
+            assert!(
+                rel_diff(&folded, &model.forward_t(&io["input"], false)?) <= 1e-4,
+                "{name} folded vs unfolded ({isa})"
+            );
+            Ok(())
+        })?;
     }
     Ok(())
 }

@@ -1,29 +1,24 @@
 //! The fast CPU ops on every convolution and BatchNorm shape the registered nets use, against candle's
 //! reference ops: the convolution (forward, input and weight gradients) against candle's `conv2d` and its
-//! autograd, the fused BatchNorm(+ReLU) training op against BatchNorm composed from candle ops.
+//! autograd, on every CPU kernel set this machine has, at the nets' real plane sizes, batch 1 and 2; the
+//! fused BatchNorm(+ReLU) training op against BatchNorm composed from candle ops.
 //!
-//! Spatial sizes are capped at 14 (keeping odd sizes odd, so stride-2 edge cases stay), batch 2: the channel
-//! counts, kernels, strides and paddings are the nets' own.
+//! Each pass also reports the algorithm it ran (`ops::conv::last_algorithm`): the test checks that it is the
+//! dispatcher's choice, and that every algorithm (direct, Winograd, im2col + GEMM, pointwise GEMM) was
+//! compared in every pass on real shapes.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use resnet_core::conv::ConvShape;
-use resnet_core::conv_op::Conv2dOp;
+use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
+use resnet_core::ops::isa::Isa;
 use resnet_core::{Family, Model, REGISTERED};
-use std::collections::BTreeSet;
-use tests::{max_abs, max_abs_diff};
+use std::collections::{BTreeMap, BTreeSet};
+use tests::{for_each_isa, max_abs, max_abs_diff};
 
 type Shape = (usize, usize, usize, usize, usize, usize); // c_in, c_out, kernel, stride, padding, side
 
-fn capped(side: usize) -> usize {
-    if side <= 14 {
-        side
-    } else {
-        14 - (side % 2 == 1) as usize
-    }
-}
-
-/// Every distinct convolution of every registered net, with its spatial size capped.
+/// Every distinct convolution of every registered net, at its real input size.
 fn all_conv_shapes() -> BTreeSet<Shape> {
     let mut shapes = BTreeSet::new();
     for &name in REGISTERED {
@@ -41,14 +36,7 @@ fn all_conv_shapes() -> BTreeSet<Shape> {
                 padding,
                 input,
             } = s;
-            shapes.insert((
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                capped(input.0),
-            ));
+            shapes.insert((in_channels, out_channels, kernel, stride, padding, input.0));
         }
     }
     shapes
@@ -65,35 +53,105 @@ fn close(what: &str, ours: &Tensor, reference: &Tensor, shape: &Shape) {
     );
 }
 
+/// candle's forward and gradients of `sum(conv(x, w) · up)`: the reference for one shape and batch.
+struct Reference {
+    x: Var,
+    w: Var,
+    up: Tensor,
+    y: Tensor,
+    dx: Tensor,
+    dw: Tensor,
+}
+
+fn reference(shape: &Shape, batch: usize, dev: &Device) -> anyhow::Result<Reference> {
+    let &(c_in, c_out, k, stride, padding, side) = shape;
+    let x = Var::randn(0f32, 1.0, (batch, c_in, side, side), dev)?;
+    let w = Var::randn(0f32, 0.1, (c_out, c_in, k, k), dev)?;
+    let y = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
+    let up = Tensor::randn(0f32, 1.0, y.shape(), dev)?;
+    // candle 0.11's own conv backward derives the transposed-conv output size from the height alone: fine
+    // here, every input is square.
+    let grads = (&y * &up)?.sum_all()?.backward()?;
+    let (dx, dw) = (
+        grads.get(&x).unwrap().clone(),
+        grads.get(&w).unwrap().clone(),
+    );
+    Ok(Reference {
+        x,
+        w,
+        up,
+        y,
+        dx,
+        dw,
+    })
+}
+
 #[test]
 fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let shapes = all_conv_shapes();
     assert!(shapes.len() > 40, "only {} shapes", shapes.len());
     let mut norm_shapes = BTreeSet::new();
-    for shape @ &(c_in, c_out, k, stride, padding, side) in &shapes {
-        let x = Var::randn(0f32, 1.0, (2, c_in, side, side), &dev)?;
-        let w = Var::randn(0f32, 0.1, (c_out, c_in, k, k), &dev)?;
+    // (kernel set, pass) → algorithms that ran and matched the reference.
+    let mut covered: BTreeMap<(Isa, Pass), BTreeSet<Algorithm>> = BTreeMap::new();
+    for shape @ &(_, c_out, _, stride, padding, _) in &shapes {
         let op = Conv2dOp { stride, padding };
-        let ours = x.as_tensor().apply_op2(w.as_tensor(), op)?;
-        let reference = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
-        close("forward", &ours, &reference, shape);
-        let up = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
-        let g_ours = (&ours * &up)?.sum_all()?.backward()?;
-        // candle 0.11's own conv backward derives the transposed-conv output size from the height alone:
-        // fine here, every input is square.
-        let g_ref = (&reference * &up)?.sum_all()?.backward()?;
-        for (what, v) in [("input gradient", &x), ("weight gradient", &w)] {
-            close(what, g_ours.get(v).unwrap(), g_ref.get(v).unwrap(), shape);
+        for batch in [1, 2] {
+            let r = reference(shape, batch, &dev)?;
+            let (x, w) = (r.x.as_tensor(), r.w.as_tensor());
+            for_each_isa(|isa| {
+                let passes: [(Pass, &str, Tensor, &Tensor); 3] = [
+                    (Pass::Forward, "forward", x.apply_op2_no_bwd(w, &op)?, &r.y),
+                    (
+                        Pass::InputGrad,
+                        "input gradient",
+                        op.input_gradient(&r.up, w, x.shape())?,
+                        &r.dx,
+                    ),
+                    (
+                        Pass::WeightGrad,
+                        "weight gradient",
+                        op.weight_gradient(x, &r.up, w.shape())?,
+                        &r.dw,
+                    ),
+                ];
+                for (pass, what, ours, expected) in passes {
+                    close(
+                        &format!("{isa} {what}, batch {batch}"),
+                        &ours,
+                        expected,
+                        shape,
+                    );
+                    let ran = last_algorithm(pass).expect("the op records its algorithm");
+                    let chosen = Algorithm::choose(&op, x.shape(), w.shape(), pass, isa)?;
+                    assert_eq!(ran, chosen, "{isa} {what} of {shape:?}, batch {batch}");
+                    covered.entry((isa, pass)).or_default().insert(ran);
+                }
+                Ok(())
+            })?;
+            norm_shapes.insert((c_out, r.y.dim(2)?));
         }
-        norm_shapes.insert((c_out, ours.dim(2)?));
+    }
+    for isa in Isa::available() {
+        for pass in Pass::ALL {
+            let mut expected = BTreeSet::from([
+                Algorithm::Im2colGemm,
+                Algorithm::PointwiseGemm,
+                Algorithm::Winograd,
+            ]);
+            if isa == Isa::Avx512 {
+                expected.insert(Algorithm::Direct3x3);
+            }
+            assert_eq!(covered[&(isa, pass)], expected, "{isa} {pass:?}");
+        }
     }
     for &(channels, side) in &norm_shapes {
         check_batch_norm(channels, side, &dev)?;
     }
     eprintln!(
-        "{} convolution shapes and {} BatchNorm shapes match candle's reference ops",
+        "{} convolution shapes (batch 1 and 2, kernel sets {:?}) and {} BatchNorm shapes match candle's reference ops",
         shapes.len(),
+        Isa::available(),
         norm_shapes.len()
     );
     Ok(())

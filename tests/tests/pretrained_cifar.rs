@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use datasets::transforms::{image_tensor, Normalize};
 use resnet_core::{weights::read_metadata, Model};
-use tests::shared;
+use tests::{for_each_isa, shared};
 
 /// (file index, label) of the 20 PNGs, from their names `test-II-label-L.png`.
 fn pngs() -> Vec<(usize, usize, std::path::PathBuf)> {
@@ -47,17 +47,21 @@ fn predictions(model_name: &str) -> anyhow::Result<Vec<(usize, usize, usize)>> {
 
 #[test]
 fn pretrained_resnet20_classifies_all_20_pngs_correctly() -> anyhow::Result<()> {
-    for (i, label, predicted) in predictions("resnet20")? {
-        assert_eq!(predicted, label, "test-{i:02}");
-    }
-    Ok(())
+    for_each_isa(|_| {
+        for (i, label, predicted) in predictions("resnet20")? {
+            assert_eq!(predicted, label, "test-{i:02}");
+        }
+        Ok(())
+    })
 }
 
 #[test]
 fn pretrained_resnet32_matches_pytorch_including_its_one_mistake() -> anyhow::Result<()> {
-    for (i, label, predicted) in predictions("resnet32")? {
-        let expected = if i == 15 { 6 } else { label };
-        assert_eq!(predicted, expected, "test-{i:02} (label {label})");
-    }
-    Ok(())
+    for_each_isa(|_| {
+        for (i, label, predicted) in predictions("resnet32")? {
+            let expected = if i == 15 { 6 } else { label };
+            assert_eq!(predicted, expected, "test-{i:02} (label {label})");
+        }
+        Ok(())
+    })
 }

@@ -5,7 +5,7 @@
 use candle_core::{backprop::GradStore, DType, Device, Var};
 use resnet_core::optim::{Sgd, SgdConfig};
 use resnet_core::Model;
-use tests::{load_fixture, max_abs_diff, rel_norm_diff, strip_prefix};
+use tests::{for_each_isa, load_fixture, max_abs_diff, rel_norm_diff, strip_prefix};
 
 #[test]
 fn sgd_arithmetic_matches_pytorch() -> anyhow::Result<()> {
@@ -36,54 +36,56 @@ fn sgd_arithmetic_matches_pytorch() -> anyhow::Result<()> {
 fn three_resnet20_training_steps_match_pytorch() -> anyhow::Result<()> {
     let f = load_fixture("fixtures/cifar-resnet20-train.safetensors")?;
     let y = f["y"].to_dtype(DType::U32)?;
-    for (nesterov, tag) in [(false, "momentum"), (true, "nesterov")] {
-        let model = Model::by_name("resnet20", 0, &Device::Cpu)?;
-        model.load_tensors(&strip_prefix(&f, "init."), "fixture init.*".as_ref())?;
-        let config = SgdConfig {
-            lr: 0.02,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            nesterov,
-            decay_norm_and_bias: true,
-        };
-        let mut sgd = Sgd::new(model.trainable_vars(), config);
-        let expected_losses = f[&format!("{tag}.loss")].to_vec1::<f32>()?;
-        for (step, expected) in expected_losses.iter().enumerate() {
-            let loss = candle_nn::loss::cross_entropy(&model.forward_t(&f["x"], true)?, &y)?;
-            let value = loss.to_scalar::<f32>()?;
-            assert!(
-                (value - expected).abs() <= 1e-4,
-                "{tag} step {step}: loss {value} vs {expected}"
-            );
-            sgd.step(&loss.backward()?)?;
-        }
-        let finals = strip_prefix(&f, &format!("{tag}.final."));
-        for (name, expected) in &finals {
-            let ours = model
-                .params
-                .var(name)
-                .unwrap_or_else(|| panic!("no {name}"));
-            if name.contains("running") {
-                // Running statistics after 3 forwards: plain arithmetic, tight.
-                let d = max_abs_diff(ours.as_tensor(), expected)?;
-                assert!(d <= 1e-4, "{tag} {name}: {d}");
-            } else {
-                let rel = rel_norm_diff(ours.as_tensor(), expected)?;
-                // ‖a−b‖ ≤ 1e-2‖b‖ + 1e-4. The absolute 1e-4 matters only for the BN biases, which start at 0,
-                // stay near 3e-3 over 3 steps and are chaotic in float32: perturbing conv1.weight alone by 1e-7
-                // (relative) moves layer1.0.bn1.bias by 3.6e-2 relative, 1e-4 absolute (measured with this
-                // model). Every weight tensor has ‖b‖ ≥ 0.1, where the bound is the fixture's 1e-2.
-                let norm = expected.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-                let diff = rel * norm;
-                let tol = 1e-2 * norm + 1e-4;
+    for_each_isa(|_| {
+        for (nesterov, tag) in [(false, "momentum"), (true, "nesterov")] {
+            let model = Model::by_name("resnet20", 0, &Device::Cpu)?;
+            model.load_tensors(&strip_prefix(&f, "init."), "fixture init.*".as_ref())?;
+            let config = SgdConfig {
+                lr: 0.02,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                nesterov,
+                decay_norm_and_bias: true,
+            };
+            let mut sgd = Sgd::new(model.trainable_vars(), config);
+            let expected_losses = f[&format!("{tag}.loss")].to_vec1::<f32>()?;
+            for (step, expected) in expected_losses.iter().enumerate() {
+                let loss = candle_nn::loss::cross_entropy(&model.forward_t(&f["x"], true)?, &y)?;
+                let value = loss.to_scalar::<f32>()?;
                 assert!(
-                    diff <= tol,
-                    "{tag} {name}: ‖a−b‖ = {diff} > {tol} (relative {rel})"
+                    (value - expected).abs() <= 1e-4,
+                    "{tag} step {step}: loss {value} vs {expected}"
                 );
+                sgd.step(&loss.backward()?)?;
+            }
+            let finals = strip_prefix(&f, &format!("{tag}.final."));
+            for (name, expected) in &finals {
+                let ours = model
+                    .params
+                    .var(name)
+                    .unwrap_or_else(|| panic!("no {name}"));
+                if name.contains("running") {
+                    // Running statistics after 3 forwards: plain arithmetic, tight.
+                    let d = max_abs_diff(ours.as_tensor(), expected)?;
+                    assert!(d <= 1e-4, "{tag} {name}: {d}");
+                } else {
+                    let rel = rel_norm_diff(ours.as_tensor(), expected)?;
+                    // ‖a−b‖ ≤ 1e-2‖b‖ + 1e-4. The absolute 1e-4 matters only for the BN biases, which start at 0,
+                    // stay near 3e-3 over 3 steps and are chaotic in float32: perturbing conv1.weight alone by 1e-7
+                    // (relative) moves layer1.0.bn1.bias by 3.6e-2 relative, 1e-4 absolute (measured with this
+                    // model). Every weight tensor has ‖b‖ ≥ 0.1, where the bound is the fixture's 1e-2.
+                    let norm = expected.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+                    let diff = rel * norm;
+                    let tol = 1e-2 * norm + 1e-4;
+                    assert!(
+                        diff <= tol,
+                        "{tag} {name}: ‖a−b‖ = {diff} > {tol} (relative {rel})"
+                    );
+                }
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[test]

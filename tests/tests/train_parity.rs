@@ -3,10 +3,14 @@
 
 use candle_core::{DType, Device};
 use resnet_core::Model;
-use tests::{load_fixture, max_abs, max_abs_diff, rel_norm_diff, strip_prefix};
+use tests::{for_each_isa, load_fixture, max_abs, max_abs_diff, rel_norm_diff, strip_prefix};
 
 #[test]
 fn resnet20_train_step_matches_pytorch() -> anyhow::Result<()> {
+    for_each_isa(|_| train_step_matches())
+}
+
+fn train_step_matches() -> anyhow::Result<()> {
     let f = load_fixture("fixtures/cifar-resnet20-train.safetensors")?;
     let model = Model::by_name("resnet20", 0, &Device::Cpu)?;
     model.load_tensors(&strip_prefix(&f, "init."), "fixture init.*".as_ref())?;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use resnet_core::{cross_entropy, recompute, Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tests::{max_abs, max_abs_diff, rel_norm_diff, shared, strip_prefix};
+use tests::{for_each_isa, max_abs, max_abs_diff, rel_norm_diff, shared, strip_prefix};
 
 fn fixture(name: &str) -> anyhow::Result<HashMap<String, Tensor>> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -154,10 +154,13 @@ fn same_bits(name: &str, a: &Pass, b: &Pass) {
 fn training_pass_matches_pytorch_with_and_without_recomputation() -> anyhow::Result<()> {
     for name in ["preact_resnet20", "preact_resnet29", "resnet18"] {
         let f = fixture(name)?;
-        let plain = pass(&model(name, &f)?, &f, false)?;
-        check_against_pytorch(name, &plain, &f)?;
-        let recomputed = pass(&model(name, &f)?, &f, true)?;
-        same_bits(name, &plain, &recomputed);
+        for_each_isa(|_| {
+            let plain = pass(&model(name, &f)?, &f, false)?;
+            check_against_pytorch(name, &plain, &f)?;
+            let recomputed = pass(&model(name, &f)?, &f, true)?;
+            same_bits(name, &plain, &recomputed);
+            Ok(())
+        })?;
     }
     Ok(())
 }

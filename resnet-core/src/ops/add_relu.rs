@@ -1,7 +1,7 @@
 //! `ReLU(a + b)`, the end of every original residual unit, as one pass with one output (CPU), where candle
 //! would make two full-size tensors and two backward passes.
 
-use crate::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;

@@ -6,8 +6,9 @@
 //!
 //!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
 
-use crate::conv_op::{kernel_3x3, matmul};
-use crate::cpu_slice::written_by;
+use crate::ops::cpu_slice::written_by;
+use crate::ops::gemm::matmul;
+use crate::ops::taps::kernel_3x3;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;

@@ -1,7 +1,8 @@
 //! 2-D convolution on the CPU as one op with both backward passes: im2col + GEMM (the `gemm` crate that
 //! candle itself uses) with reused per-thread buffers, threaded over the images of the batch. 3×3 stride-1
-//! layers go to faster kernels where they apply (decided per shape, at run time): Winograd F(2×2, 3×3) for
-//! wide layers (`winograd`), a direct AVX-512 kernel for 16k channels (`conv3x3_direct`).
+//! layers go to faster kernels where they apply: Winograd F(2×2, 3×3) for wide layers (`winograd`), a direct
+//! AVX-512 kernel for 16k channels (`conv3x3_direct`). [`Algorithm::choose`] decides, per shape and pass, for
+//! the kernel set in use ([`Isa::current`]).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
 //! with a direct `conv_transpose2d` loop and the weight gradient as a convolution with an image-sized kernel;
@@ -13,13 +14,15 @@
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ              (summed in a fixed order: deterministic; computed
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
-use crate::conv3x3_direct;
-use crate::cpu_slice::{contiguous_f32, zeroed};
-use crate::winograd;
+use crate::ops::conv3x3_direct;
+use crate::ops::cpu_slice::{contiguous_f32, zeroed};
+use crate::ops::gemm::matmul;
+use crate::ops::isa::Isa;
+use crate::ops::winograd;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// Output channels up to which the weight gradient is computed transposed (see `weight_grad`).
 const TRANSPOSED_WEIGHT_GRAD_MAX_CHANNELS: usize = 128;
@@ -31,6 +34,53 @@ const WEIGHT_GRAD_GROUP: usize = 8;
 pub struct Conv2dOp {
     pub stride: usize,
     pub padding: usize,
+}
+
+/// One of the three computations of a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pass {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl Pass {
+    pub const ALL: [Pass; 3] = [Pass::Forward, Pass::InputGrad, Pass::WeightGrad];
+}
+
+/// How a pass of a convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Algorithm {
+    /// Column matrix of the image, then a GEMM with the weights.
+    Im2colGemm,
+    /// 1×1 stride 1: the image is its own column matrix, a GEMM alone.
+    PointwiseGemm,
+    /// Winograd F(2×2, 3×3): transforms and 16 GEMMs (`winograd`).
+    Winograd,
+    /// The direct 3×3 kernel with AVX-512 (`conv3x3_direct`).
+    Direct3x3,
+}
+
+impl Algorithm {
+    /// The algorithm for `pass` of the convolution of `x` (`[N, C_in, H, W]`) with `w` (`[C_out, C_in, k, k]`)
+    /// on kernel set `isa`: the one place where shapes meet algorithms.
+    pub fn choose(op: &Conv2dOp, x: &Shape, w: &Shape, pass: Pass, isa: Isa) -> Result<Algorithm> {
+        Ok(Geometry::new(x, w, op)?.algorithm(pass, isa))
+    }
+}
+
+thread_local! {
+    /// The last algorithm each pass ran on this thread (the op's caller), for tests and `bench --convs`.
+    static LAST: [Cell<Option<Algorithm>>; 3] = const { [const { Cell::new(None) }; 3] };
+}
+
+/// The algorithm that `pass` of the last convolution called from this thread ran.
+pub fn last_algorithm(pass: Pass) -> Option<Algorithm> {
+    LAST.with(|l| l[pass as usize].get())
+}
+
+fn ran(pass: Pass, algorithm: Algorithm) {
+    LAST.with(|l| l[pass as usize].set(Some(algorithm)));
 }
 
 /// Output columns `lo..hi` of one output row, reading the input from `start` every `step` elements.
@@ -107,14 +157,40 @@ impl Geometry {
         self.kh == 3 && self.kw == 3 && self.stride == 1 && self.pad == 1
     }
 
-    /// A 3×3 "same" convolution producing `out` channels from `inp` that Winograd's algorithm takes.
-    fn is_winograd(&self, inp: usize, out: usize) -> bool {
-        self.is_3x3_same() && winograd::applies(self.n, (inp, out), (self.h, self.w))
+    /// See [`Algorithm::choose`]. The input gradient is itself a 3×3 convolution, from C_out to C_in channels.
+    fn algorithm(&self, pass: Pass, isa: Isa) -> Algorithm {
+        let (plane, direct) = ((self.h, self.w), isa == Isa::Avx512);
+        let (inp, out) = match pass {
+            Pass::InputGrad => (self.c_out, self.c_in),
+            _ => (self.c_in, self.c_out),
+        };
+        let fast = self.is_3x3_same()
+            && match pass {
+                Pass::WeightGrad => {
+                    if winograd::weight_grad_applies(self.n, (inp, out), plane) {
+                        return Algorithm::Winograd;
+                    }
+                    direct && conv3x3_direct::weight_grad_applies((inp, out), plane)
+                }
+                _ => {
+                    if winograd::applies(self.n, (inp, out), plane) {
+                        return Algorithm::Winograd;
+                    }
+                    direct && conv3x3_direct::applies(out, plane)
+                }
+            };
+        match (fast, self.is_pointwise()) {
+            (true, _) => Algorithm::Direct3x3,
+            (false, true) => Algorithm::PointwiseGemm,
+            (false, false) => Algorithm::Im2colGemm,
+        }
     }
 
-    /// A 3×3 "same" convolution with `out` output channels that the direct kernel takes.
-    fn is_direct_3x3(&self, out: usize) -> bool {
-        self.is_3x3_same() && conv3x3_direct::applies(out, (self.h, self.w))
+    /// Chooses the algorithm of `pass` and records it as this thread's last.
+    fn dispatch(&self, pass: Pass) -> Algorithm {
+        let algorithm = self.algorithm(pass, Isa::current());
+        ran(pass, algorithm);
+        algorithm
     }
 
     fn dims(&self) -> (usize, usize, usize, usize, usize) {
@@ -241,60 +317,6 @@ fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// The 3×3 kernel from input channel `i` to output channel `o` of `conv3x3(·, w)` (`w` `[C_out, C_in, 3, 3]`)
-/// or, `transposed`, of the convolution that gives its input gradient: `w'[ci, co] = w[co, ci]` flipped in
-/// both axes. Taps row-major.
-pub(crate) fn kernel_3x3(
-    w: &[f32],
-    c_in: usize,
-    transposed: bool,
-    (o, i): (usize, usize),
-) -> [f32; 9] {
-    let (co, ci) = if transposed { (i, o) } else { (o, i) };
-    let k = &w[(co * c_in + ci) * 9..][..9];
-    std::array::from_fn(|t| if transposed { k[8 - t] } else { k[t] })
-}
-
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by its (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    parallelism: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover every index the strides reach: dst is m×n row-major, lhs/rhs are checked
-    // by the callers' shapes (m·k and k·n elements with the given strides).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// Threads for the batch dimension vs. inside each GEMM: images in parallel when there are enough of them.
 fn split_parallelism(images: usize) -> (bool, Parallelism) {
     let threads = rayon::current_num_threads();
@@ -366,12 +388,10 @@ fn conv_forward(
     // The residual's row for output row `row` (image · C_out + channel) of Y.
     let residual_row = |row: usize| residual.map(|r| &r[row * g.p()..(row + 1) * g.p()]);
     let (k, p) = (g.k(), g.p());
-    let fast = if g.is_winograd(g.c_in, g.c_out) {
-        Some(winograd::forward(x, w, g.dims()))
-    } else if g.is_direct_3x3(g.c_out) {
-        Some(conv3x3_direct::forward(x, w, g.dims()))
-    } else {
-        None
+    let fast = match g.dispatch(Pass::Forward) {
+        Algorithm::Winograd => Some(winograd::forward(x, w, g.dims())),
+        Algorithm::Direct3x3 => Some(conv3x3_direct::forward(x, w, g.dims())),
+        Algorithm::Im2colGemm | Algorithm::PointwiseGemm => None,
     };
     if let Some(mut out) = fast {
         if let Some(e) = epilogue {
@@ -530,11 +550,10 @@ impl FoldedConv2dOp {
 impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
-        if g.is_winograd(g.c_out, g.c_in) {
-            return winograd::input_grad(dy, w, g.dims());
-        }
-        if g.is_direct_3x3(g.c_in) {
-            return conv3x3_direct::input_grad(dy, w, g.dims());
+        match g.dispatch(Pass::InputGrad) {
+            Algorithm::Winograd => return winograd::input_grad(dy, w, g.dims()),
+            Algorithm::Direct3x3 => return conv3x3_direct::input_grad(dy, w, g.dims()),
+            Algorithm::Im2colGemm | Algorithm::PointwiseGemm => {}
         }
         let mut dx = zeroed(g.n * g.image_in());
         per_image(&mut dx, g.image_in(), g.n, |i, dxi, par| {
@@ -554,11 +573,12 @@ impl Conv2dOp {
 
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
-        if g.is_3x3_same() && winograd::weight_grad_applies(g.n, (g.c_in, g.c_out), (g.h, g.w)) {
-            return winograd::weight_grad(x, dy, g.dims());
-        }
-        if g.is_3x3_same() && conv3x3_direct::weight_grad_applies((g.c_in, g.c_out), (g.h, g.w)) {
-            return conv3x3_direct::weight_grad(x, dy, g.dims(), WEIGHT_GRAD_GROUP);
+        match g.dispatch(Pass::WeightGrad) {
+            Algorithm::Winograd => return winograd::weight_grad(x, dy, g.dims()),
+            Algorithm::Direct3x3 => {
+                return conv3x3_direct::weight_grad(x, dy, g.dims(), WEIGHT_GRAD_GROUP)
+            }
+            Algorithm::Im2colGemm | Algorithm::PointwiseGemm => {}
         }
         let groups = g.n.div_ceil(WEIGHT_GRAD_GROUP);
         let (over_images, inner) = split_parallelism(groups);
@@ -800,8 +820,8 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert!(
-                crate::conv3x3_direct::applies(16, (6, 8))
-                    && crate::conv3x3_direct::applies(32, (4, 21))
+                crate::ops::conv3x3_direct::applies(16, (6, 8))
+                    && crate::ops::conv3x3_direct::applies(32, (4, 21))
             );
         }
         for (n, ci, h, w, co, k, s, p) in cases {

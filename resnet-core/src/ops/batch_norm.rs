@@ -6,8 +6,8 @@
 //! to rounding. Here every per-channel sum is accumulated in f64, in a fixed order, in `LANES` independent
 //! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
-use crate::add_relu::relu_mask;
-use crate::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::add_relu::relu_mask;
+use crate::ops::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;

@@ -4,7 +4,7 @@
 //! Padding counts as −∞ and ties go to the first maximum in row-major window order, as PyTorch does, so
 //! gradients equal PyTorch's even on the many zeros a ReLU leaves.
 
-use crate::cpu_slice::{contiguous_f32, zeroed};
+use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

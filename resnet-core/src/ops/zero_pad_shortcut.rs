@@ -3,7 +3,7 @@
 //! cost 12 ms forward and backward on ResNet-20's first stride-2 unit, where the op itself moves a quarter of
 //! the input.
 
-use crate::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;

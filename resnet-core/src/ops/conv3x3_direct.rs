@@ -9,8 +9,8 @@
 //!
 //! Layouts: x `[N, C_in, H, W]`, weight `[C_out, C_in, 3, 3]`, y `[N, C_out, H, W]`, all row-major.
 
-use crate::conv_op::kernel_3x3;
-use crate::cpu_slice::{written_by, Scratch};
+use crate::ops::cpu_slice::{written_by, Scratch};
+use crate::ops::taps::kernel_3x3;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -19,13 +19,11 @@ const BLOCK: usize = 16;
 /// Columns per accumulator register.
 const LANES: usize = 16;
 
-/// Whether the direct kernel runs a 3×3/stride-1/padding-1 convolution with these channel counts on this CPU.
-/// Rows of 8 (the CIFAR nets' last stage) fill a register with two rows; other rows narrower than a register
+/// Whether the direct kernel takes a 3×3/stride-1/padding-1 convolution with these channel counts (it needs the
+/// AVX-512 kernel set: see `conv::Algorithm::choose`). Rows of 8 (the CIFAR nets' last stage) fill a register with two rows; other rows narrower than a register
 /// would waste most lanes, and the GEMM path takes those.
 pub fn applies(c_out: usize, (height, width): (usize, usize)) -> bool {
-    c_out.is_multiple_of(BLOCK)
-        && (width >= LANES || (width == 8 && height.is_multiple_of(2)))
-        && has_avx512()
+    c_out.is_multiple_of(BLOCK) && (width >= LANES || (width == 8 && height.is_multiple_of(2)))
 }
 
 /// Whether [`weight_grad`] runs for these channel counts and this plane. It wins where the GEMM's reduction
@@ -33,7 +31,7 @@ pub fn applies(c_out: usize, (height, width): (usize, usize)) -> bool {
 /// register: 173 vs 127) and loses on wide layers with wide planes (64→64 on 56×56: 149 vs 179).
 pub fn weight_grad_applies((c_in, c_out): (usize, usize), (height, width): (usize, usize)) -> bool {
     let plane_fits = (c_in <= 32 && width >= LANES) || (width == 8 && height.is_multiple_of(2));
-    c_out.is_multiple_of(GRAD_BLOCK) && plane_fits && has_avx512()
+    c_out.is_multiple_of(GRAD_BLOCK) && plane_fits
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,6 +92,7 @@ pub fn weight_grad(
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
     group: usize,
 ) -> Vec<f32> {
+    assert!(has_avx512(), "the direct 3×3 kernel needs AVX-512F");
     let g = Padded::new(c_in, h, wd);
     let xpad = g.copy_all(x, n);
     let (groups, blocks) = (n.div_ceil(group), c_out / GRAD_BLOCK);
@@ -120,7 +119,7 @@ pub fn weight_grad(
             let per_pass = (16 * 1024 / (GRAD_BLOCK * h * wd * 4)).max(1);
             #[cfg(target_arch = "x86_64")]
             for chunk in pairs.chunks(per_pass) {
-                // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_weight_grad` reads.
+                // SAFETY: checked AVX-512F above; the slices have the sizes `block_weight_grad` reads.
                 unsafe {
                     match wd {
                         8 => avx512::block_weight_grad::<true>(chunk, &g, dw),
@@ -146,6 +145,7 @@ fn run(
     packed: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
+    assert!(has_avx512(), "the direct 3×3 kernel needs AVX-512F");
     let g = Padded::new(c_in, h, wd);
     let xpad = g.copy_all(x, n);
     let blocks = c_out / BLOCK;
@@ -157,7 +157,7 @@ fn run(
                 let (image, block) = (task / blocks, task % blocks);
                 let xi = &xpad[image * g.image..(image + 1) * g.image];
                 let wb = &packed[block * c_in * 9 * BLOCK..(block + 1) * c_in * 9 * BLOCK];
-                // SAFETY: `applies` checked AVX-512F; the slices have the sizes `block_planes` reads and writes.
+                // SAFETY: checked AVX-512F above; the slices have the sizes `block_planes` reads and writes.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     avx512::block_planes(xi, wb, &g, (h, wd), out)

@@ -1,0 +1,22 @@
+//! The CPU kernels, apart from the papers' architecture: convolution algorithms, BatchNorm, pooling, the
+//! option-A shortcut and element-wise fusions, each a candle custom op with its backward pass.
+//!
+//! The model code calls the ops of this module and nothing below it. Two decisions are made in one place
+//! each: which kernel set runs on this CPU ([`isa`]: AVX-512, AVX2 or portable code, `RESNET_CPU_ISA`
+//! forces one) and which convolution algorithm runs for a shape ([`conv::Algorithm::choose`]).
+//!
+//! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`conv3x3_direct`,
+//! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
+
+pub(crate) mod add_relu;
+pub mod batch_norm;
+pub mod conv;
+mod conv3x3_direct;
+pub(crate) mod cpu_slice;
+mod gemm;
+pub mod isa;
+pub mod max_pool;
+pub mod peak;
+mod taps;
+mod winograd;
+pub(crate) mod zero_pad_shortcut;
