@@ -5,7 +5,7 @@
 //!
 //! Each pass also reports the algorithm it ran (`ops::conv::last_algorithm`): the test checks that it is the
 //! dispatcher's choice, and that every algorithm (direct, Winograd, im2col + GEMM, pointwise GEMM) was
-//! compared in every pass on real shapes.
+//! compared in every pass on real shapes, on each kernel set that has it (the direct kernel: AVX-512 only).
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -42,14 +42,18 @@ fn all_conv_shapes() -> BTreeSet<Shape> {
     shapes
 }
 
-fn close(what: &str, ours: &Tensor, reference: &Tensor, shape: &Shape) {
+/// Within float32 rounding of a sum of `terms` products: ‖ours − reference‖∞ ≤ max(1e-5, 4·ε·√terms) ×
+/// max(1, ‖reference‖∞). At the nets' real sizes the weight gradient of the stem sums 2 × 112² products per
+/// value, where a flat 1e-5 is within the reference's own rounding.
+fn close(what: &str, ours: &Tensor, reference: &Tensor, shape: &Shape, terms: usize) {
     let (diff, scale) = (
         max_abs_diff(ours, reference).unwrap(),
         max_abs(reference).unwrap(),
     );
+    let tolerance = (4.0 * f32::EPSILON * (terms as f32).sqrt()).max(1e-5);
     assert!(
-        diff <= 1e-5 * scale.max(1.0),
-        "{what} of {shape:?}: max |diff| {diff} (max |reference| {scale})"
+        diff <= tolerance * scale.max(1.0),
+        "{what} of {shape:?}: max |diff| {diff} (max |reference| {scale}, tolerance {tolerance})"
     );
 }
 
@@ -84,6 +88,16 @@ fn reference(shape: &Shape, batch: usize, dev: &Device) -> anyhow::Result<Refere
         dx,
         dw,
     })
+}
+
+/// Products summed into one value of `pass`.
+fn terms(&(c_in, c_out, k, stride, padding, side): &Shape, batch: usize, pass: Pass) -> usize {
+    let out_side = (side + 2 * padding - k) / stride + 1;
+    match pass {
+        Pass::Forward => c_in * k * k,
+        Pass::InputGrad => (c_out * k * k).div_ceil(stride * stride),
+        Pass::WeightGrad => batch * out_side * out_side,
+    }
 }
 
 #[test]
@@ -121,6 +135,7 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
                         &ours,
                         expected,
                         shape,
+                        terms(shape, batch, pass),
                     );
                     let ran = last_algorithm(pass).expect("the op records its algorithm");
                     let chosen = Algorithm::choose(&op, x.shape(), w.shape(), pass, isa)?;
@@ -189,7 +204,7 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
         .broadcast_mul(&per_channel(gamma.as_tensor())?)?
         .broadcast_add(&per_channel(beta.as_tensor())?)?
         .relu()?;
-    close("batch-norm output", &ours, &reference, &shape);
+    close("batch-norm output", &ours, &reference, &shape, 1);
     let up = Tensor::randn(0f32, 1.0, ours.shape(), dev)?;
     let g_ours = (&ours * &up)?.sum_all()?.backward()?;
     let g_ref = (&reference * &up)?.sum_all()?.backward()?;
