@@ -5,7 +5,7 @@
 //!
 //! Each pass also reports the algorithm it ran (`ops::conv::last_algorithm`): the test checks that it is the
 //! dispatcher's choice, and that every algorithm (direct, Winograd, im2col + GEMM, pointwise GEMM) was
-//! compared in every pass on real shapes, on each kernel set that has it (the direct kernel: AVX-512 only).
+//! compared in every pass on real shapes, on each kernel set that has it.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -154,7 +154,8 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
                 Algorithm::PointwiseGemm,
                 Algorithm::Winograd,
             ]);
-            if isa == Isa::Avx512 {
+            // The direct kernel: AVX-512 in every pass, AVX2 in the forward pass and the input gradient.
+            if isa == Isa::Avx512 || (isa == Isa::Avx2 && pass != Pass::WeightGrad) {
                 expected.insert(Algorithm::Direct3x3);
             }
             assert_eq!(covered[&(isa, pass)], expected, "{isa} {pass:?}");

@@ -1,7 +1,7 @@
 //! 2-D convolution on the CPU as one op with both backward passes: im2col + GEMM (the `gemm` crate that
 //! candle itself uses) with reused per-thread buffers, threaded over the images of the batch. 3×3 stride-1
 //! layers go to faster kernels where they apply: Winograd F(2×2, 3×3) for wide layers (`winograd`), a direct
-//! AVX-512 kernel for 16k channels (`conv3x3_direct`). [`Algorithm::choose`] decides, per shape and pass, for
+//! AVX-512 or AVX2 kernel for narrow ones (`conv3x3_direct`). [`Algorithm::choose`] decides, per shape and pass, for
 //! the kernel set in use ([`Isa::current`]).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
@@ -57,7 +57,7 @@ pub enum Algorithm {
     PointwiseGemm,
     /// Winograd F(2×2, 3×3): transforms and 16 GEMMs (`winograd`).
     Winograd,
-    /// The direct 3×3 kernel with AVX-512 (`conv3x3_direct`).
+    /// The direct 3×3 kernel of the AVX-512 or AVX2 set (`conv3x3_direct`).
     Direct3x3,
 }
 
@@ -159,7 +159,7 @@ impl Geometry {
 
     /// See [`Algorithm::choose`]. The input gradient is itself a 3×3 convolution, from C_out to C_in channels.
     fn algorithm(&self, pass: Pass, isa: Isa) -> Algorithm {
-        let (plane, direct) = ((self.h, self.w), isa == Isa::Avx512);
+        let plane = (self.h, self.w);
         let (inp, out) = match pass {
             Pass::InputGrad => (self.c_out, self.c_in),
             _ => (self.c_in, self.c_out),
@@ -170,13 +170,13 @@ impl Geometry {
                     if winograd::weight_grad_applies(self.n, (inp, out), plane) {
                         return Algorithm::Winograd;
                     }
-                    direct && conv3x3_direct::weight_grad_applies((inp, out), plane)
+                    conv3x3_direct::weight_grad_applies(isa, (inp, out), plane)
                 }
                 _ => {
                     if winograd::applies(self.n, (inp, out), plane) {
                         return Algorithm::Winograd;
                     }
-                    direct && conv3x3_direct::applies(out, plane)
+                    conv3x3_direct::applies(isa, out, plane)
                 }
             };
         match (fast, self.is_pointwise()) {
@@ -186,11 +186,12 @@ impl Geometry {
         }
     }
 
-    /// Chooses the algorithm of `pass` and records it as this thread's last.
-    fn dispatch(&self, pass: Pass) -> Algorithm {
-        let algorithm = self.algorithm(pass, Isa::current());
+    /// Chooses the algorithm of `pass` for the kernel set in use, and records it as this thread's last.
+    fn dispatch(&self, pass: Pass) -> (Algorithm, Isa) {
+        let isa = Isa::current();
+        let algorithm = self.algorithm(pass, isa);
         ran(pass, algorithm);
-        algorithm
+        (algorithm, isa)
     }
 
     fn dims(&self) -> (usize, usize, usize, usize, usize) {
@@ -389,9 +390,9 @@ fn conv_forward(
     let residual_row = |row: usize| residual.map(|r| &r[row * g.p()..(row + 1) * g.p()]);
     let (k, p) = (g.k(), g.p());
     let fast = match g.dispatch(Pass::Forward) {
-        Algorithm::Winograd => Some(winograd::forward(x, w, g.dims())),
-        Algorithm::Direct3x3 => Some(conv3x3_direct::forward(x, w, g.dims())),
-        Algorithm::Im2colGemm | Algorithm::PointwiseGemm => None,
+        (Algorithm::Winograd, _) => Some(winograd::forward(x, w, g.dims())),
+        (Algorithm::Direct3x3, isa) => Some(conv3x3_direct::forward(isa, x, w, g.dims())),
+        (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => None,
     };
     if let Some(mut out) = fast {
         if let Some(e) = epilogue {
@@ -551,9 +552,9 @@ impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::InputGrad) {
-            Algorithm::Winograd => return winograd::input_grad(dy, w, g.dims()),
-            Algorithm::Direct3x3 => return conv3x3_direct::input_grad(dy, w, g.dims()),
-            Algorithm::Im2colGemm | Algorithm::PointwiseGemm => {}
+            (Algorithm::Winograd, _) => return winograd::input_grad(dy, w, g.dims()),
+            (Algorithm::Direct3x3, isa) => return conv3x3_direct::input_grad(isa, dy, w, g.dims()),
+            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }
         let mut dx = zeroed(g.n * g.image_in());
         per_image(&mut dx, g.image_in(), g.n, |i, dxi, par| {
@@ -574,11 +575,11 @@ impl Conv2dOp {
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
-            Algorithm::Winograd => return winograd::weight_grad(x, dy, g.dims()),
-            Algorithm::Direct3x3 => {
-                return conv3x3_direct::weight_grad(x, dy, g.dims(), WEIGHT_GRAD_GROUP)
+            (Algorithm::Winograd, _) => return winograd::weight_grad(x, dy, g.dims()),
+            (Algorithm::Direct3x3, isa) => {
+                return conv3x3_direct::weight_grad(isa, x, dy, g.dims(), WEIGHT_GRAD_GROUP)
             }
-            Algorithm::Im2colGemm | Algorithm::PointwiseGemm => {}
+            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }
         let groups = g.n.div_ceil(WEIGHT_GRAD_GROUP);
         let (over_images, inner) = split_parallelism(groups);
@@ -817,11 +818,10 @@ mod tests {
             );
             assert!(winograd::weight_grad_applies(n, (inp, out), (16, 16)));
         }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if Isa::best_available() == Isa::Avx512 {
             assert!(
-                crate::ops::conv3x3_direct::applies(16, (6, 8))
-                    && crate::ops::conv3x3_direct::applies(32, (4, 21))
+                conv3x3_direct::applies(Isa::Avx512, 16, (6, 8))
+                    && conv3x3_direct::applies(Isa::Avx512, 32, (4, 21))
             );
         }
         for (n, ci, h, w, co, k, s, p) in cases {
