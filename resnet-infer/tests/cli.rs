@@ -589,6 +589,11 @@ fn bench_flags_reach_the_measurement() {
     assert!(j["peak_gflops"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains(" %) |"), "{stdout}");
     assert!(stdout.contains("Gemm"), "{stdout}");
+    let (j, stdout) = bench(&["--peak"]);
+    assert!(j["peak_gflops"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("f32 FMA peak"), "{stdout}");
+    let (j, _) = bench(&[]);
+    assert!(j["peak_gflops"].is_null());
 }
 
 /// The kernel set: the best this CPU has by default, `RESNET_CPU_ISA` forces a narrower one, and the bench

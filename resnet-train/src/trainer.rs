@@ -132,6 +132,13 @@ impl Trainer {
                 strict: options.strict,
             },
         )?;
+        if options.device.is_cpu() {
+            eprintln!(
+                "compute: CPU, {} kernels (RESNET_CPU_ISA), {} threads",
+                resnet_core::ops::isa::Isa::current(),
+                resnet_core::threads::kernel_threads()
+            );
+        }
         eprintln!(
             "loader: batch {}, {} decode threads",
             recipe.batch_size,

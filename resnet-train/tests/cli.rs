@@ -267,6 +267,14 @@ fn bad_flags_give_one_line_errors() {
         &train(&["--resume", "/nonexistent/run"]),
         "/nonexistent/run",
     );
+    assert_one_line_error(
+        &train_cmd()
+            .env("RESNET_CPU_ISA", "sse9")
+            .args(["--data", d])
+            .output()
+            .unwrap(),
+        "RESNET_CPU_ISA=sse9",
+    );
 }
 
 #[test]
@@ -661,6 +669,11 @@ fn every_training_flag_changes_the_run() {
         epochs.rows.last().unwrap()[0],
         "10",
         "2 epochs of 5 batches"
+    );
+    assert!(
+        base.stderr.contains(" kernels (RESNET_CPU_ISA)"),
+        "{}",
+        base.stderr
     );
     // Recomputation changes what backward keeps, never a result: the same losses and the same final weights.
     let recomputed = run("flag-recompute", &["--recompute"]);

@@ -32,8 +32,9 @@ struct Kernels {
     block: usize,
     block_planes: BlockPlanes,
     /// Output channels per weight-gradient task, and the kernels with one row per register and with two.
-    /// AVX2 has none: with 16 registers, 4 channels × 3 taps of accumulators lost to im2col + GEMM (16→16
-    /// on 32×32, batch 128: 75 vs 86 GFLOP/s).
+    /// AVX2 has none: with 16 registers, 4 channels × 3 taps of accumulators lost to im2col + GEMM
+    /// (`RESNET_CPU_ISA=avx2 bench --convs`, AMD EPYC: 16→16 on 32×32 75 GFLOP/s, 32→32 on 16×16 77, at batch
+    /// 128; the GEMM 86 and 91 at batch 500).
     weight_grad: Option<(usize, [BlockWeightGrad; 2])>,
 }
 
