@@ -505,6 +505,10 @@ impl TryFrom<BenchArgs> for BenchJob {
             json,
         } = args;
         let Some(model) = model else {
+            // --peak alone: a flag that describes a net would be silently ignored.
+            if train || recompute || convs || no_fold || input.is_some() {
+                bail!("--train, --recompute, --convs, --no-fold and --input describe a net: add --model");
+            }
             return Ok(BenchJob::Peak(json));
         };
         if recompute && !train {

@@ -648,6 +648,7 @@ fn cpu_kernel_set_is_chosen_reported_and_checked() {
         );
     }
     assert_one_line_error(&run(None, &["bench"]), "not provided: --model");
+    assert_one_line_error(&run(None, &["bench", "--peak", "--train"]), "add --model");
 }
 
 /// No leak over a long run: after 200 training steps the heap holds what it held after 20, and the peak RSS is

@@ -85,45 +85,41 @@ mod x86 {
     use super::CHAINS;
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU supports AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(iterations: u64) -> f32 {
-        let (a, b) = (
-            _mm512_set1_ps(std::hint::black_box(0.999_999)),
-            _mm512_set1_ps(1e-7),
-        );
-        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
-        for _ in 0..iterations {
-            for v in acc.iter_mut() {
-                *v = _mm512_fmadd_ps(*v, a, b);
+    /// `CHAINS` chains of `$fmadd` on registers of `$lanes` f32, with the set's `target_feature`.
+    macro_rules! chains {
+        ($name:ident, $features:literal, $v:ty, $lanes:literal, $set1:ident, $fmadd:ident) => {
+            /// # Safety
+            /// The CPU supports the features named.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(iterations: u64) -> f32 {
+                let (a, b) = ($set1(std::hint::black_box(0.999_999)), $set1(1e-7));
+                let mut acc = [$set1(1.0); CHAINS];
+                for _ in 0..iterations {
+                    for v in acc.iter_mut() {
+                        *v = $fmadd(*v, a, b);
+                    }
+                }
+                // SAFETY: a register of $lanes f32 has the layout of [f32; $lanes].
+                acc.iter()
+                    .map(|v| {
+                        unsafe { std::mem::transmute::<$v, [f32; $lanes]>(*v) }
+                            .iter()
+                            .sum::<f32>()
+                    })
+                    .sum()
             }
-        }
-        acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+        };
     }
 
-    /// # Safety
-    /// The CPU supports AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(iterations: u64) -> f32 {
-        let (a, b) = (
-            _mm256_set1_ps(std::hint::black_box(0.999_999)),
-            _mm256_set1_ps(1e-7),
-        );
-        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
-        for _ in 0..iterations {
-            for v in acc.iter_mut() {
-                *v = _mm256_fmadd_ps(*v, a, b);
-            }
-        }
-        let mut lanes = [0f32; 8];
-        let mut total = 0.0;
-        for v in acc {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-            total += lanes.iter().sum::<f32>();
-        }
-        total
-    }
+    chains!(
+        avx512,
+        "avx512f",
+        __m512,
+        16,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps
+    );
+    chains!(avx2, "avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps);
 }
 
 #[cfg(test)]
