@@ -96,7 +96,8 @@ pub struct FoldedResNet {
 impl FoldedResNet {
     /// `None` for pre-activation nets (see the module docs).
     pub fn new(net: &ResNet) -> Result<Option<Self>> {
-        if net.config.unit != Unit::Original {
+        // The joins of Fig. 2 other than the sum (and dropout, a sum in evaluation) are not folded.
+        if net.config.unit != Unit::Original || !net.units.iter().all(|u| u.join.is_sum(false)) {
             return Ok(None);
         }
         let Some(stem_norm) = &net.stem_norm else {

@@ -10,6 +10,7 @@
 
 pub mod batch_norm;
 mod bn_relu_conv;
+pub mod combine;
 mod config;
 pub mod conv;
 mod device;
@@ -31,7 +32,7 @@ pub mod transformers_names;
 mod weight_layout;
 pub mod weights;
 
-pub use config::{Block, Family, ResNetConfig, Shortcut, Unit};
+pub use config::{Block, Combine, Family, ResNetConfig, Shortcut, Unit};
 pub use device::{device_name, parse_device};
 pub use error::{ResNetError, Result};
 pub use model::Model;

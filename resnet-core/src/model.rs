@@ -17,6 +17,7 @@ impl Model {
     pub fn new(config: &ResNetConfig, seed: u64, device: &Device) -> Result<Self> {
         let params = ParamStore::new(seed);
         let net = ResNet::new(config, params.var_builder(device))?;
+        net.dropout_draws().set_seed(seed);
         Ok(Self {
             net,
             params,
@@ -31,6 +32,13 @@ impl Model {
 
     pub fn config(&self) -> &ResNetConfig {
         self.net.config()
+    }
+
+    /// The training step whose dropout-shortcut masks the next training-mode forwards draw (a mask depends on
+    /// the seed, the unit and this step only; the trainer sets it every iteration, so a resumed run draws the
+    /// masks of an uninterrupted one).
+    pub fn set_training_step(&self, step: u64) {
+        self.net.dropout_draws().set_step(step);
     }
 
     pub fn device(&self) -> &Device {

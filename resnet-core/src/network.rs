@@ -1,6 +1,7 @@
 //! The whole network: stem, stages of residual units, (final BN-ReLU), global average pool, classifier.
 
 use crate::batch_norm::{batch_norm, BatchNorm};
+use crate::combine::DropoutDraws;
 use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs, ConvShape};
 use crate::ops::max_pool::MaxPool2d;
@@ -9,6 +10,7 @@ use crate::{Family, ResNetConfig, Unit, WeightLayout};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A row of [`ResNet::layers`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -24,13 +26,15 @@ pub struct LayerSummary {
 pub struct ResNet {
     pub(crate) config: ResNetConfig,
     pub(crate) stem_conv: Conv2d,
-    /// BN-ReLU after the stem conv (original units only).
+    /// BN after the stem conv (every placement but full pre-activation), with a ReLU where `unit.stem_relu()`.
     pub(crate) stem_norm: Option<BatchNorm>,
     pub(crate) stem_pool: Option<MaxPool2d>,
     pub(crate) units: Vec<ResidualUnit>,
-    /// BN-ReLU after the last unit (pre-activation only).
+    /// BN-ReLU after the last unit (full pre-activation only).
     pub(crate) final_norm: Option<BatchNorm>,
     pub(crate) head: Linear,
+    /// The seed and step of the dropout-shortcut masks (see [`DropoutDraws`]).
+    pub(crate) draws: Arc<DropoutDraws>,
 }
 
 impl ResNet {
@@ -49,12 +53,13 @@ impl ResNet {
             false,
             vb.pp(layout.stem_conv()),
         )?;
-        let pre_activation = config.unit == Unit::PreActivation;
+        let pre_activation = config.unit.normalizes_input();
         let stem_norm = match pre_activation {
             false => Some(batch_norm(stem_width, false, vb.pp(layout.stem_norm()))?),
             true => None,
         };
 
+        let draws = Arc::new(DropoutDraws::default());
         let mut units = Vec::new();
         let mut in_ch = stem_width;
         for (stage, (&depth, width)) in config
@@ -66,7 +71,13 @@ impl ResNet {
             for index in 0..depth {
                 let stride = if index == 0 && stage > 0 { 2 } else { 1 };
                 let vb_unit = vb.pp(layout.unit(stage, index));
-                units.push(ResidualUnit::new(config, in_ch, width, stride, vb_unit)?);
+                let place = (&draws, units.len() as u64);
+                units.push(ResidualUnit::new(
+                    config,
+                    (in_ch, width, stride),
+                    place,
+                    vb_unit,
+                )?);
                 in_ch = width * config.block.expansion();
             }
         }
@@ -85,7 +96,13 @@ impl ResNet {
             units,
             final_norm,
             head,
+            draws,
         })
+    }
+
+    /// The seed and step of the dropout-shortcut masks.
+    pub fn dropout_draws(&self) -> &DropoutDraws {
+        &self.draws
     }
 
     pub fn config(&self) -> &ResNetConfig {
@@ -170,7 +187,10 @@ impl ResNet {
         }
         let mut y = self.stem_conv.forward(x)?;
         if let Some(norm) = &self.stem_norm {
-            y = norm.forward_relu(&y, train)?;
+            y = match self.config.unit.stem_relu() {
+                true => norm.forward_relu(&y, train)?,
+                false => norm.forward_t(&y, train)?,
+            };
         }
         if let Some(pool) = &self.stem_pool {
             y = pool.forward(&y)?;
@@ -197,11 +217,12 @@ impl ResNet {
         self.units.len()
     }
 
-    /// (The final BN-ReLU,) global average pooling: the classifier's input from the last unit's output.
+    /// (The final BN-ReLU or ReLU,) global average pooling: the classifier's input from the last unit's output.
     pub(crate) fn pooled_t(&self, y: &Tensor, train: bool) -> Result<Tensor> {
-        match &self.final_norm {
-            Some(norm) => norm.forward_relu(y, train)?.mean((2, 3)),
-            None => y.mean((2, 3)),
+        match (&self.final_norm, self.config.unit) {
+            (Some(norm), _) => norm.forward_relu(y, train)?.mean((2, 3)),
+            (None, Unit::ReluOnlyPreActivation) => y.relu()?.mean((2, 3)),
+            (None, _) => y.mean((2, 3)),
         }
     }
 

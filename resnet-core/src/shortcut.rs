@@ -17,7 +17,7 @@ pub enum ShortcutPath {
         before: usize,
         after: usize,
     },
-    /// 1×1 convolution (+ BN in original units; pre-activation units feed it the normalised input instead).
+    /// 1×1 convolution (+ BN, except in full pre-activation units, which feed it the normalised input instead).
     Projection {
         conv: Conv2d,
         norm: Option<BatchNorm>,
@@ -41,9 +41,9 @@ impl ShortcutPath {
         if project {
             let (conv_name, norm_name) = layout.shortcut();
             let conv = conv(in_ch, out_ch, 1, stride, false, vb.pp(conv_name))?;
-            let norm = match unit {
-                Unit::Original => Some(batch_norm(out_ch, false, vb.pp(norm_name))?),
-                Unit::PreActivation => None,
+            let norm = match unit.normalizes_input() {
+                false => Some(batch_norm(out_ch, false, vb.pp(norm_name))?),
+                true => None,
             };
             return Ok(ShortcutPath::Projection { conv, norm });
         }

@@ -24,8 +24,8 @@ impl WeightLayout {
     pub fn of(config: &ResNetConfig) -> Self {
         match (config.family, config.unit) {
             (Family::Cifar, _) => WeightLayout::Cifar,
-            (Family::ImageNet, Unit::Original) => WeightLayout::Torchvision,
             (Family::ImageNet, Unit::PreActivation) => WeightLayout::TimmV2,
+            (Family::ImageNet, _) => WeightLayout::Torchvision,
         }
     }
 
@@ -69,6 +69,12 @@ impl WeightLayout {
             WeightLayout::Torchvision => ("downsample.0", "downsample.1"),
             WeightLayout::TimmV2 => ("downsample.conv", "downsample.norm"),
         }
+    }
+
+    /// The 1×1 convolution of a gated shortcut (Identity Mappings Fig. 2(c, d)), relative to the unit:
+    /// `gate.weight`, `gate.bias`.
+    pub fn gate(self) -> &'static str {
+        "gate"
     }
 
     /// The BN after the last unit of a pre-activation net.

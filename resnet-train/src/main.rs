@@ -103,6 +103,10 @@ struct TrainArgs {
     /// Start each residual branch at zero (last BN γ = 0).
     #[arg(long)]
     zero_init_residual: bool,
+    /// The initial bias b_g of a gated shortcut's gate, g(x) = σ(W_g x + b_g) (`*_exclusive_gating`,
+    /// `*_shortcut_gating` nets) [default: -6, the paper's best].
+    #[arg(long, allow_hyphen_values = true)]
+    gate_bias: Option<f64>,
     /// Training images held out for validation (the paper: 5000), 0 for none.
     #[arg(long)]
     holdout: Option<usize>,
@@ -211,6 +215,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
             label_smoothing,
             bn_recalibrate,
             zero_init_residual,
+            gate_bias,
             holdout,
             eval_every,
             log_every,
@@ -258,6 +263,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
                 ("--label-smoothing", label_smoothing.is_some()),
                 ("--bn-recalibrate", bn_recalibrate.is_some()),
                 ("--zero-init-residual", *zero_init_residual),
+                ("--gate-bias", gate_bias.is_some()),
                 ("--holdout", holdout.is_some()),
                 ("--eval-every", eval_every.is_some()),
                 ("--log-every", log_every.is_some()),
@@ -333,6 +339,15 @@ impl TryFrom<&TrainArgs> for TrainJob {
         }
         r.label_smoothing = label_smoothing.unwrap_or(r.label_smoothing);
         r.zero_init_residual |= *zero_init_residual;
+        if let Some(b) = gate_bias {
+            if !b.is_finite() {
+                bail!("--gate-bias must be a finite number, got {b}");
+            }
+            if config.combine.with_gate_bias(*b).is_none() {
+                bail!("--gate-bias: {model} has no gated shortcut (use a *_exclusive_gating or *_shortcut_gating net)");
+            }
+            r.gate_bias = Some(*b);
+        }
         r.bn_recalibration_batches = bn_recalibrate.unwrap_or(r.bn_recalibration_batches);
         r.validation_holdout = holdout.unwrap_or(r.validation_holdout);
         r.eval_every = eval_every.unwrap_or(r.eval_every);

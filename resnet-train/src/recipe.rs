@@ -73,6 +73,10 @@ pub struct Recipe {
     pub augment: TrainTransform,
     pub label_smoothing: f64,
     pub zero_init_residual: bool,
+    /// The initial bias of a gated shortcut's gate (Identity Mappings Table 1 tries 0 and −5 … −7); `None`:
+    /// the registry's −6.
+    #[serde(default)]
+    pub gate_bias: Option<f64>,
     /// Evaluate (and log a row) every this many iterations, and at the end.
     pub eval_every: u64,
     /// Log a training row every this many iterations.
@@ -109,6 +113,7 @@ impl Recipe {
             augment: TrainTransform::Cifar,
             label_smoothing: 0.0,
             zero_init_residual: false,
+            gate_bias: None,
             eval_every: 390,
             log_every: 50,
             bn_recalibration_batches: 0,

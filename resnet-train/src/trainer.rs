@@ -68,6 +68,14 @@ impl Trainer {
 
         let mut config = config_for(&recipe.model)?;
         config.zero_init_residual = recipe.zero_init_residual;
+        if let Some(bias) = recipe.gate_bias {
+            config.combine = config.combine.with_gate_bias(bias).with_context(|| {
+                format!(
+                    "--gate-bias: {} has no gated shortcut (use a _exclusive_gating or _shortcut_gating net)",
+                    recipe.model
+                )
+            })?;
+        }
         let source = DataSource::open(&options.data)?;
         eprintln!("data: {}", source.summary());
         let train = source
@@ -332,6 +340,8 @@ impl Trainer {
                     label_smoothing: self.recipe.label_smoothing,
                     recompute: self.options.recompute,
                 };
+                // Dropout-shortcut masks are drawn for this iteration, whether run straight or resumed.
+                self.model.set_training_step(it);
                 let step = train_step(&self.model, &mut self.sgd, &x, &y, &step_options)?;
                 if step.recomputed_segments > 0 && it == start {
                     // Said by the step itself: the flag reached the training step.

@@ -5,6 +5,7 @@ mod datasets_sources;
 mod datasets_transforms;
 mod eval_parity;
 mod folding;
+mod identity_mappings;
 mod initialization;
 mod op_shapes;
 mod pretrained_cifar;

@@ -13,6 +13,7 @@ pub mod batch_norm;
 pub mod conv;
 mod conv3x3_direct;
 pub(crate) mod cpu_slice;
+pub mod dropout_mask;
 mod gemm;
 pub mod isa;
 pub mod max_pool;
