@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResNetError {
-    #[error("unknown model `{name}`: expected one of the registered names ({known}) or a CIFAR depth like resnet{{6n+2}}, plain{{6n+2}}, preact_resnet{{6n+2|9n+2}}")]
+    #[error("unknown model `{name}`: expected one of the registered names ({known}) or a CIFAR depth like resnet{{6n+2}}, plain{{6n+2}}, preact_resnet{{6n+2|9n+2}}, with at most one Identity Mappings suffix (resnet56_relu_preact, resnet110_1layer, …)")]
     UnknownModel { name: String, known: String },
 
     #[error("invalid configuration: {0}")]

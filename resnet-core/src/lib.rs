@@ -8,6 +8,7 @@
 //! # Ok::<(), resnet_core::ResNetError>(())
 //! ```
 
+pub mod ablations;
 pub mod batch_norm;
 mod bn_relu_conv;
 pub mod combine;

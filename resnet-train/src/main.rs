@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod curves;
+mod experiment;
 mod metrics_log;
 mod recipe;
 mod schedule;
@@ -27,7 +28,7 @@ static ALLOCATOR: resnet_infer::heap::CountingMimalloc = resnet_infer::heap::Cou
 )]
 #[command(args_conflicts_with_subcommands = true)]
 #[command(
-    after_help = "Examples:\n  resnet-train                      (ResNet-20, paper recipe, CIFAR-10 from the hub)\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20\n  resnet-train compare runs/plain20 runs/plain56 --out plain.png\n  resnet-train experiment degradation --data cifar10/ --iterations 2000 --out runs/degradation"
+    after_help = "Examples:\n  resnet-train                      (ResNet-20, paper recipe, CIFAR-10 from the hub)\n  resnet-train --data cifar10/ --out runs/resnet20\n  resnet-train --model resnet110 --data cifar10/ --out runs/r110\n  resnet-train --resume runs/resnet20\n  resnet-train compare runs/plain20 runs/plain56 --out plain.png\n  resnet-train experiment degradation --data cifar10/ --iterations 2000 --out runs/degradation\n  resnet-train experiment identity-mappings --data cifar10/ --depth 20 --budget 45m"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,17 +49,31 @@ enum Command {
         out: PathBuf,
     },
     /// Run one of the papers' comparisons and write its table and figure: `degradation` (Fig. 1/4: plain-20,
-    /// plain-56, ResNet-20, ResNet-56) or `preact` (Identity Mappings Table 1: ResNet-110 vs pre-activation).
+    /// plain-56, ResNet-20, ResNet-56), `preact` (Identity Mappings Table 3: ResNet-110 vs pre-activation) or
+    /// `identity-mappings` (Identity Mappings Figs. 2 and 4: every shortcut variant and activation placement).
     Experiment {
-        #[arg(value_parser = ["degradation", "preact"])]
+        #[arg(value_parser = experiment::NAMES.to_vec())]
         name: String,
+        /// identity-mappings: the variants to train, by key (original, scale_shortcut, scale_both,
+        /// exclusive_gating, shortcut_gating, conv_shortcut, dropout_shortcut, bn_after_add, relu_before_add,
+        /// relu_preact, preact, 1layer, preact_1layer) [default: all].
+        #[arg(long, value_delimiter = ',')]
+        variants: Option<Vec<String>>,
+        /// identity-mappings: depth of the CIFAR nets (110; 164 for bottlenecks; 20 for a short run)
+        /// [default: 110].
+        #[arg(long)]
+        depth: Option<usize>,
+        /// Training per net: iterations (2000), or a time for the whole experiment (90s, 45m, 2h), turned into
+        /// the same iteration count for every net from one timed step.
+        #[arg(long)]
+        budget: Option<experiment::Budget>,
         #[command(flatten)]
         train: Box<TrainArgs>,
     },
 }
 
 #[derive(clap::Args, Clone)]
-struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// Registered network (resnet20 … resnet1202, plain20 …, preact_resnet164, resnet50, resnetv2_50, …)
     /// [default: resnet20].
     #[arg(long)]
@@ -154,7 +169,19 @@ fn main() {
     let result = match cli.command {
         None => train(&cli.train).map(|_| ()),
         Some(Command::Compare { runs, out }) => compare(&runs, &out),
-        Some(Command::Experiment { name, train }) => experiment(&name, &train),
+        Some(Command::Experiment {
+            name,
+            variants,
+            depth,
+            budget,
+            train,
+        }) => experiment::run(&experiment::ExperimentArgs {
+            name: &name,
+            variants: variants.as_deref(),
+            depth,
+            budget,
+            train: &train,
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -172,7 +199,7 @@ fn positive(name: &str, v: Option<f64>) -> Result<()> {
 }
 
 /// A run to start or continue: the recipe, where and how, and (resume) the iteration count to extend to.
-struct TrainJob {
+pub(crate) struct TrainJob {
     recipe: Recipe,
     options: RunOptions,
     resume: bool,
@@ -388,7 +415,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
 }
 
 /// Trains one network; returns its run folder.
-fn train(args: &TrainArgs) -> Result<PathBuf> {
+pub(crate) fn train(args: &TrainArgs) -> Result<PathBuf> {
     let TrainJob {
         recipe,
         options,
@@ -422,7 +449,7 @@ fn run_label(dir: &std::path::Path) -> String {
         })
 }
 
-fn compare(runs: &[PathBuf], out: &std::path::Path) -> Result<()> {
+pub(crate) fn compare(runs: &[PathBuf], out: &std::path::Path) -> Result<()> {
     let rows: Vec<(String, Vec<metrics_log::Row>)> = runs
         .iter()
         .map(|r| {
@@ -438,52 +465,6 @@ fn compare(runs: &[PathBuf], out: &std::path::Path) -> Result<()> {
         .collect();
     curves::draw(&curves, "training error (thin), test error (bold)", out)?;
     println!("wrote {}", out.display());
-    Ok(())
-}
-
-fn experiment(name: &str, args: &TrainArgs) -> Result<()> {
-    let models: &[&str] = match name {
-        "degradation" => &["plain20", "plain56", "resnet20", "resnet56"],
-        _ => &["resnet110", "preact_resnet110"],
-    };
-    let base = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(name));
-    let mut table = String::from("| model | iterations | final training error (%) | final test error (%) | best test error (%) |\n|---|---|---|---|---|\n");
-    let mut dirs = Vec::new();
-    if args.resume.is_some() || args.model.is_some() {
-        bail!("experiment {name} starts fresh runs of its own networks: --resume and --model do not apply");
-    }
-    for model in models {
-        let mut run = args.clone();
-        run.model = Some(model.to_string());
-        run.out = Some(base.join(model));
-        if model.starts_with("preact")
-            && run.recipe.as_deref().unwrap_or("cifar-paper") == "cifar-paper"
-        {
-            run.recipe = Some("preact-cifar".into());
-        }
-        let dir = train(&run)?;
-        let rows = metrics_log::read_rows(&dir.join("metrics.csv"))?;
-        let last = rows.last().context("the run logged nothing")?;
-        let best = rows
-            .iter()
-            .filter_map(|r| r.test_top1_error)
-            .fold(f64::INFINITY, f64::min);
-        let cell = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
-        table.push_str(&format!(
-            "| {model} | {} | {} | {} | {} |\n",
-            last.iteration,
-            cell(last.train_error),
-            cell(last.test_top1_error),
-            cell(best.is_finite().then_some(best))
-        ));
-        dirs.push(dir);
-    }
-    std::fs::write(base.join("table.md"), &table)?;
-    compare(&dirs, &base.join("figure.png"))?;
-    println!("{table}");
     Ok(())
 }
 

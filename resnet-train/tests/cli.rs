@@ -821,3 +821,108 @@ fn resume_refuses_recipe_flags_and_extends_by_epochs() {
         "2 epochs of 4 batches"
     );
 }
+
+#[test]
+fn identity_mappings_experiment_trains_the_chosen_variants_with_one_budget() {
+    let data = small_cifar("train-identity-mappings", 4);
+    let out = temp_dir("run-identity-mappings");
+    let res = train_cmd()
+        .args(["experiment", "identity-mappings", "--depth", "8"])
+        .args([
+            "--variants",
+            "original,dropout_shortcut,relu_preact,preact_1layer",
+        ])
+        .args(["--budget", "3", "--recipe", "quick", "--batch-size", "8"])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    ok(&res);
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for (key, model, figure) in [
+        ("original", "resnet8", "Fig. 2(a), 4(a)"),
+        ("dropout_shortcut", "resnet8_dropout_shortcut", "Fig. 2(f)"),
+        ("relu_preact", "resnet8_relu_preact", "Fig. 4(d)"),
+        ("preact_1layer", "preact_resnet8_1layer", "Table 3"),
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {key} |")))
+            .unwrap_or_else(|| panic!("{table}"));
+        // variant, paper, model, parameters, iterations, loss, training error, test error, paper's error
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(
+            (cells[2], cells[3], cells[5]),
+            (figure, model, "3"),
+            "{row}"
+        );
+        assert!(cells[4].parse::<usize>().unwrap() > 70_000, "{row}");
+        assert!(cells[6].parse::<f64>().unwrap().is_finite(), "{row}");
+        assert!(cells[8].parse::<f64>().is_ok(), "{row}");
+        assert!(out.join(model).join("metrics.csv").exists());
+    }
+    assert_eq!(table.lines().count(), 2 + 4, "{table}");
+    assert!(std::fs::read(out.join("figure.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+
+    let d = data.to_str().unwrap();
+    let experiment = |extra: &[&str]| {
+        let mut args = vec!["experiment", "identity-mappings", "--data", d];
+        args.extend(extra);
+        train(&args)
+    };
+    assert_one_line_error(&experiment(&["--variants", "halfway"]), "halfway");
+    assert_one_line_error(&experiment(&["--budget", "5x"]), "--budget");
+    assert_one_line_error(&experiment(&["--depth", "21"]), "resnet21");
+    assert_one_line_error(
+        &experiment(&["--budget", "3", "--iterations", "3"]),
+        "--budget",
+    );
+    assert_one_line_error(
+        &train(&["experiment", "degradation", "--depth", "20", "--data", d]),
+        "--depth",
+    );
+}
+
+#[test]
+fn gate_bias_reaches_the_gates_and_is_refused_without_one() {
+    let data = small_cifar("train-gate-bias", 2);
+    let d = data.to_str().unwrap();
+    let out = temp_dir("run-gate-bias");
+    let res = train(&[
+        "--model",
+        "resnet8_shortcut_gating",
+        "--gate-bias",
+        "-2.5",
+        "--recipe",
+        "quick",
+        "--batch-size",
+        "4",
+        "--iterations",
+        "1",
+        "--lr",
+        "1e-9",
+        "--data",
+        d,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    ok(&res);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["recipe"]["gate_bias"], -2.5);
+    // After one step at lr 1e-9, the saved gates still start from −2.5.
+    let weights =
+        candle_core::safetensors::load(out.join("last.safetensors"), &Device::Cpu).unwrap();
+    let bias: Vec<f32> = weights["layer1.0.gate.bias"].to_vec1().unwrap();
+    assert!(bias.iter().all(|b| (b + 2.5).abs() < 1e-6), "{bias:?}");
+    assert_one_line_error(
+        &train(&["--model", "resnet8", "--gate-bias", "-6", "--data", d]),
+        "--gate-bias",
+    );
+}
