@@ -183,10 +183,12 @@ pub fn small_cifar(name: &str, train: usize, test: usize) -> PathBuf {
     root
 }
 
+/// Tests of one binary that switch the kernel set take turns through this lock, so each sees its own.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `f` once on every CPU kernel set this machine has (`resnet_core::ops::isa`), narrowest first, and
-/// returns to the best one. Tests of one binary that do this take turns, so each sees its own kernel set.
+/// returns to the best one.
 pub fn for_each_isa(mut f: impl FnMut(Isa) -> Result<()>) -> Result<()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let result = Isa::available().into_iter().try_for_each(|isa| {
         resnet_core::ops::isa::select(isa)?;
@@ -194,4 +196,12 @@ pub fn for_each_isa(mut f: impl FnMut(Isa) -> Result<()>) -> Result<()> {
     });
     resnet_core::ops::isa::select(Isa::best_available())?;
     result
+}
+
+/// Runs `f` on the best kernel set, with no other test switching sets meanwhile: for tests that compare two
+/// computations of one net, which must not run on two kernel sets.
+pub fn on_one_isa<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    resnet_core::ops::isa::select(Isa::best_available())?;
+    f()
 }

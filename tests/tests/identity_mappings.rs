@@ -10,7 +10,7 @@ use resnet_core::{config_for, train_step, Block, Combine, Model, Shortcut, StepO
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tests::{max_abs, max_abs_diff, strip_prefix};
+use tests::{max_abs, max_abs_diff, on_one_isa, strip_prefix};
 
 fn fixture_path(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -105,6 +105,11 @@ fn dropout_shortcut_keeps_half_the_values_scaled_by_two_with_one_mask_per_step(
 #[test]
 fn dropout_shortcut_training_is_reproducible_and_recomputation_draws_the_same_masks(
 ) -> anyhow::Result<()> {
+    // Bit-for-bit comparisons: all on one kernel set.
+    on_one_isa(dropout_training_is_reproducible)
+}
+
+fn dropout_training_is_reproducible() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &dev)?;
     let y = Tensor::new(&[1u32, 4, 2, 9], &dev)?;
