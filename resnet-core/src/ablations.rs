@@ -2,6 +2,8 @@
 //! test errors the paper reports: shortcut variants (its Fig. 2 / Table 1), activation placements (Fig. 4 /
 //! Table 2) and the 1-layer skip (Table 3, original → pre-activation).
 
+use Reported::{Error, Fail, NotReported};
+
 /// What the paper reports for a variant.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reported {
@@ -10,7 +12,7 @@ pub enum Reported {
     /// "fail": the paper's word for a net that trains to a test error above 20 %.
     Fail,
     /// Not in the paper at this depth.
-    None,
+    NotReported,
 }
 
 impl std::fmt::Display for Reported {
@@ -18,7 +20,7 @@ impl std::fmt::Display for Reported {
         match self {
             Reported::Error(e) => write!(f, "{e:.2}"),
             Reported::Fail => write!(f, "fail"),
-            Reported::None => write!(f, "–"),
+            Reported::NotReported => write!(f, "–"),
         }
     }
 }
@@ -33,8 +35,6 @@ pub struct Ablation {
     pub resnet110: Reported,
     pub resnet164: Reported,
 }
-
-use Reported::{Error, Fail};
 
 /// Every variant, in the paper's order. Gated joins are the registry's, with the gate bias b_g = −6 (the paper
 /// also reports b_g = 0: exclusive gating fails, shortcut-only gating 12.86).
@@ -51,42 +51,42 @@ pub const ABLATIONS: &[Ablation] = &[
         figure: "Fig. 2(b)",
         description: "0.5·h + F",
         resnet110: Fail,
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "scale_both",
         figure: "Fig. 2(b)",
         description: "0.5·h + 0.5·F",
         resnet110: Error(12.35),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "exclusive_gating",
         figure: "Fig. 2(c)",
         description: "(1 − g)·h + g·F, g = σ(1×1 conv + b_g), b_g = −6",
         resnet110: Error(8.70),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "shortcut_gating",
         figure: "Fig. 2(d)",
         description: "(1 − g)·h + F, b_g = −6",
         resnet110: Error(6.91),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "conv_shortcut",
         figure: "Fig. 2(e)",
         description: "1×1 conv shortcut in every unit (option C)",
         resnet110: Error(12.22),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "dropout_shortcut",
         figure: "Fig. 2(f)",
         description: "dropout(h, 0.5) + F",
         resnet110: Fail,
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "bn_after_add",
@@ -121,14 +121,14 @@ pub const ABLATIONS: &[Ablation] = &[
         figure: "Table 3",
         description: "one 3×3 conv per unit, original",
         resnet110: Error(9.90),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
     Ablation {
         key: "preact_1layer",
         figure: "Table 3",
         description: "one 3×3 conv per unit, full pre-activation",
         resnet110: Error(8.91),
-        resnet164: Reported::None,
+        resnet164: NotReported,
     },
 ];
 
@@ -152,7 +152,7 @@ impl Ablation {
         match depth {
             110 => self.resnet110,
             164 => self.resnet164,
-            _ => Reported::None,
+            _ => NotReported,
         }
     }
 }

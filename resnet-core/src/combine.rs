@@ -97,7 +97,15 @@ impl Join {
     /// The join of the shortcut `h` and the branch `f`; `x` is the unit's input (what a gate reads).
     pub fn forward_t(&self, x: &Tensor, h: &Tensor, f: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            _ if self.is_sum(train) => h + f,
+            Join::Sum => h + f,
+            Join::Dropout { .. } if !train => h + f,
+            Join::Dropout { rate, draws, unit } => {
+                let mask = keep_mask(h.elem_count(), *rate, draws.key(*unit));
+                let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?
+                    .to_dtype(h.dtype())?
+                    .to_device(h.device())?;
+                (h * mask)? + f
+            }
             &Join::Scaled { shortcut, branch } => {
                 h.affine(shortcut, 0.0)? + f.affine(branch, 0.0)?
             }
@@ -115,14 +123,6 @@ impl Join {
                     false => (h * g.affine(-1.0, 1.0)?)? + f,
                 }
             }
-            Join::Dropout { rate, draws, unit } => {
-                let mask = keep_mask(h.elem_count(), *rate, draws.key(*unit));
-                let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?
-                    .to_dtype(h.dtype())?
-                    .to_device(h.device())?;
-                (h * mask)? + f
-            }
-            Join::Sum => h + f,
         }
     }
 
