@@ -277,45 +277,59 @@ fn bad_flags_give_one_line_errors() {
     );
 }
 
+/// `resnet-train experiment ARGS… --data DATA --out OUT`, which must succeed and write a figure; its table.md.
+fn run_experiment(args: &[&str], data: &Path, out: &Path) -> String {
+    let res = train_cmd()
+        .arg("experiment")
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    ok(&res);
+    assert!(std::fs::read(out.join("figure.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+    std::fs::read_to_string(out.join("table.md")).unwrap()
+}
+
+/// The cells of the table row whose first cell is `first`.
+fn table_row(table: &str, first: &str) -> Vec<String> {
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("| {first} |")))
+        .unwrap_or_else(|| panic!("no row {first} in\n{table}"));
+    row.trim_matches('|')
+        .split('|')
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
 #[test]
 fn experiment_and_compare_write_a_table_and_a_figure() {
     let data = small_cifar("train-experiment", 4);
     let out = temp_dir("run-experiment");
-    let args = [
-        "experiment",
-        "degradation",
-        "--recipe",
-        "quick",
-        "--batch-size",
-        "8",
-        "--iterations",
-        "3",
-    ];
-    let res = train_cmd()
-        .args(args)
-        .args([
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    ok(&res);
-    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let table = run_experiment(
+        &[
+            "degradation",
+            "--recipe",
+            "quick",
+            "--batch-size",
+            "8",
+            "--iterations",
+            "3",
+        ],
+        &data,
+        &out,
+    );
     for model in ["plain20", "plain56", "resnet20", "resnet56"] {
-        let row = table
-            .lines()
-            .find(|l| l.starts_with(&format!("| {model} |")))
-            .unwrap_or_else(|| panic!("{table}"));
-        // iterations, final training error, final test error, best test error
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        assert_eq!(cells[2], "3", "{row}");
-        assert!(cells[4].parse::<f64>().is_ok(), "{row}");
+        // model, iterations, final training error, final test error, best test error
+        let cells = table_row(&table, model);
+        assert_eq!(cells[1], "3", "{cells:?}");
+        assert!(cells[3].parse::<f64>().is_ok(), "{cells:?}");
     }
-    assert!(std::fs::read(out.join("figure.png"))
-        .unwrap()
-        .starts_with(b"\x89PNG"));
 
     let figure = out.join("two.png");
     let runs = [out.join("plain20"), out.join("resnet56")];
@@ -826,49 +840,42 @@ fn resume_refuses_recipe_flags_and_extends_by_epochs() {
 fn identity_mappings_experiment_trains_the_chosen_variants_with_one_budget() {
     let data = small_cifar("train-identity-mappings", 4);
     let out = temp_dir("run-identity-mappings");
-    let res = train_cmd()
-        .args(["experiment", "identity-mappings", "--depth", "8"])
-        .args([
+    let table = run_experiment(
+        &[
+            "identity-mappings",
+            "--depth",
+            "8",
             "--variants",
             "original,dropout_shortcut,relu_preact,preact_1layer",
-        ])
-        .args(["--budget", "3", "--recipe", "quick", "--batch-size", "8"])
-        .args([
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    ok(&res);
-    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+            "--budget",
+            "3",
+            "--recipe",
+            "quick",
+            "--batch-size",
+            "8",
+        ],
+        &data,
+        &out,
+    );
     for (key, model, figure) in [
         ("original", "resnet8", "Fig. 2(a), 4(a)"),
         ("dropout_shortcut", "resnet8_dropout_shortcut", "Fig. 2(f)"),
         ("relu_preact", "resnet8_relu_preact", "Fig. 4(d)"),
         ("preact_1layer", "preact_resnet8_1layer", "Table 3"),
     ] {
-        let row = table
-            .lines()
-            .find(|l| l.starts_with(&format!("| {key} |")))
-            .unwrap_or_else(|| panic!("{table}"));
         // variant, paper, model, parameters, iterations, loss, training error, test error, paper's error
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let cells = table_row(&table, key);
         assert_eq!(
-            (cells[2], cells[3], cells[5]),
+            (cells[1].as_str(), cells[2].as_str(), cells[4].as_str()),
             (figure, model, "3"),
-            "{row}"
+            "{cells:?}"
         );
-        assert!(cells[4].parse::<usize>().unwrap() > 70_000, "{row}");
-        assert!(cells[6].parse::<f64>().unwrap().is_finite(), "{row}");
-        assert!(cells[8].parse::<f64>().is_ok(), "{row}");
+        assert!(cells[3].parse::<usize>().unwrap() > 70_000, "{cells:?}");
+        assert!(cells[5].parse::<f64>().unwrap().is_finite(), "{cells:?}");
+        assert!(cells[7].parse::<f64>().is_ok(), "{cells:?}");
         assert!(out.join(model).join("metrics.csv").exists());
     }
     assert_eq!(table.lines().count(), 2 + 4, "{table}");
-    assert!(std::fs::read(out.join("figure.png"))
-        .unwrap()
-        .starts_with(b"\x89PNG"));
 
     let d = data.to_str().unwrap();
     let experiment = |extra: &[&str]| {
