@@ -83,18 +83,17 @@ fn cifar_block(depth: usize) -> Option<(Block, Vec<usize>)> {
     }
 }
 
-/// A change a name suffix makes to its base net (Identity Mappings' variants), applied in this order.
+/// A change a name suffix makes to a two-conv or bottleneck base net (Identity Mappings' variants; the 1-layer
+/// skip, `_1layer`, has a depth of its own and is parsed by `single_conv`).
 #[derive(Clone, Copy)]
 enum Variant {
-    SingleConv,
     Placement(Unit),
     Combine(Combine),
     ConvShortcut,
 }
 
-/// Suffixes of CIFAR names: `resnet110_bn_after_add`, `resnet56_exclusive_gating`, `preact_resnet110_1layer`.
+/// Suffixes of CIFAR names: `resnet110_bn_after_add`, `resnet56_exclusive_gating`.
 const SUFFIXES: &[(&str, Variant)] = &[
-    ("_1layer", Variant::SingleConv),
     ("_bn_after_add", Variant::Placement(Unit::BnAfterAddition)),
     (
         "_relu_before_add",
@@ -179,7 +178,7 @@ fn cifar(unit: Unit, residual: bool, block: Block, stage_depths: Vec<usize>) -> 
 ///   bottlenecks for d = 9n+2 from 164 layers on or where d is not 6n+2 (ResNet-164, -1001), as in Identity
 ///   Mappings.
 /// - `preact_resnet{d}`: the same depths with full pre-activation units and option B.
-/// - CIFAR names take one suffix of Identity Mappings' variants (`SUFFIXES`): `_1layer` (one 3×3 conv per
+/// - CIFAR names take one suffix of Identity Mappings' variants: `_1layer` (one 3×3 conv per
 ///   unit, depth 3n+2), `_bn_after_add`, `_relu_before_add`, `_relu_preact` (Fig. 4), `_scale_shortcut`
 ///   (λ = 0.5 on the shortcut), `_scale_both` (0.5 on both), `_exclusive_gating`, `_shortcut_gating` (gate
 ///   bias −6), `_conv_shortcut` (option C), `_dropout_shortcut` (rate 0.5) (Fig. 2).
@@ -188,6 +187,9 @@ pub fn config_for(name: &str) -> Result<ResNetConfig> {
         name: name.to_string(),
         known: REGISTERED.join(", "),
     };
+    if let Some(base) = name.strip_suffix("_1layer") {
+        return single_conv(base).ok_or_else(unknown);
+    }
     if let Some((base, variant)) = SUFFIXES
         .iter()
         .find_map(|&(suffix, v)| name.strip_suffix(suffix).map(|base| (base, v)))
@@ -199,17 +201,13 @@ pub fn config_for(name: &str) -> Result<ResNetConfig> {
 
 /// `base` (a CIFAR residual net) changed by `variant`.
 fn cifar_variant(base: &str, variant: Variant) -> Option<ResNetConfig> {
-    let mut config = match variant {
-        Variant::SingleConv => return single_conv(base),
-        _ => base_config(base).filter(|c| c.family == Family::Cifar && c.residual)?,
-    };
+    let mut config = base_config(base).filter(|c| c.family == Family::Cifar && c.residual)?;
     match variant {
         // The placements are variants of the original unit.
         Variant::Placement(unit) if config.unit == Unit::Original => config.unit = unit,
         Variant::Placement(_) => return None,
         Variant::Combine(combine) => config.combine = combine,
         Variant::ConvShortcut => config.shortcut = Shortcut::C,
-        Variant::SingleConv => {}
     }
     Some(config)
 }

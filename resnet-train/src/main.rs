@@ -366,15 +366,9 @@ impl TryFrom<&TrainArgs> for TrainJob {
         }
         r.label_smoothing = label_smoothing.unwrap_or(r.label_smoothing);
         r.zero_init_residual |= *zero_init_residual;
-        if let Some(b) = gate_bias {
-            if !b.is_finite() {
-                bail!("--gate-bias must be a finite number, got {b}");
-            }
-            if config.combine.with_gate_bias(*b).is_none() {
-                bail!("--gate-bias: {model} has no gated shortcut (use a *_exclusive_gating or *_shortcut_gating net)");
-            }
-            r.gate_bias = Some(*b);
-        }
+        r.gate_bias = *gate_bias;
+        // Refused here, before any data is read, if the net cannot take them.
+        r.model_config()?;
         r.bn_recalibration_batches = bn_recalibrate.unwrap_or(r.bn_recalibration_batches);
         r.validation_holdout = holdout.unwrap_or(r.validation_holdout);
         r.eval_every = eval_every.unwrap_or(r.eval_every);

@@ -1,6 +1,7 @@
 //! Training recipes by name. Each is printed in full at start and saved with the run; every value can be
 //! overridden by a flag.
 
+use anyhow::{bail, Context};
 use resnet_core::optim::SgdConfig;
 use serde::{Deserialize, Serialize};
 
@@ -166,5 +167,26 @@ impl Recipe {
             },
             _ => return None,
         })
+    }
+}
+
+impl Recipe {
+    /// The network this recipe trains: the registry's configuration of `model` with the recipe's
+    /// initialisation options applied (`--zero-init-residual`, `--gate-bias`).
+    pub fn model_config(&self) -> anyhow::Result<resnet_core::ResNetConfig> {
+        let mut config = resnet_core::config_for(&self.model)?;
+        config.zero_init_residual = self.zero_init_residual;
+        if let Some(bias) = self.gate_bias {
+            if !bias.is_finite() {
+                bail!("--gate-bias must be a finite number, got {bias}");
+            }
+            config.combine = config.combine.with_gate_bias(bias).with_context(|| {
+                format!(
+                    "--gate-bias: {} has no gated shortcut (use a *_exclusive_gating or *_shortcut_gating net)",
+                    self.model
+                )
+            })?;
+        }
+        Ok(config)
     }
 }

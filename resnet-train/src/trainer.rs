@@ -11,7 +11,7 @@ use datasets::{
     Augmentation, DataSource, Loader, LoaderConfig, Normalization, Normalize, Pipeline, Split,
 };
 use resnet_core::optim::Sgd;
-use resnet_core::{config_for, train_step, Family, Model, StepOptions};
+use resnet_core::{train_step, Family, Model, StepOptions};
 use resnet_infer::evaluate::{evaluate, EvalOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -66,16 +66,7 @@ impl Trainer {
         };
         let seed = restored.as_ref().map_or(options.seed, |r| r.state.seed);
 
-        let mut config = config_for(&recipe.model)?;
-        config.zero_init_residual = recipe.zero_init_residual;
-        if let Some(bias) = recipe.gate_bias {
-            config.combine = config.combine.with_gate_bias(bias).with_context(|| {
-                format!(
-                    "--gate-bias: {} has no gated shortcut (use a _exclusive_gating or _shortcut_gating net)",
-                    recipe.model
-                )
-            })?;
-        }
+        let mut config = recipe.model_config()?;
         let source = DataSource::open(&options.data)?;
         eprintln!("data: {}", source.summary());
         let train = source

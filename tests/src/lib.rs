@@ -76,9 +76,12 @@ pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         a.dims(),
         b.dims()
     );
-    let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-    let norm = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-    Ok(diff / norm.max(f32::MIN_POSITIVE))
+    Ok(norm(&(a - b)?)? / norm(b)?.max(f32::MIN_POSITIVE))
+}
+
+/// ‖t‖ (Frobenius).
+pub fn norm(t: &Tensor) -> Result<f32> {
+    Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
 }
 
 /// The real CIFAR-10 JPEG images of `../shared/data`, extracted once into the target folder:

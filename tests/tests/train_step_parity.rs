@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use resnet_core::{cross_entropy, recompute, Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tests::{for_each_isa, max_abs, max_abs_diff, shared, strip_prefix};
+use tests::{for_each_isa, max_abs, max_abs_diff, norm, shared, strip_prefix};
 
 /// Small nets of every unit variant of Identity Mappings (tests/fixtures/make_identity_mappings.py): Fig. 4's
 /// placements on basic and bottleneck units, Fig. 2's joins and shortcuts, Table 1's 1-layer skip.
@@ -139,8 +139,6 @@ fn check_against_pytorch(
     // The fixture's gradients are float64 results; a float32 pass can be held to the fixture tolerance or to
     // twice PyTorch's own float32 error on the net, whichever is larger (the bottleneck net: 3.6e-3).
     let tolerance = (2.0 * values(&f["f32_noise"])[0]).max(1e-3);
-    let norm =
-        |t: &Tensor| -> anyhow::Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()) };
     let mut largest = 0f32;
     for g in expected_grads.values() {
         largest = largest.max(norm(g)?);
