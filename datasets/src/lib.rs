@@ -18,6 +18,6 @@ pub mod transforms;
 pub use dataset::{DataSource, DatasetKind, Split, DEFAULT_HUB_DATA};
 pub use error::{DatasetError, Result};
 pub use image::RgbImage;
-pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, Loader, LoaderConfig, Shard};
 pub use pipeline::{Augmentation, Normalization, Pipeline};
 pub use transforms::Normalize;

@@ -25,6 +25,42 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// Fail on the first unreadable image instead of skipping and counting it.
     pub strict: bool,
+    /// Which part of each step's batch this loader yields (data-parallel ranks, accumulation).
+    pub shard: Shard,
+}
+
+/// A data-parallel share of the data, as PyTorch's DistributedSampler but by batch: the epoch's order is cut
+/// into global batches of `batch_size × ranks × micro_batches` images, and rank `rank` takes the `rank`-th
+/// slice of each, as `micro_batches` consecutive micro-batches of `batch_size`. The global batch of a step is
+/// the same images whatever the world size: 2 ranks × 1 micro-batch see what 1 rank × 2 micro-batches sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+    pub micro_batches: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            ranks: 1,
+            micro_batches: 1,
+        }
+    }
+}
+
+impl Shard {
+    /// Micro-batches in one step's global batch, over all ranks.
+    pub fn per_step(&self) -> usize {
+        self.ranks * self.micro_batches
+    }
+
+    /// The global micro-batch index of this rank's `local`-th micro-batch of an epoch.
+    fn global_index(&self, local: usize) -> usize {
+        let (step, k) = (local / self.micro_batches, local % self.micro_batches);
+        (step * self.ranks + self.rank) * self.micro_batches + k
+    }
 }
 
 impl Default for LoaderConfig {
@@ -37,6 +73,7 @@ impl Default for LoaderConfig {
             prefetch: 4,
             drop_last: false,
             strict: false,
+            shard: Shard::default(),
         }
     }
 }
@@ -100,6 +137,16 @@ impl Loader {
                 reason: "has no images".into(),
             });
         }
+        let shard = config.shard;
+        if shard.ranks == 0 || shard.micro_batches == 0 || shard.rank >= shard.ranks {
+            return Err(DatasetError::Invalid {
+                what: "data shard".into(),
+                reason: format!(
+                    "rank {} of {} ranks with {} micro-batches per step",
+                    shard.rank, shard.ranks, shard.micro_batches
+                ),
+            });
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads)
             .thread_name(|i| format!("decode-{i}"))
@@ -138,13 +185,22 @@ impl Loader {
         self.split.is_empty()
     }
 
-    pub fn batches_per_epoch(&self) -> usize {
-        let (n, b) = (self.split.len(), self.config.batch_size);
+    /// Steps of an epoch: global batches of `batch_size × ranks × micro_batches` images.
+    pub fn steps_per_epoch(&self) -> usize {
+        let (n, b) = (
+            self.split.len(),
+            self.config.batch_size * self.config.shard.per_step(),
+        );
         if self.config.drop_last {
             (n / b).max(1)
         } else {
             n.div_ceil(b)
         }
+    }
+
+    /// The micro-batches this loader yields in an epoch (its shard's, `micro_batches` per step).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.steps_per_epoch() * self.config.shard.micro_batches
     }
 
     /// Sample indices of an epoch, in visiting order.
@@ -237,14 +293,15 @@ impl Loader {
         Ok(())
     }
 
-    /// The batches of `epoch` from `start` on, prepared ahead on a background thread.
+    /// This shard's batches of `epoch` from its `start`-th on, prepared ahead on a background thread.
     pub fn epoch(&self, epoch: u64, start: usize) -> Batches {
         let (tx, rx) = mpsc::sync_channel(self.config.prefetch.max(1));
         let loader = self.clone();
         let n = self.batches_per_epoch();
         let worker = std::thread::spawn(move || {
             let order = loader.order(epoch);
-            for index in start..n {
+            for local in start..n {
+                let index = loader.config.shard.global_index(local);
                 let batch = loader.batch_of(&order, epoch, index);
                 let stop = batch.is_err();
                 if tx.send(batch).is_err() || stop {

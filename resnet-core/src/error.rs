@@ -10,6 +10,10 @@ pub enum ResNetError {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// A value handed to the library that it cannot use: what it was and why.
+    #[error("{what} {reason}")]
+    Invalid { what: String, reason: String },
+
     #[error("cannot read weights file {path}: {source}")]
     Io {
         path: PathBuf,

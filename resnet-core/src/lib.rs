@@ -17,6 +17,7 @@ pub mod conv;
 mod device;
 mod error;
 pub mod folded;
+mod gradient_sum;
 mod model;
 mod network;
 pub mod ops;
@@ -36,9 +37,12 @@ pub mod weights;
 pub use config::{Block, Combine, Family, ResNetConfig, Shortcut, Unit};
 pub use device::{device_name, parse_device};
 pub use error::{ResNetError, Result};
+pub use gradient_sum::GradientSum;
 pub use model::Model;
 pub use network::{LayerSummary, ResNet};
 pub use registry::{config_for, REGISTERED};
 pub use saved_tensors::saved_tensor_bytes;
-pub use train_step::{cross_entropy, train_step, StepOptions, TrainStep};
+pub use train_step::{
+    batch_gradients, cross_entropy, train_step, BatchGradients, StepOptions, TrainStep,
+};
 pub use weight_layout::WeightLayout;

@@ -5,7 +5,7 @@ use crate::optim::Sgd;
 use crate::recompute;
 use crate::threads::on_pool;
 use crate::{Model, Result};
-use candle_core::{Tensor, D};
+use candle_core::{backprop::GradStore, Tensor, D};
 use std::time::{Duration, Instant};
 
 /// What one step produced.
@@ -45,16 +45,26 @@ pub struct StepOptions {
     pub recompute: bool,
 }
 
-/// Forward in training mode (BN batch statistics, running averages updated), the loss, backward and one SGD
-/// update with `sgd`'s current learning rate. On the CPU each phase runs on rayon's pool
-/// ([`crate::threads::on_pool`]). With recomputation, the segments' second forward passes are timed with backward.
-pub fn train_step(
+/// What the gradient pass of one (micro-)batch produced, before any update.
+pub struct BatchGradients {
+    pub logits: Tensor,
+    /// The mean loss of the batch. When it is not finite, backward was skipped and `grads` is empty.
+    pub loss: f32,
+    pub grads: GradStore,
+    pub forward: Duration,
+    pub backward: Duration,
+    pub recomputed_segments: usize,
+}
+
+/// Forward in training mode (BN batch statistics, running averages updated), the loss and backward: the
+/// gradients of the batch's mean loss. On the CPU each phase runs on rayon's pool ([`crate::threads::on_pool`]).
+/// With recomputation, the segments' second forward passes are timed with backward.
+pub fn batch_gradients(
     model: &Model,
-    sgd: &mut Sgd,
     images: &Tensor,
     labels: &Tensor,
     options: &StepOptions,
-) -> Result<TrainStep> {
+) -> Result<BatchGradients> {
     let device = images.device().clone();
     let t0 = Instant::now();
     // `segmented`: the forward that kept only the segment boundaries, when recomputing.
@@ -72,29 +82,43 @@ pub fn train_step(
     let recomputed_segments = segmented.as_ref().map_or(0, |p| p.segment_count());
     let loss_value = loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
-    if !loss_value.is_finite() {
-        return Ok(TrainStep {
-            logits,
-            loss: loss_value,
-            forward: t1 - t0,
-            backward: Duration::ZERO,
-            update: Duration::ZERO,
-            recomputed_segments,
-        });
-    }
-    let grads = on_pool(&device, || match segmented {
-        Some(pass) => pass.backward(&loss),
-        None => Ok(loss.backward()?),
-    })?;
-    let t2 = Instant::now();
-    on_pool(&device, || sgd.step(&grads))?;
-    let t3 = Instant::now();
-    Ok(TrainStep {
+    let grads = if loss_value.is_finite() {
+        on_pool(&device, || match segmented {
+            Some(pass) => pass.backward(&loss),
+            None => Ok(loss.backward()?),
+        })?
+    } else {
+        GradStore::default()
+    };
+    Ok(BatchGradients {
         logits,
         loss: loss_value,
+        grads,
         forward: t1 - t0,
-        backward: t2 - t1,
-        update: t3 - t2,
+        backward: t1.elapsed(),
         recomputed_segments,
+    })
+}
+
+/// [`batch_gradients`] and one SGD update with `sgd`'s current learning rate (none when the loss is not finite).
+pub fn train_step(
+    model: &Model,
+    sgd: &mut Sgd,
+    images: &Tensor,
+    labels: &Tensor,
+    options: &StepOptions,
+) -> Result<TrainStep> {
+    let pass = batch_gradients(model, images, labels, options)?;
+    let t2 = Instant::now();
+    if pass.loss.is_finite() {
+        on_pool(images.device(), || sgd.step(&pass.grads))?;
+    }
+    Ok(TrainStep {
+        logits: pass.logits,
+        loss: pass.loss,
+        forward: pass.forward,
+        backward: pass.backward,
+        update: t2.elapsed(),
+        recomputed_segments: pass.recomputed_segments,
     })
 }

@@ -159,6 +159,9 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
     if run.resume.is_some() || run.model.is_some() {
         bail!("experiment {name} starts fresh runs of its own networks: --resume and --model do not apply");
     }
+    if run.distributed {
+        bail!("experiment {name} trains its nets one after another in one process: --distributed applies to a single training run");
+    }
     if args.budget.is_some() && (run.iterations.is_some() || run.epochs.is_some()) {
         bail!(
             "--budget sets the iterations of every net: give it or --iterations/--epochs, not both"
@@ -196,7 +199,7 @@ pub fn run(args: &ExperimentArgs) -> Result<()> {
         {
             one.recipe = Some("preact-cifar".into());
         }
-        let dir = train(&one)?;
+        let dir = train(&one, std::rc::Rc::new(crate::distributed::Alone))?;
         let rows = metrics_log::read_rows(&dir.join("metrics.csv"))?;
         let last = rows.last().context("the run logged nothing")?;
         let cell = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));

@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod curves;
+mod distributed;
 mod experiment;
 mod metrics_log;
 mod recipe;
@@ -11,9 +12,11 @@ mod trainer;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use distributed::Collective;
 use recipe::{Recipe, Schedule};
 use resnet_core::parse_device;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use trainer::{RunOptions, Trainer};
 
 /// Large tensors are allocated and freed every layer: a caching allocator avoids re-faulting their pages.
@@ -139,8 +142,8 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     keep: Option<usize>,
     /// Continue the run in this folder from its newest readable checkpoint, with its own recipe (only
-    /// --iterations/--epochs, --data, --checkpoint-every, --keep, --threads, --strict, --recompute and --device may be
-    /// given).
+    /// --iterations/--epochs, --data, --checkpoint-every, --keep, --threads, --strict, --recompute, --device,
+    /// --accumulate and --distributed may be given; ranks × --accumulate must stay the same).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Decode threads (0: one per core).
@@ -156,6 +159,14 @@ pub(crate) struct TrainArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Sum the gradients of K micro-batches of --batch-size before each update: a global batch of
+    /// batch-size × K (× ranks) images [default: 1; a resumed run keeps its global batch].
+    #[arg(long)]
+    accumulate: Option<usize>,
+    /// Data-parallel training, one process per rank under an MPI launcher (`mpirun -np N resnet-train
+    /// --distributed …`; needs the `mpi` feature): --batch-size is per rank, rank 0 writes the run folder.
+    #[arg(long)]
+    distributed: bool,
 }
 
 fn main() {
@@ -166,8 +177,19 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+    let distributed = cli.train.distributed;
+    if distributed {
+        distributed::share_cores();
+    }
+    let world: Rc<dyn Collective> = match distributed::join(distributed) {
+        Ok(world) => world.into(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let result = match cli.command {
-        None => train(&cli.train).map(|_| ()),
+        None => train(&cli.train, world.clone()).map(|_| ()),
         Some(Command::Compare { runs, out }) => compare(&runs, &out),
         Some(Command::Experiment {
             name,
@@ -184,7 +206,10 @@ fn main() {
         }),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        match world.ranks() {
+            1 => eprintln!("error: {e:#}"),
+            n => eprintln!("error (rank {} of {n}): {e:#}", world.rank()),
+        }
         std::process::exit(1);
     }
 }
@@ -254,7 +279,12 @@ impl TryFrom<&TrainArgs> for TrainJob {
             strict,
             recompute,
             device,
+            accumulate,
+            distributed: _,
         } = args;
+        if *accumulate == Some(0) {
+            bail!("--accumulate must be at least 1");
+        }
         positive("lr", *lr)?;
         if *batch_size == Some(0) {
             bail!("--batch-size must be at least 1");
@@ -333,6 +363,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
                 threads: *threads,
                 strict: *strict,
                 recompute: *recompute,
+                accumulate: *accumulate,
                 device,
             };
             return Ok(TrainJob {
@@ -397,6 +428,7 @@ impl TryFrom<&TrainArgs> for TrainJob {
             threads: *threads,
             strict: *strict,
             recompute: *recompute,
+            accumulate: *accumulate,
             device,
         };
         Ok(TrainJob {
@@ -408,8 +440,8 @@ impl TryFrom<&TrainArgs> for TrainJob {
     }
 }
 
-/// Trains one network; returns its run folder.
-pub(crate) fn train(args: &TrainArgs) -> Result<PathBuf> {
+/// Trains one network in `world` (one process, or this rank of a data-parallel job); returns its run folder.
+pub(crate) fn train(args: &TrainArgs, world: Rc<dyn Collective>) -> Result<PathBuf> {
     let TrainJob {
         recipe,
         options,
@@ -417,14 +449,18 @@ pub(crate) fn train(args: &TrainArgs) -> Result<PathBuf> {
         extend_to,
     } = args.try_into()?;
     let out = options.out.clone();
-    let mut trainer = Trainer::new(recipe, options, resume, extend_to)?;
-    if !resume {
+    let lead = world.rank() == 0;
+    let mut trainer = Trainer::new(recipe, options, resume, extend_to, world)?;
+    if !resume && lead {
         eprintln!(
             "recipe:\n{}",
             serde_json::to_string_pretty(trainer.recipe())?
         );
     }
     let error = trainer.run()?;
+    if !lead {
+        return Ok(out);
+    }
     match error {
         Some(e) => println!("finished: test error {e:.2} %; run in {}", out.display()),
         None => println!("finished; run in {}", out.display()),
@@ -463,7 +499,7 @@ pub(crate) fn compare(runs: &[PathBuf], out: &std::path::Path) -> Result<()> {
 }
 
 /// The `config.json` a run was started with.
-fn saved_config(out: &std::path::Path) -> Result<serde_json::Value> {
+pub(crate) fn saved_config(out: &std::path::Path) -> Result<serde_json::Value> {
     let path = out.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(

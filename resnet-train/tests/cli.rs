@@ -275,6 +275,20 @@ fn bad_flags_give_one_line_errors() {
             .unwrap(),
         "RESNET_CPU_ISA=sse9",
     );
+    assert_one_line_error(&train(&["--accumulate", "0", "--data", d]), "--accumulate");
+    // Outside mpirun: the build without MPI says how to get it; the one with MPI, how to launch it.
+    let distributed = train(&["--distributed", "--data", d]);
+    match cfg!(feature = "mpi") {
+        true => assert_one_line_error(&distributed, "--distributed needs an MPI launcher"),
+        false => assert_one_line_error(
+            &distributed,
+            "--distributed needs a build with the `mpi` feature: cargo build --release -p resnet-train --features mpi",
+        ),
+    }
+    assert_one_line_error(
+        &train(&["experiment", "degradation", "--distributed", "--data", d]),
+        "--distributed applies to a single training run",
+    );
 }
 
 /// `resnet-train experiment ARGS… --data DATA --out OUT`, which must succeed and write a figure; its table.md.
