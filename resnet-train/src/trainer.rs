@@ -73,7 +73,7 @@ fn micro_batches_per_step(
     if k == 0 || ranks * k != product {
         bail!(
             "the run was trained with {saved_ranks} rank(s) × --accumulate {saved_k}: resuming it on {ranks} rank(s) needs --accumulate {} to keep its global batch",
-            if product % ranks == 0 { (product / ranks).to_string() } else { format!("(none: {ranks} does not divide {product})") }
+            if product.is_multiple_of(ranks) { (product / ranks).to_string() } else { format!("(none: {ranks} does not divide {product})") }
         );
     }
     Ok(k)

@@ -244,7 +244,7 @@ fn a_rank_killed_mid_run_stops_the_job_and_the_run_resumes_from_its_last_checkpo
     let state: serde_json::Value = serde_json::from_str(&meta["training_state"]).unwrap();
     let iteration = state["iteration"].as_u64().unwrap();
     assert!(
-        iteration >= 8 && iteration % 4 == 0,
+        iteration >= 8 && iteration.is_multiple_of(4),
         "checkpoint at iteration {iteration}"
     );
 

@@ -174,6 +174,61 @@ fn same_seed_gives_identical_batches_whatever_the_thread_count() {
     assert_ne!(e0, e1, "each epoch has its own order");
 }
 
+/// A global batch is the same images and pixels whether one loader yields it as micro-batches or ranks take it
+/// slice by slice: 2 ranks × 2 micro-batches of 16 = 1 rank × 4 micro-batches = the plain loader's 4 batches.
+#[test]
+fn shards_of_a_global_batch_are_the_same_images_whatever_the_world_size() {
+    use datasets::Shard;
+    let split = DataSource::open(&cifar10_jpg_root()).unwrap().test.unwrap();
+    let split = split.subset(&(0..200).collect::<Vec<_>>());
+    let pipeline = Pipeline::new(
+        Augmentation::CifarTrain { padding: 4 },
+        Normalization::PerChannel(Normalize::CIFAR10),
+    );
+    let make = |rank, ranks, micro_batches| {
+        let config = LoaderConfig {
+            batch_size: 16,
+            seed: 3,
+            drop_last: true,
+            shard: Shard {
+                rank,
+                ranks,
+                micro_batches,
+            },
+            ..Default::default()
+        };
+        Loader::new(split.clone(), pipeline.clone(), config).unwrap()
+    };
+    let plain: Vec<_> = make(0, 1, 1).epoch(1, 0).map(Result::unwrap).collect();
+    let alone = make(0, 1, 4);
+    let (rank0, rank1) = (make(0, 2, 2), make(1, 2, 2));
+    // 200 images: 3 global batches of 64; 12 micro-batches of 16 for one rank, 6 for each of two.
+    assert_eq!((plain.len(), alone.steps_per_epoch()), (12, 3));
+    assert_eq!((rank0.batches_per_epoch(), rank0.steps_per_epoch()), (6, 3));
+    let alone: Vec<_> = alone.epoch(1, 0).map(Result::unwrap).collect();
+    let (r0, r1): (Vec<_>, Vec<_>) = (
+        rank0.epoch(1, 0).map(Result::unwrap).collect(),
+        rank1.epoch(1, 0).map(Result::unwrap).collect(),
+    );
+    for step in 0..3 {
+        for k in 0..4 {
+            let global = &plain[step * 4 + k];
+            let sharded = if k < 2 {
+                &r0[step * 2 + k]
+            } else {
+                &r1[step * 2 + k - 2]
+            };
+            for batch in [&alone[step * 4 + k], sharded] {
+                assert_eq!(batch.indices, global.indices);
+                assert_eq!(batch.images, global.images, "step {step}, micro-batch {k}");
+            }
+        }
+    }
+    // A resumed rank starts at its own micro-batch `start`: step 2 of rank 1.
+    let resumed: Vec<_> = rank1.epoch(1, 4).map(Result::unwrap).collect();
+    assert_eq!(resumed[0].indices, plain[10].indices);
+}
+
 #[test]
 fn random_resized_crop_boxes_respect_scale_ratio_and_bounds() {
     use datasets::transforms::random_resized_crop_box;
