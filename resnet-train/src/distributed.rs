@@ -22,8 +22,8 @@ pub trait Collective {
     fn ranks(&self) -> usize;
     /// Element-wise sum over ranks, in place.
     fn sum_f64(&self, values: &mut [f64]);
-    /// Element-wise sum over ranks, in place.
-    fn sum_f32(&self, values: &mut [f32]);
+    /// Element-wise sum over ranks of every rank's `values`, into `sum` (of the same length).
+    fn sum_f32(&self, values: &[f32], sum: &mut [f32]);
     /// Rank 0's values on every rank.
     fn broadcast_f32(&self, values: &mut [f32]);
     /// Every rank's value, in rank order.
@@ -35,12 +35,14 @@ pub trait Collective {
         if self.ranks() == 1 {
             return Ok(flat.clone());
         }
-        let mut values = flat.to_vec1::<f32>()?;
-        for bucket in values.chunks_mut(BUCKET_BYTES / 4) {
-            self.sum_f32(bucket);
+        let values = flat.to_vec1::<f32>()?;
+        let mut sum = vec![0f32; values.len()];
+        let bucket = BUCKET_BYTES / 4;
+        for (send, receive) in values.chunks(bucket).zip(sum.chunks_mut(bucket)) {
+            self.sum_f32(send, receive);
         }
-        let n = values.len();
-        Ok(Tensor::from_vec(values, n, flat.device())?)
+        let n = sum.len();
+        Ok(Tensor::from_vec(sum, n, flat.device())?)
     }
 
     /// Where this process runs, for the log.
@@ -60,7 +62,9 @@ impl Collective for Alone {
         1
     }
     fn sum_f64(&self, _: &mut [f64]) {}
-    fn sum_f32(&self, _: &mut [f32]) {}
+    fn sum_f32(&self, values: &[f32], sum: &mut [f32]) {
+        sum.copy_from_slice(values)
+    }
     fn broadcast_f32(&self, _: &mut [f32]) {}
     fn gather_u64(&self, value: u64) -> Vec<u64> {
         vec![value]

@@ -44,10 +44,9 @@ impl Collective for MpiWorld {
             .all_reduce_into(&send[..], values, SystemOperation::sum());
     }
 
-    fn sum_f32(&self, values: &mut [f32]) {
-        let send = values.to_vec();
+    fn sum_f32(&self, values: &[f32], sum: &mut [f32]) {
         self.world
-            .all_reduce_into(&send[..], values, SystemOperation::sum());
+            .all_reduce_into(values, sum, SystemOperation::sum());
     }
 
     fn broadcast_f32(&self, values: &mut [f32]) {

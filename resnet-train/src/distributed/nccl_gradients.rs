@@ -93,8 +93,8 @@ impl Collective for NcclGradients {
     fn sum_f64(&self, values: &mut [f64]) {
         self.mpi.sum_f64(values)
     }
-    fn sum_f32(&self, values: &mut [f32]) {
-        self.mpi.sum_f32(values)
+    fn sum_f32(&self, values: &[f32], sum: &mut [f32]) {
+        self.mpi.sum_f32(values, sum)
     }
     fn broadcast_f32(&self, values: &mut [f32]) {
         self.mpi.broadcast_f32(values)
