@@ -104,25 +104,18 @@ fn two_ranks_of_64_train_what_one_process_accumulating_two_micro_batches_of_64_t
     let common: Vec<&str> = QUICK
         .iter()
         .copied()
-        .chain([
-            "--batch-size",
-            "64",
-            "--iterations",
-            "5",
-            "--data",
-            path(&data),
-        ])
+        .chain(["--batch-size", "64", "--data", path(&data)])
         .collect();
 
     let mut single = Command::new(BIN);
-    single.args(&common);
+    single.args(&common).args(["--iterations", "5"]);
     let solo = ok(&run(single, &["--accumulate", "2", "--out", path(&one)]));
     assert!(
         solo.contains("global batch 128 = 2 micro-batches × 64"),
         "{solo}"
     );
     let mut ranks = mpirun(2);
-    ranks.args(&common);
+    ranks.args(&common).args(["--iterations", "5"]);
     let stderr = ok(&run(ranks, &["--out", path(&two)]));
     println!("{stderr}");
     assert!(
@@ -146,6 +139,22 @@ fn two_ranks_of_64_train_what_one_process_accumulating_two_micro_batches_of_64_t
             step + 1
         );
     }
+    // Against the plain one-batch step, not against itself: a run of batches of 64 with a learning rate too
+    // small to move an f32 weight sees the step's two micro-batches as its steps 1 and 2 at the initial weights,
+    // and the accumulated step's loss is their mean.
+    let plain = temp_dir("dist-plain");
+    let mut frozen = Command::new(BIN);
+    frozen
+        .args(&common)
+        .args(["--lr", "1e-30", "--iterations", "2"]);
+    ok(&run(frozen, &["--out", path(&plain)]));
+    let halves = losses(&plain);
+    let mean = (halves[0] + halves[1]) / 2.0;
+    assert!(
+        (a[0] - mean).abs() <= 2e-6 * mean,
+        "accumulated step 1: loss {} but its micro-batches' losses are {halves:?} (mean {mean})",
+        a[0]
+    );
     let worst = largest_difference(&one.join("last.safetensors"), &two.join("last.safetensors"));
     println!("losses {a:?} / {b:?}; largest relative parameter difference {worst:e}");
     assert!(worst <= 1e-5, "parameters differ by {worst:e}");
