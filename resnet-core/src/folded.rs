@@ -5,6 +5,9 @@
 //! convolution, after a ReLU, which no convolution before them can absorb; those nets run unfolded.
 
 use crate::batch_norm::BatchNorm;
+use crate::blocked_net::BlockedResNet;
+use crate::ops::isa::Isa;
+use std::sync::{Arc, OnceLock};
 use crate::conv::Conv2d;
 use crate::ops::conv::{Epilogue, FoldedConv2dOp};
 use crate::ops::max_pool::MaxPool2d;
@@ -16,11 +19,11 @@ use candle_nn::Linear;
 /// `ReLU?(BN(conv(x)))` as one convolution with a bias. The CPU op (with its bias as a plain vector) is built
 /// once at folding time, not per forward.
 #[derive(Debug, Clone)]
-struct FoldedConv {
-    weight: Tensor,
+pub(crate) struct FoldedConv {
+    pub(crate) weight: Tensor,
     /// The same bias as a tensor, for candle's path on other devices.
     bias: Tensor,
-    op: FoldedConv2dOp,
+    pub(crate) op: FoldedConv2dOp,
 }
 
 impl FoldedConv {
@@ -73,24 +76,27 @@ impl FoldedConv {
 }
 
 #[derive(Debug, Clone)]
-enum FoldedShortcut {
+pub(crate) enum FoldedShortcut {
     Unchanged(ShortcutPath),
     Projection(FoldedConv),
 }
 
 #[derive(Debug, Clone)]
-struct FoldedUnit {
-    branch: Vec<FoldedConv>,
-    shortcut: Option<FoldedShortcut>,
+pub(crate) struct FoldedUnit {
+    pub(crate) branch: Vec<FoldedConv>,
+    pub(crate) shortcut: Option<FoldedShortcut>,
 }
 
 /// A network of original units with its BatchNorms folded, for evaluation only.
 #[derive(Debug, Clone)]
 pub struct FoldedResNet {
-    stem: FoldedConv,
-    pool: Option<MaxPool2d>,
-    units: Vec<FoldedUnit>,
-    head: Linear,
+    pub(crate) stem: FoldedConv,
+    pub(crate) pool: Option<MaxPool2d>,
+    pub(crate) units: Vec<FoldedUnit>,
+    pub(crate) head: Linear,
+    /// The same network with its weights packed for the blocked layout of each kernel set, built on first use
+    /// (`None`: a layer has no blocked kernel).
+    blocked: [OnceLock<Option<Arc<BlockedResNet>>>; Isa::ALL.len()],
 }
 
 impl FoldedResNet {
@@ -129,11 +135,31 @@ impl FoldedResNet {
             pool: net.stem_pool,
             units,
             head: net.head.clone(),
+            blocked: Default::default(),
         }))
     }
 
-    /// Logits `[N, classes]`.
+    /// Logits `[N, classes]`: in the blocked layout on the CPU, else through candle's ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let isa = Isa::current();
+            let slot = &self.blocked[isa as usize];
+            let blocked = match slot.get() {
+                Some(b) => b.clone(),
+                None => {
+                    let built = BlockedResNet::new(self, isa)?.map(Arc::new);
+                    slot.get_or_init(|| built).clone()
+                }
+            };
+            if let Some(blocked) = blocked {
+                return blocked.forward(&x.contiguous()?);
+            }
+        }
+        self.forward_unblocked(x)
+    }
+
+    /// Logits through candle's ops and the NCHW kernels.
+    pub fn forward_unblocked(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = self.stem.forward(&x.detach())?;
         if let Some(pool) = &self.pool {
             y = pool.forward(&y)?.detach();

@@ -10,6 +10,7 @@
 
 pub mod ablations;
 pub mod batch_norm;
+mod blocked_net;
 mod bn_relu_conv;
 pub mod combine;
 mod config;

@@ -9,6 +9,7 @@
 //! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
 
 pub(crate) mod add_relu;
+pub mod blocked;
 pub mod batch_norm;
 pub mod conv;
 mod conv3x3_direct;

@@ -1,0 +1,135 @@
+//! The folded network run in the channel-blocked layout on the CPU (`ops::blocked`): the input image is read
+//! once into the stem's blocks, every unit stays blocked, and the head takes the global average pool.
+
+use crate::folded::{FoldedConv, FoldedResNet, FoldedShortcut};
+use crate::ops::blocked::{max_pool, zero_pad_shortcut, Blocked, BlockedConv, Source};
+use crate::ops::isa::Isa;
+use crate::ops::max_pool::MaxPool2d;
+use crate::shortcut::ShortcutPath;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::Linear;
+
+#[derive(Debug, Clone)]
+pub(crate) struct BlockedResNet {
+    stem: BlockedConv,
+    pool: Option<MaxPool2d>,
+    units: Vec<BlockedUnit>,
+    head: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct BlockedUnit {
+    /// The last convolution adds the shortcut before its ReLU.
+    branch: Vec<BlockedConv>,
+    shortcut: Option<BlockedShortcut>,
+}
+
+#[derive(Debug, Clone)]
+enum BlockedShortcut {
+    Identity,
+    ZeroPad {
+        stride: usize,
+        before: usize,
+        after: usize,
+    },
+    Projection(BlockedConv),
+}
+
+impl BlockedResNet {
+    /// `None` where a layer has no blocked kernel on `isa` (output channels not in whole blocks).
+    pub(crate) fn new(net: &FoldedResNet, isa: Isa) -> Result<Option<Self>> {
+        let conv = |c: &FoldedConv| -> Result<Option<BlockedConv>> {
+            let (c_out, ..) = c.weight.dims4()?;
+            if !BlockedConv::applies(isa, c_out) {
+                return Ok(None);
+            }
+            let relu = c.op.epilogue.relu;
+            let geometry = (c.op.stride, c.op.padding);
+            BlockedConv::new(isa, &c.weight, &c.op.epilogue.bias, geometry, relu).map(Some)
+        };
+        let Some(stem) = conv(&net.stem)? else {
+            return Ok(None);
+        };
+        let mut units = Vec::with_capacity(net.units.len());
+        for unit in &net.units {
+            let mut branch = Vec::with_capacity(unit.branch.len());
+            for c in &unit.branch {
+                let Some(c) = conv(c)? else { return Ok(None) };
+                branch.push(c);
+            }
+            let shortcut = match &unit.shortcut {
+                None => None,
+                Some(FoldedShortcut::Projection(c)) => match conv(c)? {
+                    Some(c) => Some(BlockedShortcut::Projection(c)),
+                    None => return Ok(None),
+                },
+                Some(FoldedShortcut::Unchanged(ShortcutPath::Identity)) => {
+                    Some(BlockedShortcut::Identity)
+                }
+                Some(FoldedShortcut::Unchanged(ShortcutPath::ZeroPad {
+                    stride,
+                    before,
+                    after,
+                })) => Some(BlockedShortcut::ZeroPad {
+                    stride: *stride,
+                    before: *before,
+                    after: *after,
+                }),
+                Some(FoldedShortcut::Unchanged(ShortcutPath::Projection { .. })) => return Ok(None),
+            };
+            units.push(BlockedUnit { branch, shortcut });
+        }
+        Ok(Some(Self {
+            stem,
+            pool: net.pool,
+            units,
+            head: net.head.clone(),
+        }))
+    }
+
+    /// Logits `[N, classes]` of a contiguous f32 CPU batch `[N, 3, H, W]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let pixels = x.flatten_all()?.to_vec1::<f32>()?;
+        let image = Source::Nchw {
+            data: &pixels,
+            n,
+            c,
+            h,
+            w,
+        };
+        let mut y = self.stem.forward(image, None)?;
+        if let Some(pool) = &self.pool {
+            y = max_pool(&y, pool)?;
+        }
+        for unit in &self.units {
+            let made;
+            let shortcut = match &unit.shortcut {
+                None => None,
+                Some(BlockedShortcut::Identity) => Some(&y),
+                &Some(BlockedShortcut::ZeroPad {
+                    stride,
+                    before,
+                    after,
+                }) => {
+                    made = zero_pad_shortcut(&y, stride, before, after)?;
+                    Some(&made)
+                }
+                Some(BlockedShortcut::Projection(c)) => {
+                    made = c.forward(Source::Blocked(&y), None)?;
+                    Some(&made)
+                }
+            };
+            let Some((last, first)) = unit.branch.split_last() else {
+                candle_core::bail!("folded residual unit without convolutions");
+            };
+            let mut b = None::<Blocked>;
+            for c in first {
+                b = Some(c.forward(Source::Blocked(b.as_ref().unwrap_or(&y)), None)?);
+            }
+            let next = last.forward(Source::Blocked(b.as_ref().unwrap_or(&y)), shortcut)?;
+            y = next;
+        }
+        self.head.forward(&y.mean_pool()?)
+    }
+}

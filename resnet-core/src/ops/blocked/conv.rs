@@ -1,0 +1,354 @@
+//! Direct convolution in the blocked layout with the folded BatchNorm's bias, the residual and the ReLU
+//! applied as the accumulators are stored: one pass over the output per layer, as in oneDNN and ONNX Runtime's
+//! NCHWc kernels.
+//!
+//! The register tile is `F` blocks of output channels × `R` output columns of one row: every step broadcasts
+//! one input value per column and loads `F` weight vectors, then does `F·R` FMAs. The steps run over the input
+//! channel blocks, the kernel rows and, contiguous in both the padded input and the packed weights, the
+//! kernel columns × the channels of a block. A task is one output row of one group of `F` blocks of one image.
+
+use super::layout::{Blocked, Padded, Source};
+use super::simd::{Portable, Simd};
+use crate::ops::isa::Isa;
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+/// Columns per register tile at most (a `match` below instantiates each).
+const MAX_COLUMNS: usize = 12;
+
+/// A convolution with its weights packed for one kernel set, `ReLU?(conv(x) + bias (+ residual))`.
+#[derive(Debug, Clone)]
+pub struct BlockedConv {
+    isa: Isa,
+    lanes: usize,
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    /// Output blocks per register tile (`F`).
+    group: usize,
+    /// Input channels per block of the packed input: the lanes, or all channels of a narrow input.
+    bi: usize,
+    /// `[C_out / (F·B)][C_in / bi][k][k][bi][F][B]`.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    relu: bool,
+}
+
+/// The lanes of `isa`'s blocked layout.
+pub fn lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => Avx512Lanes::LANES,
+        Isa::Avx2 | Isa::Generic => Portable::LANES,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+type Avx512Lanes = super::simd::Avx512;
+#[cfg(not(target_arch = "x86_64"))]
+type Avx512Lanes = Portable;
+
+impl BlockedConv {
+    /// Whether a convolution to `c_out` channels has a blocked kernel on `isa`.
+    pub fn applies(isa: Isa, c_out: usize) -> bool {
+        c_out.is_multiple_of(lanes(isa))
+    }
+
+    /// `weight` `[C_out, C_in, k, k]` and `bias` `[C_out]` (the folded BatchNorm's shift).
+    pub fn new(
+        isa: Isa,
+        weight: &Tensor,
+        bias: &[f32],
+        (stride, padding): (usize, usize),
+        relu: bool,
+    ) -> Result<Self> {
+        let (c_out, c_in, kh, kw) = weight.dims4()?;
+        let lanes = lanes(isa);
+        if kh != kw || !Self::applies(isa, c_out) || bias.len() != c_out || stride == 0 {
+            candle_core::bail!(
+                "blocked conv: weight {:?} with {} biases, stride {stride}: expected a square kernel, \
+                 a bias per output channel and output channels in blocks of {lanes}",
+                weight.dims(),
+                bias.len()
+            );
+        }
+        let group = if (c_out / lanes).is_multiple_of(2) { 2 } else { 1 };
+        let bi = if c_in.is_multiple_of(lanes) { lanes } else { c_in };
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let k = kh;
+        let mut weights = Vec::with_capacity(w.len());
+        for g in 0..c_out / (group * lanes) {
+            for cb in 0..c_in / bi {
+                for tap in 0..k * k {
+                    for i in 0..bi {
+                        for f in 0..group {
+                            for lane in 0..lanes {
+                                let (o, c) = ((g * group + f) * lanes + lane, cb * bi + i);
+                                weights.push(w[(o * c_in + c) * k * k + tap]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            isa,
+            lanes,
+            c_in,
+            c_out,
+            kernel: k,
+            stride,
+            padding,
+            group,
+            bi,
+            weights,
+            bias: bias.to_vec(),
+            relu,
+        })
+    }
+
+    pub fn output_size(&self, input: usize) -> usize {
+        (input + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// `ReLU?(conv(x) + bias (+ residual))` in the blocked layout.
+    pub fn forward(&self, x: Source, residual: Option<&Blocked>) -> Result<Blocked> {
+        let (n, c, h, w) = x.dims();
+        if c != self.c_in || h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
+            candle_core::bail!(
+                "blocked conv: input [{n}, {c}, {h}, {w}] for a {}×{k}×{k} kernel from {} channels \
+                 (padding {})",
+                self.c_out,
+                self.c_in,
+                self.padding,
+                k = self.kernel
+            );
+        }
+        if let Source::Blocked(b) = x {
+            if b.lanes != self.lanes {
+                candle_core::bail!("blocked conv: input blocks of {}, kernel of {}", b.lanes, self.lanes);
+            }
+        }
+        let (oh, ow) = (self.output_size(h), self.output_size(w));
+        if let Some(r) = residual {
+            if (r.n, r.c, r.h, r.w, r.lanes) != (n, self.c_out, oh, ow, self.lanes) {
+                candle_core::bail!(
+                    "blocked conv: residual [{}, {}, {}, {}] (blocks of {}) for an output [{n}, {}, {oh}, {ow}]",
+                    r.n, r.c, r.h, r.w, r.lanes, self.c_out
+                );
+            }
+        }
+        let input = Padded::new(x, self.padding, self.bi);
+        let (b, f, k) = (self.lanes, self.group, self.kernel);
+        let groups = self.c_out / (f * b);
+        let out_plane = oh * ow * b;
+        let mut data = Vec::<f32>::with_capacity(n * self.c_out * oh * ow);
+        let out = SendPtr(data.as_mut_ptr());
+        let x_plane = input.h * input.w * input.bi;
+        let job = Row {
+            x: input.data().as_ptr(),
+            w: self.weights.as_ptr(),
+            bias: self.bias.as_ptr(),
+            out: out.0,
+            residual: residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+            relu: self.relu,
+            blocks_in: input.blocks,
+            x_plane,
+            x_row: input.w * input.bi,
+            x_step: self.stride * input.bi,
+            kernel: k,
+            taps_per_row: k * input.bi,
+            w_plane: k * k * input.bi * f * b,
+            w_row: k * input.bi * f * b,
+            out_plane,
+            width: ow,
+            columns: 0,
+        };
+        let kernel = row_kernel(self.isa, f);
+        let columns = max_columns(self.isa, f);
+        let w_group = self.weights.len() / groups;
+        (0..n * groups * oh).into_par_iter().for_each(|task| {
+            // Whole captures: `Row` and `SendPtr` are shared across threads, their pointer fields are not.
+            let (job, out) = (&job, &out);
+            let (img, g, y) = (task / (groups * oh), task / oh % groups, task % oh);
+            let at = ((img * groups + g) * f * oh + y) * ow * b;
+            let row = Row {
+                x: job.x.wrapping_add(img * input.blocks * x_plane + y * self.stride * job.x_row),
+                w: job.w.wrapping_add(g * w_group),
+                bias: job.bias.wrapping_add(g * f * b),
+                out: out.0.wrapping_add(at),
+                residual: if job.residual.is_null() { job.residual } else { job.residual.wrapping_add(at) },
+                columns,
+                ..*job
+            };
+            // SAFETY: the pointers address this task's input rows, weights and output row (`Row`'s bounds are
+            // those of the buffers: the padded input holds every tap of every output column), and tasks write
+            // disjoint output rows; the kernel set was checked when the op was built.
+            unsafe { kernel(&row) };
+        });
+        // SAFETY: the tasks wrote every element: each (image, block, row) once, all columns.
+        unsafe { data.set_len(n * self.c_out * oh * ow) };
+        Ok(Blocked {
+            data,
+            n,
+            c: self.c_out,
+            h: oh,
+            w: ow,
+            lanes: b,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint parts of the buffer (see `forward`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One task: an output row of one group of blocks of one image.
+#[derive(Clone, Copy)]
+struct Row {
+    /// The padded input of the image at block 0, the first input row of this output row, column 0.
+    x: *const f32,
+    /// The group's packed weights.
+    w: *const f32,
+    /// The group's `F·B` biases.
+    bias: *const f32,
+    /// The output at the group's first block, this row, column 0.
+    out: *mut f32,
+    /// The residual at the same place, or null.
+    residual: *const f32,
+    relu: bool,
+    blocks_in: usize,
+    x_plane: usize,
+    x_row: usize,
+    /// Input elements between output columns: stride · bi.
+    x_step: usize,
+    kernel: usize,
+    taps_per_row: usize,
+    w_plane: usize,
+    w_row: usize,
+    out_plane: usize,
+    width: usize,
+    /// Columns per register tile at most.
+    columns: usize,
+}
+
+// SAFETY: a `Row` is read by one task only; its pointers are into buffers that outlive the parallel loop.
+unsafe impl Send for Row {}
+unsafe impl Sync for Row {}
+
+type RowKernel = unsafe fn(&Row);
+
+fn max_columns(isa: Isa, group: usize) -> usize {
+    let registers = match isa {
+        Isa::Avx512 => 32,
+        _ => 16,
+    };
+    ((registers - group - 2) / group).min(MAX_COLUMNS)
+}
+
+/// The row kernel of `isa` for `group` output blocks per tile.
+fn row_kernel(isa: Isa, group: usize) -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    match (isa, group) {
+        (Isa::Avx512, 2) => return x86::avx512_row::<2>,
+        (Isa::Avx512, _) => return x86::avx512_row::<1>,
+        (Isa::Avx2, 2) => return x86::avx2_row::<2>,
+        (Isa::Avx2, _) => return x86::avx2_row::<1>,
+        _ => {}
+    }
+    let _ = isa;
+    match group {
+        2 => portable_row::<2>,
+        _ => portable_row::<1>,
+    }
+}
+
+unsafe fn portable_row<const F: usize>(job: &Row) {
+    unsafe { row::<Portable, F>(job) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{row, Row};
+    use crate::ops::blocked::simd::{Avx2, Avx512};
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_row<const F: usize>(job: &Row) {
+        unsafe { row::<Avx2, F>(job) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512_row<const F: usize>(job: &Row) {
+        unsafe { row::<Avx512, F>(job) }
+    }
+}
+
+/// The row in tiles of at most `job.columns` columns, as even as possible (7 = 4 + 3, not 6 + 1).
+#[inline(always)]
+unsafe fn row<S: Simd, const F: usize>(job: &Row) {
+    let tiles = job.width.div_ceil(job.columns);
+    let (base, extra) = (job.width / tiles, job.width % tiles);
+    let mut column = 0;
+    for t in 0..tiles {
+        let r = base + usize::from(t < extra);
+        unsafe {
+            match r {
+                1 => tile::<S, F, 1>(job, column),
+                2 => tile::<S, F, 2>(job, column),
+                3 => tile::<S, F, 3>(job, column),
+                4 => tile::<S, F, 4>(job, column),
+                5 => tile::<S, F, 5>(job, column),
+                6 => tile::<S, F, 6>(job, column),
+                7 => tile::<S, F, 7>(job, column),
+                8 => tile::<S, F, 8>(job, column),
+                9 => tile::<S, F, 9>(job, column),
+                10 => tile::<S, F, 10>(job, column),
+                11 => tile::<S, F, 11>(job, column),
+                _ => tile::<S, F, MAX_COLUMNS>(job, column),
+            }
+        }
+        column += r;
+    }
+}
+
+/// `F` blocks × `R` columns from `column` on.
+#[inline(always)]
+unsafe fn tile<S: Simd, const F: usize, const R: usize>(job: &Row, column: usize) {
+    unsafe {
+        let mut acc = [[S::zero(); R]; F];
+        let x0 = job.x.add(column * job.x_step);
+        for cb in 0..job.blocks_in {
+            for ky in 0..job.kernel {
+                let x = x0.add(cb * job.x_plane + ky * job.x_row);
+                let w = job.w.add(cb * job.w_plane + ky * job.w_row);
+                for t in 0..job.taps_per_row {
+                    let wv: [S; F] = std::array::from_fn(|f| S::load(w.add((t * F + f) * S::LANES)));
+                    for r in 0..R {
+                        let xv = S::splat(x.add(r * job.x_step + t));
+                        for f in 0..F {
+                            acc[f][r] = xv.mul_add(wv[f], acc[f][r]);
+                        }
+                    }
+                }
+            }
+        }
+        let at = column * S::LANES;
+        for (f, acc) in acc.iter().enumerate() {
+            let bias = S::load(job.bias.add(f * S::LANES));
+            for (r, a) in acc.iter().enumerate() {
+                let o = at + f * job.out_plane + r * S::LANES;
+                let mut v = a.add(bias);
+                if !job.residual.is_null() {
+                    v = v.add(S::load(job.residual.add(o)));
+                }
+                if job.relu {
+                    v = v.max(S::zero());
+                }
+                v.store(job.out.add(o));
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Inference in a channel-blocked layout kept from the network's first convolution to its head: the
+//! activations are `[N, C/B, H, W, B]` with `B` the lanes of a vector register, so the inner loops load `B`
+//! output channels' weights as one vector and broadcast one input value (oneDNN's and ONNX Runtime's NCHWc),
+//! and the folded BatchNorm's bias, the residual and the ReLU are applied as each output is stored.
+//!
+//! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
+//! [`Blocked::mean_pool`]; the vector operations per kernel set are in `simd`.
+
+mod conv;
+mod layout;
+mod pool;
+mod simd;
+
+pub use conv::{lanes, BlockedConv};
+pub use layout::{Blocked, Source};
+pub use pool::{max_pool, zero_pad_shortcut};

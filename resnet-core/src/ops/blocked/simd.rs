@@ -1,0 +1,142 @@
+//! The few vector operations the blocked kernels are written in, for each kernel set: 16 lanes of AVX-512,
+//! 8 of AVX2, and 8 plain `f32`s for portable code. A kernel is one generic `#[inline(always)]` function over
+//! [`Simd`]; a `#[target_feature]` entry point per set instantiates it, so the intrinsics inline into code
+//! compiled for that set.
+
+/// One vector register of f32 lanes.
+pub(super) trait Simd: Copy {
+    /// f32 lanes: the channel block of the layout this set runs.
+    const LANES: usize;
+    /// Architectural vector registers: accumulators, weight vectors and a broadcast must fit.
+    const REGISTERS: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// Every lane `*p`.
+    unsafe fn splat(p: *const f32) -> Self;
+    /// `self · b + c`, one rounding where the set has FMA.
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn max(self, b: Self) -> Self;
+}
+
+/// Eight `f32`s in plain Rust: the portable set (no `target_feature`; `mul_add` is an unfused `a·b + c`, as
+/// a compiler emits for targets without FMA).
+#[derive(Clone, Copy)]
+pub(super) struct Portable([f32; 8]);
+
+impl Simd for Portable {
+    const LANES: usize = 8;
+    const REGISTERS: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Portable([0.0; 8])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Portable(unsafe { p.cast::<[f32; 8]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(p: *const f32) -> Self {
+        Portable([unsafe { *p }; 8])
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] * b.0[i] + c.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] + b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i].max(b.0[i])))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Simd;
+    use std::arch::x86_64::*;
+
+    /// `__m256` with FMA.
+    #[derive(Clone, Copy)]
+    pub struct Avx2(__m256);
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        const REGISTERS: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(unsafe { _mm256_setzero_ps() })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2(unsafe { _mm256_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            Avx2(unsafe { _mm256_broadcast_ss(&*p) })
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+            Avx2(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            Avx2(unsafe { _mm256_add_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            Avx2(unsafe { _mm256_max_ps(self.0, b.0) })
+        }
+    }
+
+    /// `__m512`.
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        const REGISTERS: usize = 32;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx512(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx512(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            Avx512(unsafe { _mm512_set1_ps(*p) })
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+            Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            Avx512(unsafe { _mm512_add_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            Avx512(unsafe { _mm512_max_ps(self.0, b.0) })
+        }
+    }
+}
