@@ -113,6 +113,28 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// `len` zeros (cleared by all threads when large, as [`zeroed`]).
+    pub fn zeroed(len: usize) -> Self {
+        // SAFETY: every element is written.
+        unsafe {
+            Self::written_by(len, |b| {
+                b.par_chunks_mut(1 << 14).for_each(|c| {
+                    c.iter_mut().for_each(|v| {
+                        v.write(0.0);
+                    })
+                })
+            })
+        }
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
 impl std::ops::Deref for Scratch {
     type Target = [f32];
     fn deref(&self) -> &[f32] {

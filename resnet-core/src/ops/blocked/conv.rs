@@ -9,12 +9,16 @@
 
 use super::layout::{Blocked, Padded, Source};
 use super::simd::{Portable, Simd};
+use crate::ops::cpu_slice::Scratch;
 use crate::ops::isa::Isa;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Columns per register tile at most (a `match` below instantiates each).
 const MAX_COLUMNS: usize = 12;
+
+/// Register tiles per task at most.
+const SEGMENT_TILES: usize = 8;
 
 /// A convolution with its weights packed for one kernel set, `ReLU?(conv(x) + bias (+ residual))`.
 #[derive(Debug, Clone)]
@@ -139,18 +143,19 @@ impl BlockedConv {
                 );
             }
         }
+        let t0 = std::time::Instant::now();
         let input = Padded::new(x, self.padding, self.bi);
+        let t1 = std::time::Instant::now();
         let (b, f, k) = (self.lanes, self.group, self.kernel);
         let groups = self.c_out / (f * b);
         let out_plane = oh * ow * b;
-        let mut data = Vec::<f32>::with_capacity(n * self.c_out * oh * ow);
-        let out = SendPtr(data.as_mut_ptr());
+        let len = n * self.c_out * oh * ow;
         let x_plane = input.h * input.w * input.bi;
         let job = Row {
             x: input.data().as_ptr(),
             w: self.weights.as_ptr(),
             bias: self.bias.as_ptr(),
-            out: out.0,
+            out: std::ptr::null_mut(),
             residual: residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
             relu: self.relu,
             blocks_in: input.blocks,
@@ -165,30 +170,55 @@ impl BlockedConv {
             width: ow,
             columns: 0,
         };
-        let kernel = row_kernel(self.isa, f);
-        let columns = max_columns(self.isa, f);
-        let w_group = self.weights.len() / groups;
-        (0..n * groups * oh).into_par_iter().for_each(|task| {
-            // Whole captures: `Row` and `SendPtr` are shared across threads, their pointer fields are not.
-            let (job, out) = (&job, &out);
-            let (img, g, y) = (task / (groups * oh), task / oh % groups, task % oh);
-            let at = ((img * groups + g) * f * oh + y) * ow * b;
-            let row = Row {
-                x: job.x.wrapping_add(img * input.blocks * x_plane + y * self.stride * job.x_row),
-                w: job.w.wrapping_add(g * w_group),
-                bias: job.bias.wrapping_add(g * f * b),
-                out: out.0.wrapping_add(at),
-                residual: if job.residual.is_null() { job.residual } else { job.residual.wrapping_add(at) },
-                columns,
-                ..*job
+        let fill = |buf: &mut [std::mem::MaybeUninit<f32>]| {
+            let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
+            let kernel = row_kernel(self.isa, f);
+            let columns = max_columns(self.isa, f);
+            let w_group = self.weights.len() / groups;
+            // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
+            let (rows, width) = match (k, self.stride) {
+                (1, 1) => (1, oh * ow),
+                _ => (oh, ow),
             };
-            // SAFETY: the pointers address this task's input rows, weights and output row (`Row`'s bounds are
-            // those of the buffers: the padded input holds every tap of every output column), and tasks write
-            // disjoint output rows; the kernel set was checked when the op was built.
-            unsafe { kernel(&row) };
-        });
-        // SAFETY: the tasks wrote every element: each (image, block, row) once, all columns.
-        unsafe { data.set_len(n * self.c_out * oh * ow) };
+            // Long rows are cut into segments, so that a batch of one image still makes many tasks.
+            let segment = SEGMENT_TILES * columns;
+            let segments = width.div_ceil(segment);
+            (0..n * groups * rows * segments).into_par_iter().for_each(|task| {
+                // Whole captures: `Row` and `SendPtr` are shared across threads, their pointer fields are not.
+                let (job, out) = (&job, &out);
+                let (s, task) = (task % segments, task / segments);
+                let (img, g, y) = (task / (groups * rows), task / rows % groups, task % rows);
+                let c0 = s * segment;
+                let at = ((img * groups + g) * f * rows + y) * width * b + c0 * b;
+                let row = Row {
+                    x: job.x.wrapping_add(
+                        img * input.blocks * x_plane + y * self.stride * job.x_row + c0 * job.x_step,
+                    ),
+                    w: job.w.wrapping_add(g * w_group),
+                    bias: job.bias.wrapping_add(g * f * b),
+                    out: out.0.wrapping_add(at),
+                    residual: if job.residual.is_null() {
+                        job.residual
+                    } else {
+                        job.residual.wrapping_add(at)
+                    },
+                    width: segment.min(width - c0),
+                    columns,
+                    ..*job
+                };
+                // SAFETY: the pointers address this task's input rows, weights and output segment (`Row`'s bounds
+                // are those of the buffers: the padded input holds every tap of every output column), and tasks
+                // write disjoint output segments; the kernel set was checked when the op was built.
+                unsafe { kernel(&row) };
+            });
+        };
+        // SAFETY: the tasks write every element: each (image, block, row) once, all columns.
+        let data = unsafe { Scratch::written_by(len, fill) };
+        if std::env::var("PROF").is_ok() {
+            let t2 = t1.elapsed().as_secs_f64();
+            let flops = 2.0 * (n * oh * ow * self.c_out * self.c_in * k * k) as f64;
+            eprintln!("PROF {}x{}x{} s{} {}x{} pad {:.3} ms conv {:.3} ms {:.1} GF/s", self.c_in, self.c_out, k, self.stride, h, w, (t1 - t0).as_secs_f64() * 1e3, t2 * 1e3, flops / t2 / 1e9);
+        }
         Ok(Blocked {
             data,
             n,

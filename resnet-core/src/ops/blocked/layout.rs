@@ -8,9 +8,11 @@ use std::mem::MaybeUninit;
 
 /// Activations of `n` images of `c` channels on an `h`×`w` plane, channels in blocks of `lanes`:
 /// element `(img, ch, y, x)` is at `(((img·C/B + ch/B)·h + y)·w + x)·B + ch % B`.
-#[derive(Debug, Clone)]
+///
+/// The elements are a pooled buffer ([`Scratch`]): freed activations of one forward pass are the next one's,
+/// without the allocator handing the pages back to the system in between (which cost page faults on every layer).
 pub struct Blocked {
-    pub(super) data: Vec<f32>,
+    pub(super) data: Scratch,
     pub n: usize,
     pub c: usize,
     pub h: usize,
@@ -31,7 +33,7 @@ impl Blocked {
         }
         let src = x.flatten_all()?.to_vec1::<f32>()?;
         let plane = h * w;
-        let mut data = vec![0f32; src.len()];
+        let mut data = Scratch::zeroed(src.len());
         data.par_chunks_mut(plane * lanes)
             .enumerate()
             .for_each(|(block, dst)| {

@@ -1,6 +1,7 @@
 //! The blocked layout's max pool (the ImageNet stem's) and option-A shortcut (subsample, zero channels).
 
 use super::layout::Blocked;
+use crate::ops::cpu_slice::Scratch;
 use crate::ops::max_pool::MaxPool2d;
 use candle_core::Result;
 use rayon::prelude::*;
@@ -12,7 +13,7 @@ pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
         candle_core::bail!("max pool {k}×{k}/{s} (padding {p}) on a {}×{} plane", x.h, x.w);
     }
     let (oh, ow) = (pool.output_size(x.h), pool.output_size(x.w));
-    let mut data = vec![0f32; x.n * x.c * oh * ow];
+    let mut data = Scratch::zeroed(x.n * x.c * oh * ow);
     data.par_chunks_mut(oh * ow * l)
         .enumerate()
         .for_each(|(block, dst)| {
@@ -47,7 +48,7 @@ pub fn zero_pad_shortcut(x: &Blocked, stride: usize, before: usize, after: usize
         candle_core::bail!("option-A shortcut to {c} channels: not blocks of {l}");
     }
     let (oh, ow) = (x.h.div_ceil(stride), x.w.div_ceil(stride));
-    let mut data = vec![0f32; x.n * c * oh * ow];
+    let mut data = Scratch::zeroed(x.n * c * oh * ow);
     data.par_chunks_mut(oh * ow * l)
         .enumerate()
         .for_each(|(block, dst)| {
