@@ -235,3 +235,61 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// The blocked-layout inference convolution (`ops::blocked`, what the folded nets run on the CPU) on every
+/// registered shape, batch 1 and 2, every kernel set: `ReLU(conv(x) + bias + residual)` against candle's
+/// `conv2d` and element-wise ops. The network's first convolution reads the NCHW image, the others a blocked input.
+#[test]
+fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
+    use resnet_core::ops::blocked::{lanes, Blocked, BlockedConv, Source};
+    let dev = Device::Cpu;
+    let mut ran = BTreeMap::<Isa, usize>::new();
+    for shape @ &(c_in, c_out, k, stride, padding, side) in &all_conv_shapes() {
+        for batch in [1, 2] {
+            let x = Tensor::randn(0f32, 1.0, (batch, c_in, side, side), &dev)?;
+            let w = Tensor::randn(0f32, 0.1, (c_out, c_in, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, c_out, &dev)?;
+            let y = x.conv2d(&w, padding, stride, 1, 1)?;
+            let residual = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+            let expected = y
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?
+                .add(&residual)?
+                .relu()?;
+            let pixels = x.flatten_all()?.to_vec1::<f32>()?;
+            for_each_isa(|isa| {
+                let l = lanes(isa);
+                assert!(BlockedConv::applies(isa, c_out), "{isa}: {shape:?}");
+                let conv = BlockedConv::new(isa, &w, &bias.to_vec1()?, (stride, padding), true)?;
+                let blocked_x;
+                let source = if c_in % l == 0 {
+                    blocked_x = Blocked::from_nchw(&x, l)?;
+                    Source::Blocked(&blocked_x)
+                } else {
+                    let (n, c, h, w) = x.dims4()?;
+                    Source::Nchw {
+                        data: &pixels,
+                        n,
+                        c,
+                        h,
+                        w,
+                    }
+                };
+                let r = Blocked::from_nchw(&residual, l)?;
+                let ours = conv.forward(source, Some(&r))?.to_nchw()?;
+                close(
+                    &format!("{isa} blocked forward, batch {batch}"),
+                    &ours,
+                    &expected,
+                    shape,
+                    terms(shape, batch, Pass::Forward),
+                );
+                *ran.entry(isa).or_default() += 1;
+                Ok(())
+            })?;
+        }
+    }
+    for isa in Isa::available() {
+        assert_eq!(ran[&isa], 2 * all_conv_shapes().len(), "{isa}");
+    }
+    Ok(())
+}

@@ -185,7 +185,7 @@ impl BlockedConv {
         };
         let fill = |buf: &mut [std::mem::MaybeUninit<f32>]| {
             let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
-            let kernel = row_kernel(self.isa, f);
+            let kernel = row_kernel(self.isa, f, job.x_step == b);
             let columns = max_columns(self.isa, f);
             let w_group = self.weights.len() / groups;
             // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
@@ -294,26 +294,35 @@ fn max_columns(isa: Isa, group: usize) -> usize {
     ((registers - group - 2) / group).min(MAX_COLUMNS)
 }
 
-/// The row kernel of `isa` for `group` output blocks per tile.
-fn row_kernel(isa: Isa, group: usize) -> RowKernel {
+/// The row kernel of `isa` for `group` output blocks per tile; `unit_step`: consecutive output columns read
+/// consecutive input pixels of `lanes` channels (stride 1, a blocked input), so their offsets are constants.
+fn row_kernel(isa: Isa, group: usize, unit_step: bool) -> RowKernel {
+    macro_rules! pick {
+        ($row:ident) => {
+            match (group, unit_step) {
+                (2, true) => $row::<2, true>,
+                (2, false) => $row::<2, false>,
+                (_, true) => $row::<1, true>,
+                (_, false) => $row::<1, false>,
+            }
+        };
+    }
     #[cfg(target_arch = "x86_64")]
-    match (isa, group) {
-        (Isa::Avx512, 2) => return x86::avx512_row::<2>,
-        (Isa::Avx512, _) => return x86::avx512_row::<1>,
-        (Isa::Avx2, 2) => return x86::avx2_row::<2>,
-        (Isa::Avx2, _) => return x86::avx2_row::<1>,
-        _ => {}
+    match isa {
+        Isa::Avx512 => return pick!(avx512_row),
+        Isa::Avx2 => return pick!(avx2_row),
+        Isa::Generic => {}
     }
     let _ = isa;
-    match group {
-        2 => portable_row::<2>,
-        _ => portable_row::<1>,
-    }
+    pick!(portable_row)
 }
 
-unsafe fn portable_row<const F: usize>(job: &Row) {
-    unsafe { row::<Portable, F>(job) }
+unsafe fn portable_row<const F: usize, const UNIT: bool>(job: &Row) {
+    unsafe { row::<Portable, F, UNIT>(job) }
 }
+
+#[cfg(target_arch = "x86_64")]
+use x86::{avx2_row, avx512_row};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -321,13 +330,13 @@ mod x86 {
     use crate::ops::blocked::simd::{Avx2, Avx512};
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_row<const F: usize>(job: &Row) {
-        unsafe { row::<Avx2, F>(job) }
+    pub(super) unsafe fn avx2_row<const F: usize, const UNIT: bool>(job: &Row) {
+        unsafe { row::<Avx2, F, UNIT>(job) }
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_row<const F: usize>(job: &Row) {
-        unsafe { row::<Avx512, F>(job) }
+    pub(super) unsafe fn avx512_row<const F: usize, const UNIT: bool>(job: &Row) {
+        unsafe { row::<Avx512, F, UNIT>(job) }
     }
 }
 
@@ -336,7 +345,7 @@ mod x86 {
 /// 256 channels of a 56×56 plane touches 32 planes 98 KB apart, which alias in L1's sets), and the partial
 /// sums go through the output.
 #[inline(always)]
-unsafe fn row<S: Simd, const F: usize>(job: &Row) {
+unsafe fn row<S: Simd, const F: usize, const UNIT: bool>(job: &Row) {
     let tiles = job.width.div_ceil(job.columns);
     let (base, extra) = (job.width / tiles, job.width % tiles);
     let chunk = job.chunk_blocks;
@@ -351,18 +360,18 @@ unsafe fn row<S: Simd, const F: usize>(job: &Row) {
             let r = base + usize::from(t < extra);
             unsafe {
                 match r {
-                    1 => tile::<S, F, 1>(job, column, &pass),
-                    2 => tile::<S, F, 2>(job, column, &pass),
-                    3 => tile::<S, F, 3>(job, column, &pass),
-                    4 => tile::<S, F, 4>(job, column, &pass),
-                    5 => tile::<S, F, 5>(job, column, &pass),
-                    6 => tile::<S, F, 6>(job, column, &pass),
-                    7 => tile::<S, F, 7>(job, column, &pass),
-                    8 => tile::<S, F, 8>(job, column, &pass),
-                    9 => tile::<S, F, 9>(job, column, &pass),
-                    10 => tile::<S, F, 10>(job, column, &pass),
-                    11 => tile::<S, F, 11>(job, column, &pass),
-                    _ => tile::<S, F, MAX_COLUMNS>(job, column, &pass),
+                    1 => tile::<S, F, 1, UNIT>(job, column, &pass),
+                    2 => tile::<S, F, 2, UNIT>(job, column, &pass),
+                    3 => tile::<S, F, 3, UNIT>(job, column, &pass),
+                    4 => tile::<S, F, 4, UNIT>(job, column, &pass),
+                    5 => tile::<S, F, 5, UNIT>(job, column, &pass),
+                    6 => tile::<S, F, 6, UNIT>(job, column, &pass),
+                    7 => tile::<S, F, 7, UNIT>(job, column, &pass),
+                    8 => tile::<S, F, 8, UNIT>(job, column, &pass),
+                    9 => tile::<S, F, 9, UNIT>(job, column, &pass),
+                    10 => tile::<S, F, 10, UNIT>(job, column, &pass),
+                    11 => tile::<S, F, 11, UNIT>(job, column, &pass),
+                    _ => tile::<S, F, MAX_COLUMNS, UNIT>(job, column, &pass),
                 }
             }
             column += r;
@@ -379,8 +388,13 @@ struct Pass {
 
 /// `F` blocks × `R` columns from `column` on, for the input blocks of `pass`.
 #[inline(always)]
-unsafe fn tile<S: Simd, const F: usize, const R: usize>(job: &Row, column: usize, pass: &Pass) {
+unsafe fn tile<S: Simd, const F: usize, const R: usize, const UNIT: bool>(
+    job: &Row,
+    column: usize,
+    pass: &Pass,
+) {
     unsafe {
+        let step = if UNIT { S::LANES } else { job.x_step };
         let at = column * S::LANES;
         let mut acc = [[S::zero(); R]; F];
         if !pass.first {
@@ -390,7 +404,7 @@ unsafe fn tile<S: Simd, const F: usize, const R: usize>(job: &Row, column: usize
                 }
             }
         }
-        let x0 = job.x.add(column * job.x_step);
+        let x0 = job.x.add(column * step);
         for cb in pass.blocks.clone() {
             for ky in 0..job.kernel {
                 let x = x0.add(cb * job.x_plane + ky * job.x_row);
@@ -398,7 +412,7 @@ unsafe fn tile<S: Simd, const F: usize, const R: usize>(job: &Row, column: usize
                 for t in 0..job.taps_per_row {
                     let wv: [S; F] = std::array::from_fn(|f| S::load(w.add((t * F + f) * S::LANES)));
                     for r in 0..R {
-                        let xv = S::splat(x.add(r * job.x_step + t));
+                        let xv = S::splat(x.add(r * step + t));
                         for f in 0..F {
                             acc[f][r] = xv.mul_add(wv[f], acc[f][r]);
                         }

@@ -7,8 +7,6 @@
 pub(super) trait Simd: Copy {
     /// f32 lanes: the channel block of the layout this set runs.
     const LANES: usize;
-    /// Architectural vector registers: accumulators, weight vectors and a broadcast must fit.
-    const REGISTERS: usize;
     unsafe fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
@@ -27,7 +25,6 @@ pub(super) struct Portable([f32; 8]);
 
 impl Simd for Portable {
     const LANES: usize = 8;
-    const REGISTERS: usize = 16;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Portable([0.0; 8])
@@ -72,8 +69,7 @@ mod x86 {
 
     impl Simd for Avx2 {
         const LANES: usize = 8;
-        const REGISTERS: usize = 16;
-        #[inline(always)]
+            #[inline(always)]
         unsafe fn zero() -> Self {
             Avx2(unsafe { _mm256_setzero_ps() })
         }
@@ -109,7 +105,6 @@ mod x86 {
 
     impl Simd for Avx512 {
         const LANES: usize = 16;
-        const REGISTERS: usize = 32;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx512(unsafe { _mm512_setzero_ps() })
