@@ -20,6 +20,9 @@ const MAX_COLUMNS: usize = 12;
 /// Input channels per pass over a row (see `row`).
 const CHUNK_CHANNELS: usize = 64;
 
+/// Multiply-adds ×2 that one thread takes at least at a time.
+const MIN_TASK_FLOPS: usize = 4_000_000;
+
 /// Register tiles per task at most.
 const SEGMENT_TILES: usize = 8;
 
@@ -196,7 +199,11 @@ impl BlockedConv {
             // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
             let segments = width.div_ceil(SEGMENT_TILES * columns);
             let segment = width.div_ceil(segments);
-            (0..n * groups * rows * segments).into_par_iter().for_each(|task| {
+            // Neighbouring tasks (the same weights, overlapping input rows) go to one thread in runs of at
+            // least MIN_TASK_FLOPS, so that scheduling stays small beside narrow layers' short rows.
+            let task_flops = 2 * width.div_ceil(segments) * f * b * self.c_in * k * k;
+            let run = MIN_TASK_FLOPS.div_ceil(task_flops.max(1));
+            (0..n * groups * rows * segments).into_par_iter().with_min_len(run).for_each(|task| {
                 // Whole captures: `Row` and `SendPtr` are shared across threads, their pointer fields are not.
                 let (job, out) = (&job, &out);
                 let (s, task) = (task % segments, task / segments);

@@ -153,28 +153,35 @@ impl<'a> Padded<'a> {
         let plane = hp * wp * bi;
         let fill = |block: usize, dst: &mut [MaybeUninit<f32>]| {
             let (img, cb) = (block / blocks, block % blocks);
+            let zero = |d: &mut [MaybeUninit<f32>]| {
+                d.iter_mut().for_each(|v| {
+                    v.write(0.0);
+                })
+            };
             for (y, row) in dst.chunks_exact_mut(wp * bi).enumerate() {
-                let inside = y >= pad && y < h + pad;
-                for (x, px) in row.chunks_exact_mut(bi).enumerate() {
-                    if inside && x >= pad && x < w + pad {
-                        let (sy, sx) = (y - pad, x - pad);
-                        match src {
-                            Source::Blocked(b) if b.lanes == bi => {
-                                let at = (((img * blocks + cb) * h + sy) * w + sx) * bi;
-                                for (d, v) in px.iter_mut().zip(&b.data[at..at + bi]) {
-                                    d.write(*v);
-                                }
-                            }
-                            _ => {
-                                for (i, d) in px.iter_mut().enumerate() {
-                                    d.write(src.at(img, cb * bi + i, sy, sx));
-                                }
+                if y < pad || y >= h + pad {
+                    zero(row);
+                    continue;
+                }
+                let sy = y - pad;
+                let (left, rest) = row.split_at_mut(pad * bi);
+                let (inside, right) = rest.split_at_mut(w * bi);
+                zero(left);
+                zero(right);
+                match src {
+                    // The same blocks: the row is one copy.
+                    Source::Blocked(b) if b.lanes == bi => {
+                        let at = ((img * blocks + cb) * h + sy) * w * bi;
+                        for (d, v) in inside.iter_mut().zip(&b.data[at..at + w * bi]) {
+                            d.write(*v);
+                        }
+                    }
+                    _ => {
+                        for (sx, px) in inside.chunks_exact_mut(bi).enumerate() {
+                            for (i, d) in px.iter_mut().enumerate() {
+                                d.write(src.at(img, cb * bi + i, sy, sx));
                             }
                         }
-                    } else {
-                        px.iter_mut().for_each(|d| {
-                            d.write(0.0);
-                        });
                     }
                 }
             }
