@@ -23,6 +23,14 @@ const CHUNK_CHANNELS: usize = 64;
 /// Multiply-adds ×2 that one thread takes at least at a time.
 const MIN_TASK_FLOPS: usize = 4_000_000;
 
+/// Images per thread from which a batch is padded image by image.
+const PER_IMAGE_BATCHES: usize = 2;
+
+thread_local! {
+    /// One padded image, per thread (see `forward`).
+    static IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Register tiles per task at most.
 const SEGMENT_TILES: usize = 8;
 
@@ -158,16 +166,16 @@ impl BlockedConv {
                 return unit.forward(Source::Blocked(&sub), residual);
             }
         }
-        let t0 = std::time::Instant::now();
-        let input = Padded::new(x, self.padding, self.bi);
-        let t1 = std::time::Instant::now();
+        // A large batch is padded image by image, just before the image's rows run: the copy stays in the
+        // thread's cache, where a copy of the whole batch went out to memory and back.
+        let per_image = n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
+        let input = Padded::new(x, self.padding, self.bi, per_image);
         let (b, f, k) = (self.lanes, self.group, self.kernel);
         let groups = self.c_out / (f * b);
         let out_plane = oh * ow * b;
-        let len = n * self.c_out * oh * ow;
         let x_plane = input.h * input.w * input.bi;
         let job = Row {
-            x: input.data().as_ptr(),
+            x: std::ptr::null(),
             w: self.weights.as_ptr(),
             bias: self.bias.as_ptr(),
             out: std::ptr::null_mut(),
@@ -183,62 +191,81 @@ impl BlockedConv {
             w_row: k * input.bi * f * b,
             out_plane,
             width: ow,
-            columns: 0,
+            columns: max_columns(self.isa, f),
             chunk_blocks: (CHUNK_CHANNELS / input.bi).max(1),
+        };
+        let kernel = row_kernel(self.isa, f, job.x_step == b);
+        let w_group = self.weights.len() / groups;
+        // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
+        let (rows, width) = match (k, self.stride) {
+            (1, 1) => (1, oh * ow),
+            _ => (oh, ow),
+        };
+        // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
+        let segments = width.div_ceil(SEGMENT_TILES * job.columns);
+        let segment = width.div_ceil(segments);
+        let tasks_per_image = groups * rows * segments;
+        // Task `t` of image `img`, reading the image's padded input at `x`, writing into `out`.
+        let run = |img: usize, t: usize, x: *const f32, out: &SendPtr| {
+            // A whole capture: `Row` is shared across threads, its pointer fields are not.
+            let job = &job;
+            let (s, g, y) = (t % segments, t / segments / rows, t / segments % rows);
+            let c0 = s * segment;
+            let at = ((img * groups + g) * f * rows + y) * width * b + c0 * b;
+            let row = Row {
+                x: x.wrapping_add(y * self.stride * job.x_row + c0 * job.x_step),
+                w: job.w.wrapping_add(g * w_group),
+                bias: job.bias.wrapping_add(g * f * b),
+                out: out.0.wrapping_add(at),
+                residual: if job.residual.is_null() {
+                    job.residual
+                } else {
+                    job.residual.wrapping_add(at)
+                },
+                width: segment.min(width - c0),
+                ..*job
+            };
+            // SAFETY: the pointers address this task's input rows, weights and output segment (`Row`'s bounds
+            // are those of the buffers: the padded input holds every tap of every output column), and tasks
+            // write disjoint output segments; the kernel set was checked when the op was built.
+            unsafe { kernel(&row) };
         };
         let fill = |buf: &mut [std::mem::MaybeUninit<f32>]| {
             let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
-            let kernel = row_kernel(self.isa, f, job.x_step == b);
-            let columns = max_columns(self.isa, f);
-            let w_group = self.weights.len() / groups;
-            // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
-            let (rows, width) = match (k, self.stride) {
-                (1, 1) => (1, oh * ow),
-                _ => (oh, ow),
-            };
-            // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
-            let segments = width.div_ceil(SEGMENT_TILES * columns);
-            let segment = width.div_ceil(segments);
-            // Neighbouring tasks (the same weights, overlapping input rows) go to one thread in runs of at
-            // least MIN_TASK_FLOPS, so that scheduling stays small beside narrow layers' short rows.
-            let task_flops = 2 * width.div_ceil(segments) * f * b * self.c_in * k * k;
-            let run = MIN_TASK_FLOPS.div_ceil(task_flops.max(1));
-            (0..n * groups * rows * segments).into_par_iter().with_min_len(run).for_each(|task| {
-                // Whole captures: `Row` and `SendPtr` are shared across threads, their pointer fields are not.
-                let (job, out) = (&job, &out);
-                let (s, task) = (task % segments, task / segments);
-                let (img, g, y) = (task / (groups * rows), task / rows % groups, task % rows);
-                let c0 = s * segment;
-                let at = ((img * groups + g) * f * rows + y) * width * b + c0 * b;
-                let row = Row {
-                    x: job.x.wrapping_add(
-                        img * input.blocks * x_plane + y * self.stride * job.x_row + c0 * job.x_step,
-                    ),
-                    w: job.w.wrapping_add(g * w_group),
-                    bias: job.bias.wrapping_add(g * f * b),
-                    out: out.0.wrapping_add(at),
-                    residual: if job.residual.is_null() {
-                        job.residual
-                    } else {
-                        job.residual.wrapping_add(at)
-                    },
-                    width: segment.min(width - c0),
-                    columns,
-                    ..*job
-                };
-                // SAFETY: the pointers address this task's input rows, weights and output segment (`Row`'s bounds
-                // are those of the buffers: the padded input holds every tap of every output column), and tasks
-                // write disjoint output segments; the kernel set was checked when the op was built.
-                unsafe { kernel(&row) };
-            });
+            let out = &out;
+            match input.data() {
+                Some(x) => {
+                    // Neighbouring tasks (the same weights, overlapping input rows) go to one thread in runs
+                    // of at least MIN_TASK_FLOPS, so that scheduling stays small beside short rows.
+                    let task_flops = 2 * segment * f * b * self.c_in * k * k;
+                    let batch = MIN_TASK_FLOPS.div_ceil(task_flops.max(1));
+                    let image = SendPtr(x.as_ptr().cast_mut());
+                    let image = &image;
+                    (0..n * tasks_per_image)
+                        .into_par_iter()
+                        .with_min_len(batch)
+                        .for_each(|task| {
+                            let img = task / tasks_per_image;
+                            let x = image.0.wrapping_add(img * input.image_len()).cast_const();
+                            run(img, task % tasks_per_image, x, out)
+                        })
+                }
+                None => (0..n).into_par_iter().for_each(|img| {
+                    IMAGE.with_borrow_mut(|buf| {
+                        buf.clear();
+                        buf.reserve(input.image_len());
+                        input.fill_image(img, &mut buf.spare_capacity_mut()[..input.image_len()]);
+                        // SAFETY: `fill_image` wrote all `image_len()` elements.
+                        unsafe { buf.set_len(input.image_len()) };
+                        for t in 0..tasks_per_image {
+                            run(img, t, buf.as_ptr(), out);
+                        }
+                    })
+                }),
+            }
         };
         // SAFETY: the tasks write every element: each (image, block, row) once, all columns.
-        let data = unsafe { Scratch::written_by(len, fill) };
-        if std::env::var("PROF").is_ok() {
-            let t2 = t1.elapsed().as_secs_f64();
-            let flops = 2.0 * (n * oh * ow * self.c_out * self.c_in * k * k) as f64;
-            eprintln!("PROF {}x{}x{} s{} {}x{} pad {:.3} ms conv {:.3} ms {:.1} GF/s", self.c_in, self.c_out, k, self.stride, h, w, (t1 - t0).as_secs_f64() * 1e3, t2 * 1e3, flops / t2 / 1e9);
-        }
+        let data = unsafe { Scratch::written_by(n * self.c_out * oh * ow, fill) };
         Ok(Blocked {
             data,
             n,

@@ -119,6 +119,8 @@ impl Source<'_> {
 
 /// A convolution's input as its kernel reads it: `[N, C/bi, H + 2p, W + 2p, bi]`, zero-bordered.
 pub(super) struct Padded<'a> {
+    src: Source<'a>,
+    pad: usize,
     data: Data<'a>,
     pub blocks: usize,
     pub h: usize,
@@ -128,85 +130,108 @@ pub(super) struct Padded<'a> {
 }
 
 enum Data<'a> {
+    /// A blocked source of block `bi` without border: read where it lies.
     InPlace(&'a [f32]),
+    /// The whole batch copied.
     Copied(Scratch),
+    /// Copied image by image by the caller ([`Padded::fill_image`]), into a buffer that stays in cache.
+    PerImage,
 }
 
 impl<'a> Padded<'a> {
-    /// `src` with a border of `pad` zeros in blocks of `bi` channels; a blocked source of block `bi` without
-    /// border is read where it lies.
-    pub fn new(src: Source<'a>, pad: usize, bi: usize) -> Padded<'a> {
+    /// `src` with a border of `pad` zeros in blocks of `bi` channels. `per_image`: where a copy is needed,
+    /// leave it to the caller, one image at a time.
+    pub fn new(src: Source<'a>, pad: usize, bi: usize, per_image: bool) -> Padded<'a> {
         let (n, c, h, w) = src.dims();
-        let blocks = c / bi;
-        if let Source::Blocked(b) = src {
-            if pad == 0 && b.lanes == bi {
-                return Padded {
-                    data: Data::InPlace(&b.data),
-                    blocks,
-                    h,
-                    w,
-                    bi,
+        let mut padded = Padded {
+            src,
+            pad,
+            data: Data::PerImage,
+            blocks: c / bi,
+            h: h + 2 * pad,
+            w: w + 2 * pad,
+            bi,
+        };
+        match src {
+            Source::Blocked(b) if pad == 0 && b.lanes == bi => padded.data = Data::InPlace(&b.data),
+            _ if per_image => {}
+            _ => {
+                let plane = padded.plane();
+                // SAFETY: `fill_plane` writes every element of a plane.
+                let scratch = unsafe {
+                    Scratch::written_by(n * padded.blocks * plane, |out| {
+                        out.par_chunks_mut(plane)
+                            .enumerate()
+                            .for_each(|(block, dst)| padded.fill_plane(block, dst))
+                    })
                 };
+                padded.data = Data::Copied(scratch);
             }
         }
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-        let plane = hp * wp * bi;
-        let fill = |block: usize, dst: &mut [MaybeUninit<f32>]| {
-            let (img, cb) = (block / blocks, block % blocks);
-            let zero = |d: &mut [MaybeUninit<f32>]| {
-                d.iter_mut().for_each(|v| {
-                    v.write(0.0);
-                })
-            };
-            for (y, row) in dst.chunks_exact_mut(wp * bi).enumerate() {
-                if y < pad || y >= h + pad {
-                    zero(row);
-                    continue;
-                }
-                let sy = y - pad;
-                let (left, rest) = row.split_at_mut(pad * bi);
-                let (inside, right) = rest.split_at_mut(w * bi);
-                zero(left);
-                zero(right);
-                match src {
-                    // The same blocks: the row is one copy.
-                    Source::Blocked(b) if b.lanes == bi => {
-                        let at = ((img * blocks + cb) * h + sy) * w * bi;
-                        for (d, v) in inside.iter_mut().zip(&b.data[at..at + w * bi]) {
-                            d.write(*v);
-                        }
-                    }
-                    _ => {
-                        for (sx, px) in inside.chunks_exact_mut(bi).enumerate() {
-                            for (i, d) in px.iter_mut().enumerate() {
-                                d.write(src.at(img, cb * bi + i, sy, sx));
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        // SAFETY: every element of every plane is written by `fill` (inside: copied, border: zero).
-        let scratch = unsafe {
-            Scratch::written_by(n * blocks * plane, |out| {
-                out.par_chunks_mut(plane)
-                    .enumerate()
-                    .for_each(|(block, dst)| fill(block, dst))
-            })
-        };
-        Padded {
-            data: Data::Copied(scratch),
-            blocks,
-            h: hp,
-            w: wp,
-            bi,
+        padded
+    }
+
+    fn plane(&self) -> usize {
+        self.h * self.w * self.bi
+    }
+
+    /// Elements of one image.
+    pub fn image_len(&self) -> usize {
+        self.blocks * self.plane()
+    }
+
+    /// The whole batch, unless it is left to [`Padded::fill_image`].
+    pub fn data(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::InPlace(d) => Some(d),
+            Data::Copied(s) => Some(s),
+            Data::PerImage => None,
         }
     }
 
-    pub fn data(&self) -> &[f32] {
-        match &self.data {
-            Data::InPlace(d) => d,
-            Data::Copied(s) => s,
+    /// Image `img`'s `image_len()` elements.
+    pub fn fill_image(&self, img: usize, dst: &mut [MaybeUninit<f32>]) {
+        for (cb, plane) in dst.chunks_exact_mut(self.plane()).enumerate() {
+            self.fill_plane(img * self.blocks + cb, plane);
+        }
+    }
+
+    /// Plane `block` (image · blocks + channel block): border zero, inside copied.
+    fn fill_plane(&self, block: usize, dst: &mut [MaybeUninit<f32>]) {
+        let (bi, pad, blocks) = (self.bi, self.pad, self.blocks);
+        let (_, _, h, w) = self.src.dims();
+        let (img, cb) = (block / blocks, block % blocks);
+        let zero = |d: &mut [MaybeUninit<f32>]| {
+            d.iter_mut().for_each(|v| {
+                v.write(0.0);
+            })
+        };
+        for (y, row) in dst.chunks_exact_mut(self.w * bi).enumerate() {
+            if y < pad || y >= h + pad {
+                zero(row);
+                continue;
+            }
+            let sy = y - pad;
+            let (left, rest) = row.split_at_mut(pad * bi);
+            let (inside, right) = rest.split_at_mut(w * bi);
+            zero(left);
+            zero(right);
+            match self.src {
+                // The same blocks: the row is one copy.
+                Source::Blocked(b) if b.lanes == bi => {
+                    let at = ((img * blocks + cb) * h + sy) * w * bi;
+                    for (d, v) in inside.iter_mut().zip(&b.data[at..at + w * bi]) {
+                        d.write(*v);
+                    }
+                }
+                src => {
+                    for (sx, px) in inside.chunks_exact_mut(bi).enumerate() {
+                        for (i, d) in px.iter_mut().enumerate() {
+                            d.write(src.at(img, cb * bi + i, sy, sx));
+                        }
+                    }
+                }
+            }
         }
     }
 }
