@@ -75,7 +75,9 @@ impl BlockedResNet {
                     before: *before,
                     after: *after,
                 }),
-                Some(FoldedShortcut::Unchanged(ShortcutPath::Projection { .. })) => return Ok(None),
+                Some(FoldedShortcut::Unchanged(ShortcutPath::Projection { .. })) => {
+                    return Ok(None)
+                }
             };
             units.push(BlockedUnit { branch, shortcut });
         }

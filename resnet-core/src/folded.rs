@@ -6,15 +6,15 @@
 
 use crate::batch_norm::BatchNorm;
 use crate::blocked_net::BlockedResNet;
-use crate::ops::isa::Isa;
-use std::sync::{Arc, OnceLock};
 use crate::conv::Conv2d;
 use crate::ops::conv::{Epilogue, FoldedConv2dOp};
+use crate::ops::isa::Isa;
 use crate::ops::max_pool::MaxPool2d;
 use crate::shortcut::ShortcutPath;
 use crate::{ResNet, Unit};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
+use std::sync::{Arc, OnceLock};
 
 /// `ReLU?(BN(conv(x)))` as one convolution with a bias. The CPU op (with its bias as a plain vector) is built
 /// once at folding time, not per forward.

@@ -9,8 +9,8 @@
 //! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
 
 pub(crate) mod add_relu;
-pub mod blocked;
 pub mod batch_norm;
+pub mod blocked;
 pub mod conv;
 mod conv3x3_direct;
 pub(crate) mod cpu_slice;

@@ -59,13 +59,15 @@ impl Blocked {
     pub fn to_nchw(&self) -> Result<Tensor> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         let mut out = vec![0f32; self.data.len()];
-        out.par_chunks_mut(plane).enumerate().for_each(|(row, dst)| {
-            let (img, ch) = (row / self.c, row % self.c);
-            let src = &self.data[(img * self.blocks() + ch / lanes) * plane * lanes..];
-            for (p, v) in dst.iter_mut().enumerate() {
-                *v = src[p * lanes + ch % lanes];
-            }
-        });
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, ch) = (row / self.c, row % self.c);
+                let src = &self.data[(img * self.blocks() + ch / lanes) * plane * lanes..];
+                for (p, v) in dst.iter_mut().enumerate() {
+                    *v = src[p * lanes + ch % lanes];
+                }
+            });
         Tensor::from_vec(out, (self.n, self.c, self.h, self.w), &Device::Cpu)
     }
 
@@ -73,12 +75,15 @@ impl Blocked {
     pub fn mean_pool(&self) -> Result<Tensor> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         let mut out = vec![0f32; self.n * self.c];
-        out.par_chunks_mut(lanes).enumerate().for_each(|(block, dst)| {
-            for pixel in self.data[block * plane * lanes..][..plane * lanes].chunks_exact(lanes) {
-                dst.iter_mut().zip(pixel).for_each(|(d, v)| *d += v);
-            }
-            dst.iter_mut().for_each(|d| *d /= plane as f32);
-        });
+        out.par_chunks_mut(lanes)
+            .enumerate()
+            .for_each(|(block, dst)| {
+                for pixel in self.data[block * plane * lanes..][..plane * lanes].chunks_exact(lanes)
+                {
+                    dst.iter_mut().zip(pixel).for_each(|(d, v)| *d += v);
+                }
+                dst.iter_mut().for_each(|d| *d /= plane as f32);
+            });
         Tensor::from_vec(out, (self.n, self.c), &Device::Cpu)
     }
 }

@@ -10,25 +10,28 @@ use rayon::prelude::*;
 pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
     let (k, s, p, l) = (pool.kernel, pool.stride, pool.padding, x.lanes);
     if x.h + 2 * p < k || x.w + 2 * p < k || s == 0 || 2 * p > k {
-        candle_core::bail!("max pool {k}×{k}/{s} (padding {p}) on a {}×{} plane", x.h, x.w);
+        candle_core::bail!(
+            "max pool {k}×{k}/{s} (padding {p}) on a {}×{} plane",
+            x.h,
+            x.w
+        );
     }
     let (oh, ow) = (pool.output_size(x.h), pool.output_size(x.w));
     let mut data = Scratch::zeroed(x.n * x.c * oh * ow);
+    let window = |o: usize| {
+        let (y, xo) = ((o / ow) * s, (o % ow) * s);
+        let rows = y.saturating_sub(p)..(y + k - p).min(x.h);
+        let cols = xo.saturating_sub(p)..(xo + k - p).min(x.w);
+        (rows, cols)
+    };
     data.par_chunks_mut(oh * ow * l)
         .enumerate()
         .for_each(|(block, dst)| {
             let src = &x.data[block * x.h * x.w * l..][..x.h * x.w * l];
-            for (o, out) in dst.chunks_exact_mut(l).enumerate() {
-                let (y, xo) = ((o / ow) * s, (o % ow) * s);
-                let rows = y.saturating_sub(p)..(y + k - p).min(x.h);
-                let cols = xo.saturating_sub(p)..(xo + k - p).min(x.w);
-                out.fill(f32::NEG_INFINITY);
-                for iy in rows {
-                    for ix in cols.clone() {
-                        let v = &src[(iy * x.w + ix) * l..][..l];
-                        out.iter_mut().zip(v).for_each(|(m, v)| *m = m.max(*v));
-                    }
-                }
+            match l {
+                8 => max_plane::<8>(src, x.w, dst, window),
+                16 => max_plane::<16>(src, x.w, dst, window),
+                _ => unreachable!("blocks of 8 or 16 lanes"),
             }
         });
     Ok(Blocked {
@@ -41,8 +44,33 @@ pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
     })
 }
 
+/// One plane of blocks of `L` lanes: the fixed width lets the compiler keep a pixel's maxima in a register.
+fn max_plane<const L: usize>(
+    src: &[f32],
+    width: usize,
+    dst: &mut [f32],
+    window: impl Fn(usize) -> (std::ops::Range<usize>, std::ops::Range<usize>),
+) {
+    for (o, out) in dst.chunks_exact_mut(L).enumerate() {
+        let (rows, cols) = window(o);
+        let mut m = [f32::NEG_INFINITY; L];
+        for iy in rows {
+            for ix in cols.clone() {
+                let v: &[f32; L] = src[(iy * width + ix) * L..][..L].try_into().unwrap();
+                m.iter_mut().zip(v).for_each(|(m, v)| *m = m.max(*v));
+            }
+        }
+        out.copy_from_slice(&m);
+    }
+}
+
 /// `x[:, :, ::stride, ::stride]` with `before` zero channels in front and `after` behind (option A).
-pub fn zero_pad_shortcut(x: &Blocked, stride: usize, before: usize, after: usize) -> Result<Blocked> {
+pub fn zero_pad_shortcut(
+    x: &Blocked,
+    stride: usize,
+    before: usize,
+    after: usize,
+) -> Result<Blocked> {
     let (l, c) = (x.lanes, x.c + before + after);
     if !c.is_multiple_of(l) || stride == 0 {
         candle_core::bail!("option-A shortcut to {c} channels: not blocks of {l}");
@@ -53,14 +81,26 @@ pub fn zero_pad_shortcut(x: &Blocked, stride: usize, before: usize, after: usize
         .enumerate()
         .for_each(|(block, dst)| {
             let (img, cb) = (block / (c / l), block % (c / l));
+            let pixel = |ch: usize, o: usize| {
+                let (y, xi) = ((o / ow) * stride, (o % ow) * stride);
+                (img * x.c / l + ch / l) * x.h * x.w * l + (y * x.w + xi) * l + ch % l
+            };
+            // Whole blocks where the zero channels are whole blocks: one copy per pixel.
+            if before.is_multiple_of(l) {
+                let Some(src_block) = (cb * l).checked_sub(before).filter(|&ch| ch < x.c) else {
+                    return;
+                };
+                for (o, px) in dst.chunks_exact_mut(l).enumerate() {
+                    px.copy_from_slice(&x.data[pixel(src_block, o)..][..l]);
+                }
+                return;
+            }
             for lane in 0..l {
                 let Some(ch) = (cb * l + lane).checked_sub(before).filter(|&ch| ch < x.c) else {
                     continue;
                 };
-                let src = &x.data[(img * x.c / l + ch / l) * x.h * x.w * l..];
                 for (o, px) in dst.chunks_exact_mut(l).enumerate() {
-                    let (y, xi) = ((o / ow) * stride, (o % ow) * stride);
-                    px[lane] = src[(y * x.w + xi) * l + ch % l];
+                    px[lane] = x.data[pixel(ch, o)];
                 }
             }
         });
@@ -72,4 +112,51 @@ pub fn zero_pad_shortcut(x: &Blocked, stride: usize, before: usize, after: usize
         w: ow,
         lanes: l,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::zero_pad_shortcut::ZeroPadShortcut;
+    use candle_core::{Device, Module, Tensor};
+
+    fn assert_same(ours: &Blocked, expected: &Tensor) {
+        let diff = (ours.to_nchw().unwrap() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    /// Both block widths (NCHW8c and NCHW16c), whatever this CPU runs: the layout code has no SIMD.
+    #[test]
+    fn max_pool_and_option_a_equal_the_nchw_ops_in_blocks_of_8_and_16() {
+        let x = Tensor::randn(0f32, 1.0, (3, 32, 9, 9), &Device::Cpu).unwrap();
+        for lanes in [8, 16] {
+            let b = Blocked::from_nchw(&x, lanes).unwrap();
+            assert_same(&b, &x);
+            assert_same(
+                &max_pool(&b, &MaxPool2d::STEM).unwrap(),
+                &MaxPool2d::STEM.forward(&x).unwrap(),
+            );
+            // 32 → 64 channels (16 zeros each side: whole blocks of 8 and 16) and 32 → 48 (8 each side).
+            for (before, after) in [(16, 16), (8, 8)] {
+                if !(x.dim(1).unwrap() + before + after).is_multiple_of(lanes) {
+                    continue;
+                }
+                let reference = ZeroPadShortcut {
+                    stride: 2,
+                    before,
+                    after,
+                }
+                .forward(&x)
+                .unwrap();
+                assert_same(&zero_pad_shortcut(&b, 2, before, after).unwrap(), &reference);
+            }
+        }
+    }
 }

@@ -69,7 +69,7 @@ mod x86 {
 
     impl Simd for Avx2 {
         const LANES: usize = 8;
-            #[inline(always)]
+        #[inline(always)]
         unsafe fn zero() -> Self {
             Avx2(unsafe { _mm256_setzero_ps() })
         }
