@@ -189,7 +189,9 @@ impl BlockedConv {
         }
         // A large batch is padded image by image, just before the image's rows run: the copy stays in the
         // thread's cache, where a copy of the whole batch went out to memory and back.
-        let per_image = n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
+        // (Not where the weights leave L2: each image would stream all of them again.)
+        let weights_stay = self.weights.len() * 4 <= L2_WEIGHT_BYTES;
+        let per_image = weights_stay && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
         let input = Padded::new(x, self.padding, self.bi, per_image);
         let (b, f, k) = (self.lanes, self.group, self.kernel);
         let groups = self.c_out / (f * b);
@@ -227,8 +229,7 @@ impl BlockedConv {
         let segment = width.div_ceil(segments);
         let tasks_per_image = groups * rows * segments;
         // Where all the weights stay in L2, one thread takes every group of a segment in turn (the segment's
-        // input stays in L1), else every segment of a group (the group's weights stay).
-        let weights_stay = self.weights.len() * 4 <= L2_WEIGHT_BYTES;
+        // input stays in L1), else every segment of a group, of every image (the group's weights stay).
         // Task `t` of image `img`, reading the image's padded input at `x`, writing into `out`.
         let run = |img: usize, t: usize, x: *const f32, out: &SendPtr| {
             // A whole capture: `Row` is shared across threads, its pointer fields are not.
@@ -273,9 +274,16 @@ impl BlockedConv {
                         .into_par_iter()
                         .with_min_len(batch)
                         .for_each(|task| {
-                            let img = task / tasks_per_image;
+                            let (img, t) = match weights_stay {
+                                true => (task / tasks_per_image, task % tasks_per_image),
+                                false => {
+                                    let per_group = rows * segments;
+                                    let (g, rest) = (task / (n * per_group), task % (n * per_group));
+                                    (rest / per_group, g * per_group + rest % per_group)
+                                }
+                            };
                             let x = image.0.wrapping_add(img * input.image_len()).cast_const();
-                            run(img, task % tasks_per_image, x, out)
+                            run(img, t, x, out)
                         })
                 }
                 None => (0..n).into_par_iter().for_each(|img| {
