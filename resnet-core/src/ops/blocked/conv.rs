@@ -278,7 +278,8 @@ impl BlockedConv {
                                 true => (task / tasks_per_image, task % tasks_per_image),
                                 false => {
                                     let per_group = rows * segments;
-                                    let (g, rest) = (task / (n * per_group), task % (n * per_group));
+                                    let (g, rest) =
+                                        (task / (n * per_group), task % (n * per_group));
                                     (rest / per_group, g * per_group + rest % per_group)
                                 }
                             };
@@ -457,6 +458,8 @@ struct Pass {
 }
 
 /// `F` blocks × `R` columns from `column` on, for the input blocks of `pass`.
+// `acc[f][r]` indexed by both loop counters reads as the register tile it is.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn tile<S: Simd, const F: usize, const R: usize, const UNIT: bool>(
     job: &Row,

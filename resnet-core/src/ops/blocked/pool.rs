@@ -118,7 +118,7 @@ pub fn zero_pad_shortcut(
 mod tests {
     use super::*;
     use crate::ops::zero_pad_shortcut::ZeroPadShortcut;
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::{Device, Tensor};
 
     fn assert_same(ours: &Blocked, expected: &Tensor) {
         let diff = (ours.to_nchw().unwrap() - expected)
@@ -155,7 +155,10 @@ mod tests {
                 }
                 .forward(&x)
                 .unwrap();
-                assert_same(&zero_pad_shortcut(&b, 2, before, after).unwrap(), &reference);
+                assert_same(
+                    &zero_pad_shortcut(&b, 2, before, after).unwrap(),
+                    &reference,
+                );
             }
         }
     }
