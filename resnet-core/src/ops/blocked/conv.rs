@@ -85,6 +85,9 @@ impl BlockedConv {
         relu: bool,
     ) -> Result<Self> {
         let (c_out, c_in, kh, kw) = weight.dims4()?;
+        if isa > Isa::best_available() {
+            candle_core::bail!("blocked conv: this CPU does not run {isa} kernels");
+        }
         let lanes = lanes(isa);
         if kh != kw || !Self::applies(isa, c_out) || bias.len() != c_out || stride == 0 {
             candle_core::bail!(
