@@ -183,13 +183,17 @@ impl BlockedConv {
             // lines and runs as a stride-1 one over the plane.
             if let Source::Blocked(b) = x {
                 let sub = super::pool::zero_pad_shortcut(b, self.stride, 0, 0)?;
-                let unit = BlockedConv {
-                    stride: 1,
-                    ..self.clone()
-                };
-                return unit.forward(Source::Blocked(&sub), residual);
+                return Ok(self.compute(Source::Blocked(&sub), residual, 1));
             }
         }
+        Ok(self.compute(x, residual, self.stride))
+    }
+
+    /// The convolution at `stride` (the layer's own, or 1 on a plane already subsampled), operands checked.
+    fn compute(&self, x: Source, residual: Option<&Blocked>, stride: usize) -> Blocked {
+        let (n, _, h, w) = x.dims();
+        let out = |side: usize| (side + 2 * self.padding - self.kernel) / stride + 1;
+        let (oh, ow) = (out(h), out(w));
         // A large batch is padded image by image, just before the image's rows run: the copy stays in the
         // thread's cache, where a copy of the whole batch went out to memory and back.
         // (Not where the weights leave L2: each image would stream all of them again.)
@@ -210,7 +214,7 @@ impl BlockedConv {
             blocks_in: input.blocks,
             x_plane,
             x_row: input.w * input.bi,
-            x_step: self.stride * input.bi,
+            x_step: stride * input.bi,
             kernel: k,
             taps_per_row: k * input.bi,
             w_plane: k * k * input.bi * f * b,
@@ -223,7 +227,7 @@ impl BlockedConv {
         let kernel = row_kernel(self.isa, f, job.x_step == b);
         let w_group = self.weights.len() / groups;
         // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
-        let (rows, width) = match (k, self.stride) {
+        let (rows, width) = match (k, stride) {
             (1, 1) => (1, oh * ow),
             _ => (oh, ow),
         };
@@ -245,7 +249,7 @@ impl BlockedConv {
             let c0 = s * segment;
             let at = ((img * groups + g) * f * rows + y) * width * b + c0 * b;
             let row = Row {
-                x: x.wrapping_add(y * self.stride * job.x_row + c0 * job.x_step),
+                x: x.wrapping_add(y * stride * job.x_row + c0 * job.x_step),
                 w: job.w.wrapping_add(g * w_group),
                 bias: job.bias.wrapping_add(g * f * b),
                 out: out.0.wrapping_add(at),
@@ -306,14 +310,14 @@ impl BlockedConv {
         };
         // SAFETY: the tasks write every element: each (image, block, row) once, all columns.
         let data = unsafe { Scratch::written_by(n * self.c_out * oh * ow, fill) };
-        Ok(Blocked {
+        Blocked {
             data,
             n,
             c: self.c_out,
             h: oh,
             w: ow,
             lanes: b,
-        })
+        }
     }
 }
 
