@@ -1,10 +1,13 @@
 //! `resnet-infer bench --convs`: GFLOP/s of the convolution op on each distinct convolution shape of a net
-//! (forward, input gradient, weight gradient), and each shape's share of the whole net's convolution time.
+//! (forward, input gradient, weight gradient), and each shape's share of the whole net's convolution time; beside
+//! them the forward of the blocked-layout kernel that folded inference runs (`ops::blocked`).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use resnet_core::conv::ConvShape;
+use resnet_core::ops::blocked::{lanes, Blocked, BlockedConv, Source};
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
+use resnet_core::ops::isa::Isa;
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -18,6 +21,53 @@ pub struct ConvTiming {
     pub gflops: [f64; 3],
     /// The algorithm each pass ran.
     pub algorithms: [Option<Algorithm>; 3],
+    /// Seconds and GFLOP/s per call of the blocked inference forward (bias and ReLU in its epilogue), where the
+    /// shape has a blocked kernel on the kernel set in use.
+    pub blocked: Option<(f64, f64)>,
+}
+
+/// Seconds per call of `f` over `iterations` calls, after one warm-up call.
+fn seconds_per_call<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    for _ in 0..iterations {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64() / iterations as f64)
+}
+
+/// The blocked forward of `weight` on `x` as folded inference runs it: a blocked input, or the NCHW image where
+/// the input channels are not whole blocks (the stem).
+fn time_blocked(
+    x: &Tensor,
+    weight: &Tensor,
+    shape: &ConvShape,
+    iterations: usize,
+) -> Result<Option<f64>> {
+    let isa = Isa::current();
+    if !BlockedConv::applies(isa, shape.out_channels) {
+        return Ok(None);
+    }
+    let bias = vec![0.01f32; shape.out_channels];
+    let conv = BlockedConv::new(isa, weight, &bias, (shape.stride, shape.padding), true)?;
+    let (n, c, h, w) = x.dims4()?;
+    let seconds = if c.is_multiple_of(lanes(isa)) {
+        let blocked = Blocked::from_nchw(x, lanes(isa))?;
+        seconds_per_call(iterations, || {
+            Ok(conv.forward(Source::Blocked(&blocked), None)?)
+        })?
+    } else {
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let image = Source::Nchw {
+            data: &data,
+            n,
+            c,
+            h,
+            w,
+        };
+        seconds_per_call(iterations, || Ok(conv.forward(image, None)?))?
+    };
+    Ok(Some(seconds))
 }
 
 /// Times each distinct shape of `shapes` at `batch` images, `iterations` calls per pass after one warm-up.
@@ -64,20 +114,17 @@ pub fn time_convs(
                 .zip(&mut seconds)
                 .zip(Pass::ALL.into_iter().zip(&mut algorithms))
             {
-                pass()?;
+                *s = seconds_per_call(iterations, || Ok(pass()?))?;
                 *a = last_algorithm(p);
-                let start = Instant::now();
-                for _ in 0..iterations {
-                    pass()?;
-                }
-                *s = start.elapsed().as_secs_f64() / iterations as f64;
             }
+            let blocked = time_blocked(&x, &weight, &shape, iterations)?;
             Ok(ConvTiming {
                 shape,
                 count,
                 seconds,
                 gflops: seconds.map(|s| flops / s / 1e9),
                 algorithms,
+                blocked: blocked.map(|s| (s, flops / s / 1e9)),
             })
         })
         .collect()
@@ -87,7 +134,7 @@ pub fn time_convs(
 /// (GFLOP/s), each pass's share of it.
 pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String {
     let mut out = format!(
-        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time |\n|---|---|---|---|---|---|---|\n"
+        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time | blocked inference forward GFLOP/s |\n|---|---|---|---|---|---|---|---|\n"
     );
     let total: f64 = timings
         .iter()
@@ -105,7 +152,7 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
             .map(|a| a.map_or("?".into(), |a| format!("{a:?}")))
             .collect();
         out += &format!(
-            "| {}→{} {}×{}/{} on {}×{} | {} | {} | {} | {} | {} | {:.1} % |\n",
+            "| {}→{} {}×{}/{} on {}×{} | {} | {} | {} | {} | {} | {:.1} % | {} |\n",
             s.in_channels,
             s.out_channels,
             s.kernel,
@@ -118,7 +165,8 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
             rate(t.gflops[1]),
             rate(t.gflops[2]),
             algorithms.join(", "),
-            100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total
+            100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total,
+            t.blocked.map_or("–".into(), |(_, g)| rate(g)),
         );
     }
     let per_pass: Vec<String> = (0..3)
@@ -135,5 +183,15 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
         "all convolutions of the net: forward {}, input grad {}, weight grad {} per batch\n",
         per_pass[0], per_pass[1], per_pass[2]
     );
+    if timings.iter().all(|t| t.blocked.is_some()) {
+        let ms: f64 = timings
+            .iter()
+            .filter_map(|t| t.blocked.map(|(s, _)| t.count as f64 * s))
+            .sum::<f64>()
+            * 1e3;
+        out += &format!(
+            "all convolutions of the net, blocked inference forward: {ms:.1} ms per batch\n"
+        );
+    }
     out
 }
