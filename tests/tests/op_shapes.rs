@@ -4,7 +4,7 @@
 //! fused BatchNorm(+ReLU) training op against BatchNorm composed from candle ops.
 //!
 //! Each pass also reports the algorithm it ran (`ops::conv::last_algorithm`): the test checks that it is the
-//! dispatcher's choice, and that every algorithm (direct, Winograd, im2col + GEMM, pointwise GEMM) was
+//! dispatcher's choice, and that every algorithm (direct, Winograd, im2col + GEMM, pointwise GEMM, blocked) was
 //! compared in every pass on real shapes, on each kernel set that has it.
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -154,9 +154,13 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
                 Algorithm::PointwiseGemm,
                 Algorithm::Winograd,
             ]);
-            // The direct kernel: AVX-512 in every pass, AVX2 in the forward pass and the input gradient.
-            if isa == Isa::Avx512 || (isa == Isa::Avx2 && pass != Pass::WeightGrad) {
+            // The NCHW direct kernel: AVX-512, in every pass. The blocked kernel: AVX2, in the forward pass
+            // and the 3×3 stride-1 input gradient.
+            if isa == Isa::Avx512 {
                 expected.insert(Algorithm::Direct3x3);
+            }
+            if isa == Isa::Avx2 && pass != Pass::WeightGrad {
+                expected.insert(Algorithm::Blocked);
             }
             assert_eq!(covered[&(isa, pass)], expected, "{isa} {pass:?}");
         }

@@ -36,7 +36,7 @@ fn sgd_arithmetic_matches_pytorch() -> anyhow::Result<()> {
 fn three_resnet20_training_steps_match_pytorch() -> anyhow::Result<()> {
     let f = load_fixture("fixtures/cifar-resnet20-train.safetensors")?;
     let y = f["y"].to_dtype(DType::U32)?;
-    for_each_isa(|_| {
+    for_each_isa(|isa| {
         for (nesterov, tag) in [(false, "momentum"), (true, "nesterov")] {
             let model = Model::by_name("resnet20", 0, &Device::Cpu)?;
             model.load_tensors(&strip_prefix(&f, "init."), "fixture init.*".as_ref())?;
@@ -67,7 +67,7 @@ fn three_resnet20_training_steps_match_pytorch() -> anyhow::Result<()> {
                 if name.contains("running") {
                     // Running statistics after 3 forwards: plain arithmetic, tight.
                     let d = max_abs_diff(ours.as_tensor(), expected)?;
-                    assert!(d <= 1e-4, "{tag} {name}: {d}");
+                    assert!(d <= 1e-4, "{isa} {tag} {name}: {d}");
                 } else {
                     let rel = rel_norm_diff(ours.as_tensor(), expected)?;
                     // ‖a−b‖ ≤ 1e-2‖b‖ + 1e-4. The absolute 1e-4 matters only for the BN biases, which start at 0,
@@ -78,7 +78,7 @@ fn three_resnet20_training_steps_match_pytorch() -> anyhow::Result<()> {
                     let tol = 1e-2 * norm(expected)? + 1e-4;
                     assert!(
                         diff <= tol,
-                        "{tag} {name}: ‖a−b‖ = {diff} > {tol} (relative {rel})"
+                        "{isa} {tag} {name}: ‖a−b‖ = {diff} > {tol} (relative {rel})"
                     );
                 }
             }

@@ -1,8 +1,9 @@
 //! 2-D convolution on the CPU as one op with both backward passes: im2col + GEMM (the `gemm` crate that
 //! candle itself uses) with reused per-thread buffers, threaded over the images of the batch. 3×3 stride-1
 //! layers go to faster kernels where they apply: Winograd F(2×2, 3×3) for wide layers (`winograd`), a direct
-//! AVX-512 or AVX2 kernel for narrow ones (`conv3x3_direct`). [`Algorithm::choose`] decides, per shape and pass, for
-//! the kernel set in use ([`Isa::current`]).
+//! AVX-512 kernel for narrow ones (`conv3x3_direct`); with AVX2 the forward pass of the layers wider than 1×1
+//! and the input gradient of the 3×3 ones to the channel-blocked kernel of inference (`ops::blocked`).
+//! [`Algorithm::choose`] decides, per shape and pass, for the kernel set in use ([`Isa::current`]).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
 //! with a direct `conv_transpose2d` loop and the weight gradient as a convolution with an image-sized kernel;
@@ -14,6 +15,7 @@
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ              (summed in a fixed order: deterministic; computed
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
+use crate::ops::blocked::{self, BlockedConv};
 use crate::ops::conv3x3_direct;
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::gemm::matmul;
@@ -59,6 +61,8 @@ pub enum Algorithm {
     Winograd,
     /// The direct 3×3 kernel of the AVX-512 or AVX2 set (`conv3x3_direct`).
     Direct3x3,
+    /// The channel-blocked kernel of inference (`ops::blocked`), the layout converted on the way in and out.
+    Blocked,
 }
 
 impl Algorithm {
@@ -179,11 +183,35 @@ impl Geometry {
                     conv3x3_direct::applies(isa, out, plane)
                 }
             };
+        // With AVX2 the blocked kernel, converting the layout on the way, takes the layers no Winograd kernel
+        // does (see `blocked_applies`; AVX2 has no direct kernel).
+        if self.blocked_applies(pass, isa) {
+            return Algorithm::Blocked;
+        }
         match (fast, self.is_pointwise()) {
             (true, _) => Algorithm::Direct3x3,
             (false, true) => Algorithm::PointwiseGemm,
             (false, false) => Algorithm::Im2colGemm,
         }
+    }
+
+    /// Whether the blocked kernel computes `pass`: with AVX2, a square kernel wider than 1×1 with output
+    /// channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution too).
+    ///
+    /// With AVX2 it runs ResNet-20's 3×3 stride-1 layers, the conversions included, at 1.2–1.4× the speed of an
+    /// NCHW direct kernel for AVX2 (now removed), and the strided ones and ResNet-18's 7×7 stem faster than
+    /// im2col + GEMM (`bench --convs`, AMD EPYC Zen 4). With AVX-512 the NCHW direct kernel comes within ~15 %
+    /// of it on the stride-1 layers without the conversions, and im2col + GEMM keeps the others: on CIFAR's
+    /// strided layers the two were level (the 7×7 stem, 99 → 135 GFLOP/s blocked, is left for later).
+    fn blocked_applies(&self, pass: Pass, isa: Isa) -> bool {
+        isa == Isa::Avx2
+            && self.kh == self.kw
+            && self.kh > 1
+            && match pass {
+                Pass::Forward => BlockedConv::applies(isa, self.c_out),
+                Pass::InputGrad => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
+                Pass::WeightGrad => false,
+            }
     }
 
     /// Chooses the algorithm of `pass` for the kernel set in use, and records it as this thread's last.
@@ -359,14 +387,14 @@ impl Conv2dOp {
         let g = Geometry::new(x_shape, w_shape, self)?;
         let shape = Shape::from((g.n, g.c_out, g.oh, g.ow));
         let out = match residual {
-            None => conv_forward(&g, x, w, None, None),
+            None => conv_forward(&g, x, w, None, None)?,
             Some(r) if r.len() == shape.elem_count() => {
                 // Bias 0: (v + 0) + s is v + s, the rounding of a separate add.
                 let add = Epilogue {
                     bias: vec![0.0; g.c_out],
                     relu: false,
                 };
-                conv_forward(&g, x, w, Some(&add), Some(r))
+                conv_forward(&g, x, w, Some(&add), Some(r))?
             }
             Some(r) => candle_core::bail!(
                 "residual of {} values added to a convolution output of shape {shape:?}",
@@ -385,13 +413,21 @@ fn conv_forward(
     w: &[f32],
     epilogue: Option<&Epilogue>,
     residual: Option<&[f32]>,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     // The residual's row for output row `row` (image · C_out + channel) of Y.
     let residual_row = |row: usize| residual.map(|r| &r[row * g.p()..(row + 1) * g.p()]);
     let (k, p) = (g.k(), g.p());
     let fast = match g.dispatch(Pass::Forward) {
         (Algorithm::Winograd, _) => Some(winograd::forward(x, w, g.dims())),
         (Algorithm::Direct3x3, isa) => Some(conv3x3_direct::forward(isa, x, w, g.dims())),
+        (Algorithm::Blocked, isa) => Some(blocked::conv_nchw(
+            isa,
+            x,
+            (g.n, g.c_in, g.h, g.w),
+            w,
+            (g.c_out, g.kh),
+            (g.stride, g.pad),
+        )?),
         (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => None,
     };
     if let Some(mut out) = fast {
@@ -400,7 +436,7 @@ fn conv_forward(
                 e.apply(y, row % g.c_out, residual_row(row));
             });
         }
-        return out;
+        return Ok(out);
     }
     let mut out = zeroed(g.n * g.image_out());
     // Y = W · col, by blocks of output channels: one block per thread when there are fewer images than
@@ -444,7 +480,7 @@ fn conv_forward(
             }
         }
     });
-    out
+    Ok(out)
 }
 
 /// What follows a folded convolution: its bias (the folded BN shift) and an optional ReLU.
@@ -543,17 +579,23 @@ impl FoldedConv2dOp {
             contiguous_f32(ws, wl, "conv2d weight")?,
             Some(&self.epilogue),
             residual,
-        );
+        )?;
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
 impl Conv2dOp {
-    fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f32>> {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::InputGrad) {
-            (Algorithm::Winograd, _) => return winograd::input_grad(dy, w, g.dims()),
-            (Algorithm::Direct3x3, isa) => return conv3x3_direct::input_grad(isa, dy, w, g.dims()),
+            (Algorithm::Winograd, _) => return Ok(winograd::input_grad(dy, w, g.dims())),
+            (Algorithm::Direct3x3, isa) => {
+                return Ok(conv3x3_direct::input_grad(isa, dy, w, g.dims()))
+            }
+            (Algorithm::Blocked, isa) => {
+                let dims = (g.n, g.c_out, g.oh, g.ow);
+                return blocked::input_grad_3x3_nchw(isa, dy, dims, w, g.c_in);
+            }
             (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }
         let mut dx = zeroed(g.n * g.image_in());
@@ -569,7 +611,7 @@ impl Conv2dOp {
                 });
             }
         });
-        dx
+        Ok(dx)
     }
 
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
@@ -579,7 +621,8 @@ impl Conv2dOp {
             (Algorithm::Direct3x3, isa) => {
                 return conv3x3_direct::weight_grad(isa, x, dy, g.dims(), WEIGHT_GRAD_GROUP)
             }
-            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
+            // `blocked_applies` takes no weight gradient.
+            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm | Algorithm::Blocked, _) => {}
         }
         let groups = g.n.div_ceil(WEIGHT_GRAD_GROUP);
         let (over_images, inner) = split_parallelism(groups);
@@ -722,7 +765,7 @@ impl CustomOp2 for InputGrad {
             &g,
             contiguous_f32(ds, dl, "conv2d gradient")?,
             contiguous_f32(ws, wl, "conv2d weight")?,
-        );
+        )?;
         Ok((CpuStorage::F32(dx), self.x_shape.clone()))
     }
 }

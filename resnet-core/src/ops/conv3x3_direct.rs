@@ -1,14 +1,16 @@
-//! Direct 3×3 convolution, stride 1, padding 1, with AVX-512 or AVX2 (x86-64; `ops::isa` picks the set):
-//! the forward pass, the input gradient (the same convolution of the output gradient with the kernel flipped
-//! and its channel axes swapped) and, with AVX-512, the weight gradient of the narrow 3×3 layers.
+//! Direct 3×3 convolution, stride 1, padding 1, in NCHW with AVX-512 (x86-64; `ops::isa` picks the set): the
+//! forward pass, the input gradient (the same convolution of the output gradient with the kernel flipped and
+//! its channel axes swapped) and the weight gradient of the narrow 3×3 layers.
 //!
 //! Why: through im2col, a 16→16 layer on 32×32 images first writes a column matrix nine times the input's
 //! size, then the GEMM packs it again; for so few channels that costs as much as the multiply-adds, and the
 //! GEMM ran at ~100 GFLOP/s on two cores. Here each image is copied once into a zero-bordered buffer and
-//! one vector accumulator per output channel of a block (AVX-512: 16 channels × 16 columns; AVX2, whose 16
-//! registers hold fewer: 8 × 8) takes every input vector with one FMA per channel.
+//! one vector accumulator per output channel of a block (16 channels × 16 columns) takes every input vector
+//! with one FMA per channel.
 //!
-//! Both sets are one source (`direct_kernels!`) over a few primitives per set (load, store, FMA, …).
+//! With AVX2 (8 channels × 8 columns in its 16 registers) this kernel ran at 35–42 % of the FMA peak; the
+//! channel-blocked kernel (`ops::blocked`, reached through `Algorithm::Blocked`) runs those layers instead.
+//! The forward kernel is written over a few primitives per set (load, store, FMA, …: `direct_forward!`).
 //!
 //! Layouts: x `[N, C_in, H, W]`, weight `[C_out, C_in, 3, 3]`, y `[N, C_out, H, W]`, all row-major.
 
@@ -32,9 +34,8 @@ struct Kernels {
     block: usize,
     block_planes: BlockPlanes,
     /// Output channels per weight-gradient task, and the kernels with one row per register and with two.
-    /// AVX2 has none: with 16 registers, 4 channels × 3 taps of accumulators lost to im2col + GEMM
-    /// (`RESNET_CPU_ISA=avx2 bench --convs`, AMD EPYC: 16→16 on 32×32 75 GFLOP/s, 32→32 on 16×16 77, at batch
-    /// 128; the GEMM 86 and 91 at batch 500).
+    /// (An AVX2 one, 4 channels × 3 taps of accumulators in 16 registers, lost to im2col + GEMM: `RESNET_CPU_ISA=
+    /// avx2 bench --convs`, AMD EPYC: 16→16 on 32×32 75 GFLOP/s, 32→32 on 16×16 77, the GEMM 86 and 91.)
     weight_grad: Option<(usize, [BlockWeightGrad; 2])>,
 }
 
@@ -43,9 +44,6 @@ fn kernels(isa: Isa) -> Option<&'static Kernels> {
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 if is_x86_feature_detected!("avx512f") => return Some(&avx512::KERNELS),
-        Isa::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
-            return Some(&avx2::KERNELS)
-        }
         _ => {}
     }
     let _ = isa;
@@ -517,79 +515,4 @@ mod avx512 {
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Kernels, Padded};
-    use std::arch::x86_64::*;
-    use std::mem::MaybeUninit;
-
-    const LANES: usize = 8;
-    /// 8 accumulators, the input register and a broadcast weight: 10 of the 16 registers.
-    const BLOCK: usize = 8;
-    type Mask = __m256i;
-
-    pub(super) static KERNELS: Kernels = Kernels {
-        lanes: LANES,
-        block: BLOCK,
-        block_planes,
-        weight_grad: None,
-    };
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn zero() -> __m256 {
-        _mm256_setzero_ps()
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn splat(p: *const f32) -> __m256 {
-        // SAFETY: the caller's pointer.
-        unsafe { _mm256_broadcast_ss(&*p) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        _mm256_fmadd_ps(a, b, c)
-    }
-
-    /// 8 columns from `p`, or with `TWO_ROWS` 4 columns from `p` and 4 from the next row, `row` further on.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_all<const TWO_ROWS: bool>(p: *const f32, row: usize) -> __m256 {
-        // SAFETY: the caller's pointers.
-        unsafe {
-            if TWO_ROWS {
-                _mm256_insertf128_ps::<1>(
-                    _mm256_castps128_ps256(_mm_loadu_ps(p)),
-                    _mm_loadu_ps(p.add(row)),
-                )
-            } else {
-                _mm256_loadu_ps(p)
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn store(p: *mut f32, mask: Mask, v: __m256) {
-        // SAFETY: the caller's pointer, for the lanes of `mask`.
-        unsafe { _mm256_maskstore_ps(p, mask, v) }
-    }
-
-    /// The lanes of the `left` columns still to do (all 8 when at least 8 are left), all bits set in each.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn columns_mask(left: usize) -> Mask {
-        let n = left.min(LANES) as i32;
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
-    }
-
-    direct_forward!("avx2,fma");
 }

@@ -83,19 +83,42 @@ impl BlockedConv {
         isa: Isa,
         weight: &Tensor,
         bias: &[f32],
-        (stride, padding): (usize, usize),
+        geometry: (usize, usize),
         relu: bool,
     ) -> Result<Self> {
         let (c_out, c_in, kh, kw) = weight.dims4()?;
+        if kh != kw {
+            candle_core::bail!(
+                "blocked conv: weight {:?}: expected a square kernel",
+                weight.dims()
+            );
+        }
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        Self::from_slice(isa, &w, (c_out, c_in, kh), bias, geometry, relu)
+    }
+
+    /// As [`BlockedConv::new`], the weight `[C_out, C_in, k, k]` as a slice.
+    pub fn from_slice(
+        isa: Isa,
+        w: &[f32],
+        (c_out, c_in, k): (usize, usize, usize),
+        bias: &[f32],
+        (stride, padding): (usize, usize),
+        relu: bool,
+    ) -> Result<Self> {
         if isa > Isa::best_available() {
             candle_core::bail!("blocked conv: this CPU does not run {isa} kernels");
         }
         let lanes = lanes(isa);
-        if kh != kw || !Self::applies(isa, c_out) || bias.len() != c_out || stride == 0 {
+        if w.len() != c_out * c_in * k * k
+            || !Self::applies(isa, c_out)
+            || bias.len() != c_out
+            || stride == 0
+        {
             candle_core::bail!(
-                "blocked conv: weight {:?} with {} biases, stride {stride}: expected a square kernel, \
-                 a bias per output channel and output channels in blocks of {lanes}",
-                weight.dims(),
+                "blocked conv: {} weights for [{c_out}, {c_in}, {k}, {k}] with {} biases, stride {stride}: \
+                 expected that many, a bias per output channel and output channels in blocks of {lanes}",
+                w.len(),
                 bias.len()
             );
         }
@@ -109,8 +132,6 @@ impl BlockedConv {
         } else {
             c_in
         };
-        let w = weight.flatten_all()?.to_vec1::<f32>()?;
-        let k = kh;
         let mut weights = Vec::with_capacity(w.len());
         for g in 0..c_out / (group * lanes) {
             for cb in 0..c_in / bi {

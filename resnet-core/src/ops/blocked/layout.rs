@@ -57,18 +57,31 @@ impl Blocked {
 
     /// Back to `[N, C, H, W]`.
     pub fn to_nchw(&self) -> Result<Tensor> {
+        Tensor::from_vec(
+            self.to_nchw_vec()?,
+            (self.n, self.c, self.h, self.w),
+            &Device::Cpu,
+        )
+    }
+
+    /// The elements in `[N, C, H, W]` order.
+    pub fn to_nchw_vec(&self) -> Result<Vec<f32>> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
-        let mut out = vec![0f32; self.data.len()];
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (img, ch) = (row / self.c, row % self.c);
-                let src = &self.data[(img * self.blocks() + ch / lanes) * plane * lanes..];
-                for (p, v) in dst.iter_mut().enumerate() {
-                    *v = src[p * lanes + ch % lanes];
-                }
-            });
-        Tensor::from_vec(out, (self.n, self.c, self.h, self.w), &Device::Cpu)
+        // A block's `lanes` channel planes are one chunk of the output, its pixels one run of the input: read
+        // in order, written as `lanes` sequential streams.
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(plane * lanes)
+                .zip(self.data.par_chunks(plane * lanes))
+                .for_each(|(dst, src)| {
+                    for (p, pixel) in src.chunks_exact(lanes).enumerate() {
+                        for (lane, v) in pixel.iter().enumerate() {
+                            dst[lane * plane + p].write(*v);
+                        }
+                    }
+                })
+        };
+        // SAFETY: the chunks cover the output, and each writes all of its plane.
+        Ok(unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) })
     }
 
     /// The global average pool: `[N, C]`, each mean summed over the plane in order.
@@ -227,6 +240,15 @@ impl<'a> Padded<'a> {
                     let at = ((img * blocks + cb) * h + sy) * w * bi;
                     for (d, v) in inside.iter_mut().zip(&b.data[at..at + w * bi]) {
                         d.write(*v);
+                    }
+                }
+                // NCHW: each channel's row is contiguous, written every `bi` values.
+                Source::Nchw { data, c, .. } => {
+                    for i in 0..bi {
+                        let at = ((img * c + cb * bi + i) * h + sy) * w;
+                        for (sx, v) in data[at..at + w].iter().enumerate() {
+                            inside[sx * bi + i].write(*v);
+                        }
                     }
                 }
                 src => {

@@ -4,13 +4,16 @@
 //! and the folded BatchNorm's bias, the residual and the ReLU are applied as each output is stored.
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
-//! [`Blocked::mean_pool`]; the vector operations per kernel set are in `simd`.
+//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`] and [`input_grad_3x3_nchw`]; the vector
+//! operations per kernel set are in `simd`.
 
 mod conv;
 mod layout;
+mod nchw;
 mod pool;
 mod simd;
 
 pub use conv::{lanes, BlockedConv};
 pub use layout::{Blocked, Source};
+pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
