@@ -7,6 +7,7 @@
 use super::conv::BlockedConv;
 use super::layout::Source;
 use crate::ops::isa::Isa;
+use crate::ops::taps::kernel_3x3;
 use candle_core::Result;
 
 /// `conv(x, w)` of `x` `[N, C_in, H, W]` and `w` `[C_out, C_in, k, k]`, no bias, as NCHW `[N, C_out, H', W']`.
@@ -47,13 +48,9 @@ pub fn input_grad_3x3_nchw(
     weight: &[f32],
     c_in: usize,
 ) -> Result<Vec<f32>> {
-    let mut flipped = vec![0f32; weight.len()];
-    for o in 0..c_out {
-        for i in 0..c_in {
-            for tap in 0..9 {
-                flipped[(i * c_out + o) * 9 + 8 - tap] = weight[(o * c_in + i) * 9 + tap];
-            }
-        }
-    }
+    // `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
+    let flipped: Vec<f32> = (0..c_in * c_out)
+        .flat_map(|k| kernel_3x3(weight, c_in, true, (k / c_out, k % c_out)))
+        .collect();
     conv_nchw(isa, dy, (n, c_out, h, w), &flipped, (c_in, 3), (1, 1))
 }
