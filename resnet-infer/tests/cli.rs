@@ -641,6 +641,21 @@ fn cpu_kernel_set_is_chosen_reported_and_checked() {
         &run(Some("sse9"), &net),
         "RESNET_CPU_ISA=sse9: expected one of avx512, avx2, generic",
     );
+    // Which algorithm training's convolutions run follows the kernel set: with avx2 the blocked kernel (`bench
+    // --convs` names it per pass), with generic code never; the blocked inference forward is timed on both.
+    let convs = |isa: &str| {
+        let out = run(Some(isa), &[&net[..7], &["--convs"]].concat());
+        assert!(out.status.success(), "{isa}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if best != "generic" {
+        let avx2 = convs("avx2");
+        assert!(avx2.contains("| Blocked, Blocked, Im2colGemm |"), "{avx2}");
+        assert!(avx2.contains("blocked inference forward:"), "{avx2}");
+    }
+    let generic = convs("generic");
+    assert!(!generic.contains("Blocked,"), "{generic}");
+    assert!(generic.contains("blocked inference forward:"), "{generic}");
     if best != "avx512" {
         assert_one_line_error(
             &run(Some("avx512"), &net),

@@ -59,7 +59,7 @@ pub enum Algorithm {
     PointwiseGemm,
     /// Winograd F(2×2, 3×3): transforms and 16 GEMMs (`winograd`).
     Winograd,
-    /// The direct 3×3 kernel of the AVX-512 or AVX2 set (`conv3x3_direct`).
+    /// The direct 3×3 kernel in NCHW of the AVX-512 set (`conv3x3_direct`).
     Direct3x3,
     /// The channel-blocked kernel of inference (`ops::blocked`), the layout converted on the way in and out.
     Blocked,

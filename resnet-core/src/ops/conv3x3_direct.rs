@@ -36,7 +36,7 @@ struct Kernels {
     /// Output channels per weight-gradient task, and the kernels with one row per register and with two.
     /// (An AVX2 one, 4 channels × 3 taps of accumulators in 16 registers, lost to im2col + GEMM: `RESNET_CPU_ISA=
     /// avx2 bench --convs`, AMD EPYC: 16→16 on 32×32 75 GFLOP/s, 32→32 on 16×16 77, the GEMM 86 and 91.)
-    weight_grad: Option<(usize, [BlockWeightGrad; 2])>,
+    weight_grad: (usize, [BlockWeightGrad; 2]),
 }
 
 /// The direct kernels of `isa`, where it has them and the CPU runs them.
@@ -75,8 +75,7 @@ pub fn weight_grad_applies(
     kernels(isa).is_some_and(|k| {
         let plane_fits =
             (c_in <= 32 && width >= k.lanes) || (width == k.lanes / 2 && height.is_multiple_of(2));
-        k.weight_grad
-            .is_some_and(|(block, _)| c_out.is_multiple_of(block) && plane_fits)
+        c_out.is_multiple_of(k.weight_grad.0) && plane_fits
     })
 }
 
@@ -141,9 +140,7 @@ pub fn weight_grad(
     group: usize,
 ) -> Vec<f32> {
     let k = kernels_for(isa);
-    let (gb, grad_kernels) = k
-        .weight_grad
-        .unwrap_or_else(|| panic!("no direct 3×3 weight gradient for the {isa} set"));
+    let (gb, grad_kernels) = k.weight_grad;
     let g = Padded::new(c_in, h, wd);
     let xpad = g.copy_all(x, n);
     let (groups, blocks) = (n.div_ceil(group), c_out / gb);
@@ -384,10 +381,10 @@ mod avx512 {
         lanes: LANES,
         block: BLOCK,
         block_planes,
-        weight_grad: Some((
+        weight_grad: (
             GRAD_BLOCK,
             [block_weight_grad::<false>, block_weight_grad::<true>],
-        )),
+        ),
     };
 
     #[target_feature(enable = "avx512f")]

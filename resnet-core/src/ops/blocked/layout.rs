@@ -21,10 +21,6 @@ pub struct Blocked {
 }
 
 impl Blocked {
-    pub(super) fn blocks(&self) -> usize {
-        self.c / self.lanes
-    }
-
     /// The layout of a contiguous `[N, C, H, W]` CPU tensor, `C` a multiple of `lanes`.
     pub fn from_nchw(x: &Tensor, lanes: usize) -> Result<Blocked> {
         let (n, c, h, w) = x.dims4()?;
@@ -58,14 +54,14 @@ impl Blocked {
     /// Back to `[N, C, H, W]`.
     pub fn to_nchw(&self) -> Result<Tensor> {
         Tensor::from_vec(
-            self.to_nchw_vec()?,
+            self.to_nchw_vec(),
             (self.n, self.c, self.h, self.w),
             &Device::Cpu,
         )
     }
 
     /// The elements in `[N, C, H, W]` order.
-    pub fn to_nchw_vec(&self) -> Result<Vec<f32>> {
+    pub fn to_nchw_vec(&self) -> Vec<f32> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         // A block's `lanes` channel planes are one chunk of the output, its pixels one run of the input: read
         // in order, written as `lanes` sequential streams.
@@ -81,7 +77,7 @@ impl Blocked {
                 })
         };
         // SAFETY: the chunks cover the output, and each writes all of its plane.
-        Ok(unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) })
+        unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) }
     }
 
     /// The global average pool: `[N, C]`, each mean summed over the plane in order.
@@ -120,17 +116,6 @@ impl Source<'_> {
         match *self {
             Source::Blocked(b) => (b.n, b.c, b.h, b.w),
             Source::Nchw { n, c, h, w, .. } => (n, c, h, w),
-        }
-    }
-
-    /// Element `(img, ch, y, x)`.
-    fn at(&self, img: usize, ch: usize, y: usize, x: usize) -> f32 {
-        match *self {
-            Source::Blocked(b) => {
-                let l = b.lanes;
-                b.data[(((img * b.blocks() + ch / l) * b.h + y) * b.w + x) * l + ch % l]
-            }
-            Source::Nchw { data, c, h, w, .. } => data[((img * c + ch) * h + y) * w + x],
         }
     }
 }
@@ -235,8 +220,9 @@ impl<'a> Padded<'a> {
             zero(left);
             zero(right);
             match self.src {
-                // The same blocks: the row is one copy.
-                Source::Blocked(b) if b.lanes == bi => {
+                // The same blocks (a blocked input's channels are whole blocks, read as such): one copy.
+                Source::Blocked(b) => {
+                    debug_assert_eq!(b.lanes, bi);
                     let at = ((img * blocks + cb) * h + sy) * w * bi;
                     for (d, v) in inside.iter_mut().zip(&b.data[at..at + w * bi]) {
                         d.write(*v);
@@ -248,13 +234,6 @@ impl<'a> Padded<'a> {
                         let at = ((img * c + cb * bi + i) * h + sy) * w;
                         for (sx, v) in data[at..at + w].iter().enumerate() {
                             inside[sx * bi + i].write(*v);
-                        }
-                    }
-                }
-                src => {
-                    for (sx, px) in inside.chunks_exact_mut(bi).enumerate() {
-                        for (i, d) in px.iter_mut().enumerate() {
-                            d.write(src.at(img, cb * bi + i, sy, sx));
                         }
                     }
                 }
