@@ -154,12 +154,12 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
                 Algorithm::PointwiseGemm,
                 Algorithm::Winograd,
             ]);
-            // The NCHW direct kernel: AVX-512, in every pass. The blocked kernel: AVX2, in the forward pass
-            // and the 3×3 stride-1 input gradient.
+            // The NCHW direct kernel: AVX-512, in every pass. The blocked kernels: AVX2, in every pass (the
+            // forward pass, the 3×3 stride-1 input gradient, the 3×3 weight gradient).
             if isa == Isa::Avx512 {
                 expected.insert(Algorithm::Direct3x3);
             }
-            if isa == Isa::Avx2 && pass != Pass::WeightGrad {
+            if isa == Isa::Avx2 {
                 expected.insert(Algorithm::Blocked);
             }
             assert_eq!(covered[&(isa, pass)], expected, "{isa} {pass:?}");
@@ -208,16 +208,25 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
         .mean_keepdim(D::Minus1)?
         .mean_keepdim(2)?
         .mean_keepdim(0)?;
-    let reference = centred
+    let normalized = centred
         .broadcast_div(&(var + resnet_core::batch_norm::EPS)?.sqrt()?)?
         .broadcast_mul(&per_channel(gamma64.as_tensor())?)?
-        .broadcast_add(&per_channel(beta64.as_tensor())?)?
-        .relu()?;
+        .broadcast_add(&per_channel(beta64.as_tensor())?)?;
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-    close("batch-norm output", &ours, &f32_of(&reference)?, &shape, 1);
+    close(
+        "batch-norm output",
+        &ours,
+        &f32_of(&normalized.relu()?)?,
+        &shape,
+        1,
+    );
+    // The ReLU's mask from ours: a pre-activation within rounding of 0 may round to opposite signs in f32 and
+    // f64, one value in about a million (a gradient off by the whole `up` value in 1 of 3 runs at the stem's
+    // 1.6 M values).
+    let mask = ours.gt(0f32)?.to_dtype(DType::F64)?;
     let up = Tensor::randn(0f32, 1.0, ours.shape(), dev)?;
     let g_ours = (&ours * &up)?.sum_all()?.backward()?;
-    let g_ref = (&reference * up.to_dtype(DType::F64)?)?
+    let g_ref = (normalized.mul(&mask)? * up.to_dtype(DType::F64)?)?
         .sum_all()?
         .backward()?;
     let plane_sum = 2 * side * side;

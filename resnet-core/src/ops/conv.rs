@@ -210,7 +210,11 @@ impl Geometry {
             && match pass {
                 Pass::Forward => BlockedConv::applies(isa, self.c_out),
                 Pass::InputGrad => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
-                Pass::WeightGrad => false,
+                Pass::WeightGrad => {
+                    self.kh == 3
+                        && self.pad == 1
+                        && blocked::weight_grad_applies(isa, self.c_in, self.c_out)
+                }
             }
     }
 
@@ -614,15 +618,31 @@ impl Conv2dOp {
         Ok(dx)
     }
 
-    fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
-            (Algorithm::Winograd, _) => return winograd::weight_grad(x, dy, g.dims()),
+            (Algorithm::Winograd, _) => return Ok(winograd::weight_grad(x, dy, g.dims())),
             (Algorithm::Direct3x3, isa) => {
-                return conv3x3_direct::weight_grad(isa, x, dy, g.dims(), WEIGHT_GRAD_GROUP)
+                return Ok(conv3x3_direct::weight_grad(
+                    isa,
+                    x,
+                    dy,
+                    g.dims(),
+                    WEIGHT_GRAD_GROUP,
+                ))
             }
-            // `blocked_applies` takes no weight gradient.
-            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm | Algorithm::Blocked, _) => {}
+            (Algorithm::Blocked, isa) => {
+                return blocked::weight_grad_3x3_nchw(
+                    isa,
+                    x,
+                    (g.n, g.c_in, g.h, g.w),
+                    dy,
+                    (g.c_out, g.oh, g.ow),
+                    g.stride,
+                    WEIGHT_GRAD_GROUP,
+                )
+            }
+            (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }
         let groups = g.n.div_ceil(WEIGHT_GRAD_GROUP);
         let (over_images, inner) = split_parallelism(groups);
@@ -668,7 +688,7 @@ impl Conv2dOp {
             total.iter_mut().zip(part).for_each(|(t, v)| *t += v);
         }
         if !transposed {
-            return total;
+            return Ok(total);
         }
         let mut dw = vec![0f32; g.c_out * k];
         for (row, dw_t_row) in total.chunks(g.c_out).enumerate() {
@@ -676,7 +696,7 @@ impl Conv2dOp {
                 dw[c * k + row] = *v;
             }
         }
-        dw
+        Ok(dw)
     }
 }
 
@@ -793,7 +813,7 @@ impl CustomOp2 for WeightGrad {
             &g,
             contiguous_f32(xs, xl, "conv2d input")?,
             contiguous_f32(ds, dl, "conv2d gradient")?,
-        );
+        )?;
         Ok((CpuStorage::F32(dw), self.w_shape.clone()))
     }
 }

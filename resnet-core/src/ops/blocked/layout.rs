@@ -2,6 +2,7 @@
 //! AVX-512), its conversions from and to NCHW, and the zero-bordered copy a padded convolution reads.
 
 use crate::ops::cpu_slice::Scratch;
+use crate::ops::isa::Isa;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -65,11 +66,22 @@ impl Blocked {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         // A block's `lanes` channel planes are one chunk of the output, its pixels one run of the input: read
         // in order, written as `lanes` sequential streams.
+        let fast = transposes_by_8(lanes);
         let fill = |out: &mut [MaybeUninit<f32>]| {
             out.par_chunks_mut(plane * lanes)
                 .zip(self.data.par_chunks(plane * lanes))
                 .for_each(|(dst, src)| {
-                    for (p, pixel) in src.chunks_exact(lanes).enumerate() {
+                    let mut start = 0;
+                    if fast {
+                        for p in (0..plane / 8).map(|t| t * 8) {
+                            // SAFETY: 8 pixels of the block from `p`, 8 channel rows from `p` (AVX2 checked).
+                            unsafe {
+                                transpose(src[p * 8..].as_ptr(), 8, dst[p..].as_mut_ptr(), plane)
+                            };
+                        }
+                        start = plane / 8 * 8;
+                    }
+                    for (p, pixel) in src.chunks_exact(lanes).enumerate().skip(start) {
                         for (lane, v) in pixel.iter().enumerate() {
                             dst[lane * plane + p].write(*v);
                         }
@@ -230,14 +242,55 @@ impl<'a> Padded<'a> {
                 }
                 // NCHW: each channel's row is contiguous, written every `bi` values.
                 Source::Nchw { data, c, .. } => {
+                    let at = |i: usize| ((img * c + cb * bi + i) * h + sy) * w;
+                    if bi == 1 {
+                        for (d, v) in inside.iter_mut().zip(&data[at(0)..at(0) + w]) {
+                            d.write(*v);
+                        }
+                        continue;
+                    }
+                    let mut start = 0;
+                    if transposes_by_8(bi) {
+                        for sx in (0..w / 8).map(|t| t * 8) {
+                            let (src, dst) = (data[at(0) + sx..].as_ptr(), &mut inside[sx * 8..]);
+                            // SAFETY: 8 values of each of the block's 8 channel rows from `sx`, 8 pixels of
+                            // the padded row from `sx` (AVX2 checked).
+                            unsafe { transpose(src, h * w, dst.as_mut_ptr(), 8) };
+                        }
+                        start = w / 8 * 8;
+                    }
                     for i in 0..bi {
-                        let at = ((img * c + cb * bi + i) * h + sy) * w;
-                        for (sx, v) in data[at..at + w].iter().enumerate() {
-                            inside[sx * bi + i].write(*v);
+                        for (sx, v) in data[at(i) + start..at(i) + w].iter().enumerate() {
+                            inside[(start + sx) * bi + i].write(*v);
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Whether blocks of `lanes` channels convert from and to NCHW by 8×8 transposes: blocks of 8 with a kernel
+/// set that has AVX2 (the portable set keeps the element-by-element copy).
+fn transposes_by_8(lanes: usize) -> bool {
+    cfg!(target_arch = "x86_64") && lanes == 8 && Isa::current() >= Isa::Avx2
+}
+
+/// [`simd::transpose_8x8`](super::simd) into an uninitialised destination.
+///
+/// # Safety
+/// As `transpose_8x8`; call where [`transposes_by_8`].
+#[inline]
+unsafe fn transpose(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut MaybeUninit<f32>,
+    dst_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        super::simd::transpose_8x8(src, src_stride, dst.cast::<f32>(), dst_stride)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, src_stride, dst, dst_stride);
 }

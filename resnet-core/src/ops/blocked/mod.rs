@@ -4,7 +4,8 @@
 //! and the folded BatchNorm's bias, the residual and the ReLU are applied as each output is stored.
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
-//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`] and [`input_grad_3x3_nchw`]; the vector
+//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`] and
+//! [`weight_grad_3x3_nchw`]; the vector
 //! operations per kernel set are in `simd`.
 
 mod conv;
@@ -12,8 +13,10 @@ mod layout;
 mod nchw;
 mod pool;
 mod simd;
+mod weight_grad;
 
 pub use conv::{lanes, BlockedConv};
 pub use layout::{Blocked, Source};
 pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
+pub use weight_grad::{weight_grad_3x3_nchw, weight_grad_applies};

@@ -56,12 +56,59 @@ impl Simd for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{Avx2, Avx512};
+pub(super) use x86::{transpose_8x8, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Simd;
     use std::arch::x86_64::*;
+
+    /// `dst[c·dst_stride + r] = src[r·src_stride + c]` for `r, c < 8`: a channel block's 8 rows to 8 pixels of
+    /// 8 channels, or back, as 8 loads, 24 shuffles and 8 stores (the element-by-element copy took 14 % of a
+    /// ResNet-20 training step with AVX2, AMD EPYC Zen 2).
+    ///
+    /// # Safety
+    /// AVX2; the 8 rows of 8 values at `src` and at `dst` are in bounds.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose_8x8(
+        src: *const f32,
+        src_stride: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+            // Pairs of rows interleaved, then quadruples, then the 128-bit halves exchanged.
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (
+                    r[2 * (i / 2 % 2) + 4 * (i / 4)],
+                    r[2 * (i / 2 % 2) + 4 * (i / 4) + 1],
+                );
+                match i % 2 {
+                    0 => _mm256_unpacklo_ps(a, b),
+                    _ => _mm256_unpackhi_ps(a, b),
+                }
+            });
+            // t[4q + 2j + h] = unpack{lo,hi}(r[4q + 2j], r[4q + 2j + 1]); s[4q + 2h + m] takes lanes m of t[4q + h]
+            // and t[4q + 2 + h].
+            let s: [__m256; 8] = std::array::from_fn(|i| {
+                let (q, h, m) = (i / 4, i / 2 % 2, i % 2);
+                let (a, b) = (t[4 * q + h], t[4 * q + 2 + h]);
+                match m {
+                    0 => _mm256_shuffle_ps::<0x44>(a, b),
+                    _ => _mm256_shuffle_ps::<0xEE>(a, b),
+                }
+            });
+            for c in 0..8 {
+                let (a, b) = (s[c % 4], s[4 + c % 4]);
+                let v = match c / 4 {
+                    0 => _mm256_permute2f128_ps::<0x20>(a, b),
+                    _ => _mm256_permute2f128_ps::<0x31>(a, b),
+                };
+                _mm256_storeu_ps(dst.add(c * dst_stride), v);
+            }
+        }
+    }
 
     /// `__m256` with FMA.
     #[derive(Clone, Copy)]
