@@ -10,7 +10,7 @@
 //! `F` vectors and a broadcast the tile takes 15 of AVX2's 16 registers. (The transposed tile, input
 //! channels in the vector and 4 output channels × 3 columns, needs all 16 and one more for the next broadcast:
 //! LLVM kept an accumulator on the stack, and it ran at 29–33 % of the FMA peak.) im2col + GEMM ran these
-//! layers at 27–34 % (`bench --convs`, AMD EPYC Zen 2).
+//! layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2).
 //!
 //! Images are summed in fixed groups, each group's partial sums added in group order: the same result for
 //! any thread count.
