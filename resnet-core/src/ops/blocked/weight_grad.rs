@@ -18,9 +18,11 @@
 use super::conv::lanes;
 use super::layout::{Padded, Source};
 use super::simd::{Portable, Simd};
+use crate::ops::cpu_slice::written_by;
 use crate::ops::isa::Isa;
 use candle_core::Result;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Accumulators of a register tile: output blocks × input channels × 3 kernel columns.
 const ACCUMULATORS: usize = 12;
@@ -109,50 +111,53 @@ pub fn weight_grad_3x3_nchw(
     let tile_len = ACCUMULATORS * 3 * b;
     let kernel = tile_kernel(isa, f);
     // Partial sums `[groups][tiles][c_in / channels][tile]`: task (group, tile, channels) writes one chunk.
-    let mut partials = vec![0f32; groups * tiles * pairs * tile_len];
     let task_flops = 2 * group * oh * ow * tile_len;
     let x_plane = input.h * input.w;
-    partials
-        .par_chunks_mut(tile_len)
-        .with_min_len(MIN_TASK_FLOPS.div_ceil(task_flops))
-        .enumerate()
-        .for_each(|(task, out)| {
-            let (grp, t, cp) = (task / (tiles * pairs), task / pairs % tiles, task % pairs);
-            let first = grp * group;
-            let tile = Tile {
-                x: x_pad[(first * c_in + cp * channels) * x_plane..].as_ptr(),
-                dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
-                out: out.as_mut_ptr(),
-                images: group.min(n - first),
-                x_image: input.image_len(),
-                x_plane,
-                x_row: input.w,
-                dy_image: blocked_dy.image_len(),
-                dy_plane: oh * ow * b,
-                oh,
-                ow,
-                stride,
-            };
-            // SAFETY: the tile reads its images' padded input (3 rows from `oy·s`, 3 columns from `ox·s`,
-            // inside the border of 1) and blocked output gradient, and writes its own chunk; the kernel set
-            // was checked above.
-            unsafe { kernel(&tile) };
-        });
-    // Group order, then `[C_out, C_in, 3, 3]`.
+    let fill = |partials: &mut [MaybeUninit<f32>]| {
+        partials
+            .par_chunks_mut(tile_len)
+            .with_min_len(MIN_TASK_FLOPS.div_ceil(task_flops))
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (grp, t, cp) = (task / (tiles * pairs), task / pairs % tiles, task % pairs);
+                let first = grp * group;
+                let tile = Tile {
+                    x: x_pad[(first * c_in + cp * channels) * x_plane..].as_ptr(),
+                    dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
+                    out: out.as_mut_ptr().cast::<f32>(),
+                    images: group.min(n - first),
+                    x_image: input.image_len(),
+                    x_plane,
+                    x_row: input.w,
+                    dy_image: blocked_dy.image_len(),
+                    dy_plane: oh * ow * b,
+                    oh,
+                    ow,
+                    stride,
+                };
+                // SAFETY: the tile reads its images' padded input (3 rows from `oy·s`, 3 columns from `ox·s`,
+                // inside the border of 1) and blocked output gradient, and writes all of its own chunk; the
+                // kernel set was checked above.
+                unsafe { kernel(&tile) };
+            })
+    };
     let whole = tiles * pairs * tile_len;
-    let mut total = vec![0f32; whole];
-    for part in partials.chunks_exact(whole) {
-        total.iter_mut().zip(part).for_each(|(s, v)| *s += v);
-    }
+    // SAFETY: the tasks write every chunk of `tile_len` values.
+    let partials = unsafe { written_by(groups * whole, fill) };
+    // `[C_out, C_in, 3, 3]`, each value its groups' partial sums added in group order, on all threads.
     let mut dw = vec![0f32; c_out * c_in * 9];
-    for (chunk, sums) in total.chunks_exact(tile_len).enumerate() {
-        let (t, cp) = (chunk / pairs, chunk % pairs);
-        for (j, v) in sums.iter().enumerate() {
-            let (i, tap, lane) = (j / (9 * f * b), j / (f * b) % 9, j % (f * b));
-            let (o, c) = (t * f * b + lane, cp * channels + i);
-            dw[(o * c_in + c) * 9 + tap] = *v;
-        }
-    }
+    dw.par_chunks_mut(c_in * 9)
+        .enumerate()
+        .for_each(|(o, row)| {
+            let (t, lane) = (o / (f * b), o % (f * b));
+            for (c, taps) in row.chunks_exact_mut(9).enumerate() {
+                let at = (t * pairs + c / channels) * tile_len + c % channels * 9 * f * b + lane;
+                for (tap, v) in taps.iter_mut().enumerate() {
+                    let i = at + tap * f * b;
+                    *v = (0..groups).fold(0.0, |sum, g| sum + partials[g * whole + i]);
+                }
+            }
+        });
     Ok(dw)
 }
 
