@@ -303,6 +303,8 @@ mod tests {
                 (5, 6, 9, 6, 2 * b, 2),
                 (1, 8, 1, 1, 2 * b, 1),
                 (2, 12, 4, 4, 3 * b, 2),
+                // Many tiles and channel groups.
+                (2, 64, 24, 24, 10 * b, 1),
             ] {
                 let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
                 let x: Vec<f32> = (0..n * c_in * h * w).map(value).collect();
