@@ -118,13 +118,23 @@ pub struct LineAligned {
 
 impl LineAligned {
     pub fn from_slice(values: &[f32]) -> Self {
+        Self::from_values(values.len(), values.iter().copied())
+    }
+
+    /// The `len` values of `values`, written straight into the aligned buffer (packed weights: no copy of a
+    /// packed `Vec`). Panics if `values` yields other than `len`.
+    pub fn from_values(len: usize, values: impl IntoIterator<Item = f32>) -> Self {
         let mut buf = Vec::new();
-        // SAFETY: every element is written.
+        let mut written = 0;
+        // SAFETY: every element is written; the assert stops a short iterator before the length is set.
         let start = unsafe {
-            init_aligned(&mut buf, values.len(), |dst| {
-                dst.iter_mut().zip(values).for_each(|(d, v)| {
-                    d.write(*v);
-                })
+            init_aligned(&mut buf, len, |dst| {
+                // Internal iteration (`for_each`): nested `flat_map`s run as nested loops.
+                values.into_iter().for_each(|v| {
+                    dst[written].write(v);
+                    written += 1;
+                });
+                assert_eq!(written, len, "LineAligned: {written} values for {len}");
             })
         };
         Self { buf, start }

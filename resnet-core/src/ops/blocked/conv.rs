@@ -132,21 +132,19 @@ impl BlockedConv {
         } else {
             c_in
         };
-        let mut weights = Vec::with_capacity(w.len());
-        for g in 0..c_out / (group * lanes) {
-            for cb in 0..c_in / bi {
-                for tap in 0..k * k {
-                    for i in 0..bi {
-                        for f in 0..group {
-                            for lane in 0..lanes {
-                                let (o, c) = ((g * group + f) * lanes + lane, cb * bi + i);
-                                weights.push(w[(o * c_in + c) * k * k + tap]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // `[C_out / (F·B)][C_in / bi][k][k][bi][F][B]`, in order.
+        let packed = (0..c_out / (group * lanes)).flat_map(move |g| {
+            (0..c_in / bi).flat_map(move |cb| {
+                (0..k * k).flat_map(move |tap| {
+                    (0..bi).flat_map(move |i| {
+                        (0..group * lanes).map(move |o| {
+                            let (o, c) = (g * group * lanes + o, cb * bi + i);
+                            w[(o * c_in + c) * k * k + tap]
+                        })
+                    })
+                })
+            })
+        });
         Ok(Self {
             isa,
             lanes,
@@ -157,7 +155,7 @@ impl BlockedConv {
             padding,
             group,
             bi,
-            weights: LineAligned::from_slice(&weights),
+            weights: LineAligned::from_values(w.len(), packed),
             bias: LineAligned::from_slice(bias),
             relu,
         })
