@@ -7,13 +7,14 @@
 //! channel blocks, the kernel rows and, contiguous in both the padded input and the packed weights, the
 //! kernel columns × the channels of a block. A task is one output row of one group of `F` blocks of one image.
 
-use super::layout::{Blocked, Padded, Source};
+use super::layout::{block_to_nchw, Blocked, Padded, Source};
 use super::simd::{Portable, Simd};
-use crate::ops::cpu_slice::{init_aligned, LineAligned, Scratch};
+use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use seq_macro::seq;
+use std::mem::MaybeUninit;
 
 /// Columns per register tile at most (a `match` below instantiates each; `tile` writes out 12 column steps).
 const MAX_COLUMNS: usize = 12;
@@ -29,8 +30,10 @@ const MIN_TASK_FLOPS: usize = 4_000_000;
 const PER_IMAGE_BATCHES: usize = 2;
 
 thread_local! {
-    /// One padded image, per thread (see `forward`).
+    /// One padded image, per thread (see `compute`).
     static IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One image's blocked output on its way to NCHW, per thread (see `compute`).
+    static OUT_IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Weights small enough to stay in L2 beside the input rows (512 KB on Zen 3, 1–2 MB on Xeons).
@@ -167,6 +170,32 @@ impl BlockedConv {
 
     /// `ReLU?(conv(x) + bias (+ residual))` in the blocked layout.
     pub fn forward(&self, x: Source, residual: Option<&Blocked>) -> Result<Blocked> {
+        self.check(x, residual)?;
+        if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
+            // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
+            // lines and runs as a stride-1 one over the plane.
+            if let Source::Blocked(b) = x {
+                let sub = super::pool::zero_pad_shortcut(b, self.stride, 0, 0)?;
+                return Ok(self
+                    .compute(Source::Blocked(&sub), residual, 1, false)
+                    .blocked());
+            }
+        }
+        Ok(self.compute(x, residual, self.stride, false).blocked())
+    }
+
+    /// `ReLU?(conv(x) + bias)` as `[N, C_out, H', W']`: where the batch is padded image by image, each image's
+    /// output goes to NCHW while it is in the thread's cache, instead of in a pass over the whole batch after.
+    pub fn forward_nchw(&self, x: Source) -> Result<Vec<f32>> {
+        self.check(x, None)?;
+        Ok(match self.compute(x, None, self.stride, true) {
+            Output::Nchw(v) => v,
+            Output::Blocked(b) => b.to_nchw_vec(),
+        })
+    }
+
+    /// Whether `x` (and `residual`) fit this convolution.
+    fn check(&self, x: Source, residual: Option<&Blocked>) -> Result<()> {
         let (n, c, h, w) = x.dims();
         if c != self.c_in
             || h + 2 * self.padding < self.kernel
@@ -199,19 +228,12 @@ impl BlockedConv {
                 );
             }
         }
-        if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
-            // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
-            // lines and runs as a stride-1 one over the plane.
-            if let Source::Blocked(b) = x {
-                let sub = super::pool::zero_pad_shortcut(b, self.stride, 0, 0)?;
-                return Ok(self.compute(Source::Blocked(&sub), residual, 1));
-            }
-        }
-        Ok(self.compute(x, residual, self.stride))
+        Ok(())
     }
 
-    /// The convolution at `stride` (the layer's own, or 1 on a plane already subsampled), operands checked.
-    fn compute(&self, x: Source, residual: Option<&Blocked>, stride: usize) -> Blocked {
+    /// The convolution at `stride` (the layer's own, or 1 on a plane already subsampled), operands checked;
+    /// `nchw`: in `[N, C, H, W]` where the batch is padded image by image (then without a residual).
+    fn compute(&self, x: Source, residual: Option<&Blocked>, stride: usize, nchw: bool) -> Output {
         let (n, _, h, w) = x.dims();
         let out = |side: usize| (side + 2 * self.padding - self.kernel) / stride + 1;
         let (oh, ow) = (out(h), out(w));
@@ -259,7 +281,8 @@ impl BlockedConv {
         // Where all the weights stay in L2, one thread takes every group of a segment in turn (the segment's
         // input stays in L1), else every segment of a group, of every image (the group's weights stay).
         // Task `t` of image `img`, reading the image's padded input at `x`, writing into `out`.
-        let run = |img: usize, t: usize, x: *const f32, out: &SendPtr| {
+        // `slot`: the image's place in `out` (0 in a buffer of one image).
+        let run = |slot: usize, t: usize, x: *const f32, out: &SendPtr| {
             // A whole capture: `Row` is shared across threads, its pointer fields are not.
             let job = &job;
             let (g, rest) = match weights_stay {
@@ -268,7 +291,7 @@ impl BlockedConv {
             };
             let (y, s) = (rest / segments, rest % segments);
             let c0 = s * segment;
-            let at = ((img * groups + g) * f * rows + y) * width * b + c0 * b;
+            let at = ((slot * groups + g) * f * rows + y) * width * b + c0 * b;
             let row = Row {
                 x: x.wrapping_add(y * stride * job.x_row + c0 * job.x_step),
                 w: job.w.wrapping_add(g * w_group),
@@ -287,7 +310,40 @@ impl BlockedConv {
             // write disjoint output segments; the kernel set was checked when the op was built.
             unsafe { kernel(&row) };
         };
-        let fill = |buf: &mut [std::mem::MaybeUninit<f32>]| {
+        let image_out = self.c_out * oh * ow;
+        if nchw && input.data().is_none() {
+            debug_assert!(residual.is_none());
+            let fill = |buf: &mut [MaybeUninit<f32>]| {
+                buf.par_chunks_mut(image_out)
+                    .enumerate()
+                    .for_each(|(img, dst)| {
+                        IMAGE.with_borrow_mut(|x| {
+                            OUT_IMAGE.with_borrow_mut(|y| {
+                                // SAFETY: `fill_image` writes all `image_len()` elements, the tasks every output
+                                // element of the image.
+                                let y_at = unsafe {
+                                    let x_at = init_aligned(x, input.image_len(), |d| {
+                                        input.fill_image(img, d)
+                                    });
+                                    init_aligned(y, image_out, |d| {
+                                        let out = SendPtr(d.as_mut_ptr().cast::<f32>());
+                                        for t in 0..tasks_per_image {
+                                            run(0, t, x[x_at..].as_ptr(), &out);
+                                        }
+                                    })
+                                };
+                                let blocks = y[y_at..].chunks_exact(oh * ow * b);
+                                for (src, dst) in blocks.zip(dst.chunks_exact_mut(oh * ow * b)) {
+                                    block_to_nchw(src, dst, b);
+                                }
+                            })
+                        })
+                    })
+            };
+            // SAFETY: every image's chunk is written whole.
+            return Output::Nchw(unsafe { written_by(n * image_out, fill) });
+        }
+        let fill = |buf: &mut [MaybeUninit<f32>]| {
             let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
             let out = &out;
             match input.data() {
@@ -329,14 +385,29 @@ impl BlockedConv {
             }
         };
         // SAFETY: the tasks write every element: each (image, block, row) once, all columns.
-        let data = unsafe { Scratch::written_by(n * self.c_out * oh * ow, fill) };
-        Blocked {
+        let data = unsafe { Scratch::written_by(n * image_out, fill) };
+        Output::Blocked(Blocked {
             data,
             n,
             c: self.c_out,
             h: oh,
             w: ow,
             lanes: b,
+        })
+    }
+}
+
+/// What [`BlockedConv::compute`] made.
+enum Output {
+    Blocked(Blocked),
+    Nchw(Vec<f32>),
+}
+
+impl Output {
+    fn blocked(self) -> Blocked {
+        match self {
+            Output::Blocked(b) => b,
+            Output::Nchw(_) => unreachable!("an NCHW output is asked for by `forward_nchw` alone"),
         }
     }
 }

@@ -64,29 +64,10 @@ impl Blocked {
     /// The elements in `[N, C, H, W]` order.
     pub fn to_nchw_vec(&self) -> Vec<f32> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
-        // A block's `lanes` channel planes are one chunk of the output, its pixels one run of the input: read
-        // in order, written as `lanes` sequential streams.
-        let fast = transposes_by_8(lanes);
         let fill = |out: &mut [MaybeUninit<f32>]| {
             out.par_chunks_mut(plane * lanes)
                 .zip(self.data.par_chunks(plane * lanes))
-                .for_each(|(dst, src)| {
-                    let mut start = 0;
-                    if fast {
-                        for p in (0..plane / 8).map(|t| t * 8) {
-                            // SAFETY: 8 pixels of the block from `p`, 8 channel rows from `p` (AVX2 checked).
-                            unsafe {
-                                transpose(src[p * 8..].as_ptr(), 8, dst[p..].as_mut_ptr(), plane)
-                            };
-                        }
-                        start = plane / 8 * 8;
-                    }
-                    for (p, pixel) in src.chunks_exact(lanes).enumerate().skip(start) {
-                        for (lane, v) in pixel.iter().enumerate() {
-                            dst[lane * plane + p].write(*v);
-                        }
-                    }
-                })
+                .for_each(|(dst, src)| block_to_nchw(src, dst, lanes))
         };
         // SAFETY: the chunks cover the output, and each writes all of its plane.
         unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) }
@@ -106,6 +87,25 @@ impl Blocked {
                 dst.iter_mut().for_each(|d| *d /= plane as f32);
             });
         Tensor::from_vec(out, (self.n, self.c), &Device::Cpu)
+    }
+}
+
+/// One block of `lanes` channels, `[plane][lanes]`, as its `lanes` NCHW channel planes `[lanes][plane]`: read
+/// in order, written as `lanes` sequential streams (by 8×8 transposes where [`transposes_by_8`]).
+pub(super) fn block_to_nchw(src: &[f32], dst: &mut [MaybeUninit<f32>], lanes: usize) {
+    let plane = src.len() / lanes;
+    let mut start = 0;
+    if transposes_by_8(lanes) {
+        for p in (0..plane / 8).map(|t| t * 8) {
+            // SAFETY: 8 pixels of the block from `p`, 8 channel rows from `p` (AVX2 checked).
+            unsafe { transpose(src[p * 8..].as_ptr(), 8, dst[p..].as_mut_ptr(), plane) };
+        }
+        start = plane / 8 * 8;
+    }
+    for (p, pixel) in src.chunks_exact(lanes).enumerate().skip(start) {
+        for (lane, v) in pixel.iter().enumerate() {
+            dst[lane * plane + p].write(*v);
+        }
     }
 }
 

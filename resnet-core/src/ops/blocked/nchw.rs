@@ -35,7 +35,7 @@ pub fn conv_nchw(
         h,
         w,
     };
-    Ok(conv.forward(source, None)?.to_nchw_vec())
+    conv.forward_nchw(source)
 }
 
 /// The input gradient of a 3×3, stride-1, padding-1 convolution: the convolution of `dy` `[N, C_out, H, W]`
