@@ -641,17 +641,29 @@ fn cpu_kernel_set_is_chosen_reported_and_checked() {
         &run(Some("sse9"), &net),
         "RESNET_CPU_ISA=sse9: expected one of avx512, avx2, generic",
     );
-    // Which algorithm training's convolutions run follows the kernel set: with avx2 the blocked kernel (`bench
-    // --convs` names it per pass), with generic code never; the blocked inference forward is timed on both.
+    // Which algorithm training's convolutions run follows the kernel set: with avx2 and avx512 the blocked
+    // kernel (`bench --convs` names it per pass), with generic code never; the blocked inference forward is
+    // timed on all.
     let convs = |isa: &str| {
         let out = run(Some(isa), &[&net[..7], &["--convs"]].concat());
         assert!(out.status.success(), "{isa}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    if best != "generic" {
-        let avx2 = convs("avx2");
-        assert!(avx2.contains("| Blocked, Blocked, Blocked |"), "{avx2}");
-        assert!(avx2.contains("blocked inference forward:"), "{avx2}");
+    let vector_sets: &[&str] = match best.as_str() {
+        "avx512" => &["avx2", "avx512"],
+        "avx2" => &["avx2"],
+        _ => &[],
+    };
+    for isa in vector_sets {
+        let table = convs(isa);
+        assert!(
+            table.contains("| Blocked, Blocked, Blocked |"),
+            "{isa}: {table}"
+        );
+        assert!(
+            table.contains("blocked inference forward:"),
+            "{isa}: {table}"
+        );
     }
     let generic = convs("generic");
     assert!(!generic.contains("Blocked,"), "{generic}");

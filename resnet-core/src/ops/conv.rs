@@ -1,9 +1,8 @@
 //! 2-D convolution on the CPU as one op with both backward passes: im2col + GEMM (the `gemm` crate that
 //! candle itself uses) with reused per-thread buffers, threaded over the images of the batch. 3×3 stride-1
-//! layers go to faster kernels where they apply: Winograd F(2×2, 3×3) for wide layers (`winograd`), a direct
-//! AVX-512 kernel for narrow ones (`conv3x3_direct`); with AVX2 the forward pass of the layers wider than 1×1,
-//! the input gradient of the 3×3 stride-1 ones and the weight gradient of every 3×3 one to the channel-blocked
-//! kernels (`ops::blocked`).
+//! layers go to faster kernels where they apply: Winograd F(2×2, 3×3) for wide layers (`winograd`); with AVX2
+//! or AVX-512 the forward pass of the other layers wider than 1×1, the input gradient of the 3×3 stride-1 ones
+//! and the weight gradient of every 3×3 one to the channel-blocked kernels (`ops::blocked`).
 //! [`Algorithm::choose`] decides, per shape and pass, for the kernel set in use ([`Isa::current`]).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
@@ -17,7 +16,6 @@
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
 use crate::ops::blocked::{self, BlockedConv};
-use crate::ops::conv3x3_direct;
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
@@ -60,8 +58,6 @@ pub enum Algorithm {
     PointwiseGemm,
     /// Winograd F(2×2, 3×3): transforms and 16 GEMMs (`winograd`).
     Winograd,
-    /// The direct 3×3 kernel in NCHW of the AVX-512 set (`conv3x3_direct`).
-    Direct3x3,
     /// The channel-blocked kernel of inference (`ops::blocked`), the layout converted on the way in and out.
     Blocked,
 }
@@ -169,46 +165,40 @@ impl Geometry {
             Pass::InputGrad => (self.c_out, self.c_in),
             _ => (self.c_in, self.c_out),
         };
-        let fast = self.is_3x3_same()
+        let winograd = self.is_3x3_same()
             && match pass {
-                Pass::WeightGrad => {
-                    if winograd::weight_grad_applies(self.n, (inp, out), plane) {
-                        return Algorithm::Winograd;
-                    }
-                    conv3x3_direct::weight_grad_applies(isa, (inp, out), plane)
-                }
-                _ => {
-                    if winograd::applies(self.n, (inp, out), plane) {
-                        return Algorithm::Winograd;
-                    }
-                    conv3x3_direct::applies(isa, out, plane)
-                }
+                Pass::WeightGrad => winograd::weight_grad_applies(self.n, (inp, out), plane),
+                _ => winograd::applies(self.n, (inp, out), plane),
             };
-        // With AVX2 the blocked kernel, converting the layout on the way, takes the layers no Winograd kernel
-        // does (see `blocked_applies`; AVX2 has no direct kernel).
-        if self.blocked_applies(pass, isa) {
-            return Algorithm::Blocked;
-        }
-        match (fast, self.is_pointwise()) {
-            (true, _) => Algorithm::Direct3x3,
-            (false, true) => Algorithm::PointwiseGemm,
-            (false, false) => Algorithm::Im2colGemm,
+        // With AVX2 and AVX-512 the blocked kernel, converting the layout on the way, takes the layers no
+        // Winograd kernel does (see `blocked_applies`).
+        match (
+            winograd,
+            self.blocked_applies(pass, isa),
+            self.is_pointwise(),
+        ) {
+            (true, _, _) => Algorithm::Winograd,
+            (false, true, _) => Algorithm::Blocked,
+            (false, false, true) => Algorithm::PointwiseGemm,
+            (false, false, false) => Algorithm::Im2colGemm,
         }
     }
 
-    /// Whether the blocked kernel computes `pass`: with AVX2, a square kernel wider than 1×1 with output
-    /// channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution too;
-    /// for the weight gradient, a 3×3 layer of either stride, see `blocked::weight_grad_3x3_nchw`).
+    /// Whether the blocked kernel computes `pass`: with AVX2 or AVX-512, a square kernel wider than 1×1 with
+    /// output channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
+    /// too; for the weight gradient, a 3×3 layer of either stride, see `blocked::weight_grad_3x3_nchw`).
     ///
     /// With AVX2 it runs ResNet-20's 3×3 stride-1 layers, the conversions included, at 1.2–1.4× the speed of an
-    /// NCHW direct kernel for AVX2 (now removed), and the strided ones and ResNet-18's 7×7 stem faster than
-    /// im2col + GEMM (`bench --convs`, AMD EPYC Zen 4). With AVX-512 the NCHW direct kernel comes within ~15 %
-    /// of it on the stride-1 layers without the conversions, and im2col + GEMM keeps the others: on CIFAR's
-    /// strided layers the two were level (the 7×7 stem, 99 → 135 GFLOP/s blocked, is left for later). The
-    /// blocked weight gradient took ResNet-20's weight gradients from 174–210 to 147–160 ms per batch of 128
-    /// (AMD EPYC Zen 2, alternated runs), the training step from 281–316 to 318–350 img/s.
+    /// NCHW direct kernel for AVX2, and the strided ones and ResNet-18's 7×7 stem faster than im2col + GEMM
+    /// (`bench --convs`, AMD EPYC Zen 4). The blocked weight gradient took ResNet-20's weight gradients from
+    /// 174–210 to 147–160 ms per batch of 128 (AMD EPYC Zen 2, alternated runs), the training step from 281–316
+    /// to 318–350 img/s. With AVX-512, once blocks of 16 converted by 8×8 transposes too, it beat an NCHW direct
+    /// kernel for AVX-512 and im2col + GEMM in nearly every pass of ResNet-20 and ResNet-18 (64→64 on 56×56:
+    /// 184–190 GFLOP/s against 92–93 in each pass), and the training steps ran 403–443 → 455–480 img/s
+    /// (ResNet-20, b128) and 9.9–13.3 → 13.1–15.3 (ResNet-18, b16; AMD EPYC Zen 4, alternated runs). Both
+    /// direct kernels were removed.
     fn blocked_applies(&self, pass: Pass, isa: Isa) -> bool {
-        isa == Isa::Avx2
+        matches!(isa, Isa::Avx2 | Isa::Avx512)
             && self.kh == self.kw
             && self.kh > 1
             && match pass {
@@ -427,7 +417,6 @@ fn conv_forward(
     let (k, p) = (g.k(), g.p());
     let fast = match g.dispatch(Pass::Forward) {
         (Algorithm::Winograd, _) => Some(winograd::forward(x, w, g.dims())),
-        (Algorithm::Direct3x3, isa) => Some(conv3x3_direct::forward(isa, x, w, g.dims())),
         (Algorithm::Blocked, isa) => Some(blocked::conv_nchw(
             isa,
             x,
@@ -597,9 +586,6 @@ impl Conv2dOp {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::InputGrad) {
             (Algorithm::Winograd, _) => return Ok(winograd::input_grad(dy, w, g.dims())),
-            (Algorithm::Direct3x3, isa) => {
-                return Ok(conv3x3_direct::input_grad(isa, dy, w, g.dims()))
-            }
             (Algorithm::Blocked, isa) => {
                 let dims = (g.n, g.c_out, g.oh, g.ow);
                 return blocked::input_grad_3x3_nchw(isa, dy, dims, w, g.c_in);
@@ -626,15 +612,6 @@ impl Conv2dOp {
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
             (Algorithm::Winograd, _) => return Ok(winograd::weight_grad(x, dy, g.dims())),
-            (Algorithm::Direct3x3, isa) => {
-                return Ok(conv3x3_direct::weight_grad(
-                    isa,
-                    x,
-                    dy,
-                    g.dims(),
-                    WEIGHT_GRAD_GROUP,
-                ))
-            }
             (Algorithm::Blocked, isa) => {
                 return blocked::weight_grad_3x3_nchw(
                     isa,
@@ -868,7 +845,8 @@ mod tests {
             // More output channels than TRANSPOSED_WEIGHT_GRAD_MAX_CHANNELS: the direct weight gradient.
             (3, 4, 6, 6, 130, 3, 1, 1),
             (2, 8, 5, 5, 136, 1, 2, 0),
-            // The direct 3×3 kernel: full registers, a masked tail column block, two channel blocks.
+            // The blocked kernels (with AVX2 or AVX-512): one and two channel blocks, planes narrower than a
+            // register tile and wider than two.
             (2, 16, 5, 32, 16, 3, 1, 1),
             (3, 16, 4, 21, 32, 3, 1, 1),
             (1, 32, 3, 16, 16, 3, 1, 1),
@@ -884,12 +862,6 @@ mod tests {
                     && winograd::applies(n, (out, inp), (16, 16))
             );
             assert!(winograd::weight_grad_applies(n, (inp, out), (16, 16)));
-        }
-        if Isa::best_available() == Isa::Avx512 {
-            assert!(
-                conv3x3_direct::applies(Isa::Avx512, 16, (6, 8))
-                    && conv3x3_direct::applies(Isa::Avx512, 32, (4, 21))
-            );
         }
         for (n, ci, h, w, co, k, s, p) in cases {
             let x = Var::randn(0f32, 1.0, (n, ci, h, w), &dev)?;

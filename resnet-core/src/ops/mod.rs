@@ -5,14 +5,13 @@
 //! each: which kernel set runs on this CPU ([`isa`]: AVX-512, AVX2 or portable code, `RESNET_CPU_ISA`
 //! forces one) and which convolution algorithm runs for a shape ([`conv::Algorithm::choose`]).
 //!
-//! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`conv3x3_direct`,
+//! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`,
 //! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
 
 pub(crate) mod add_relu;
 pub mod batch_norm;
 pub mod blocked;
 pub mod conv;
-mod conv3x3_direct;
 pub(crate) mod cpu_slice;
 pub mod dropout_mask;
 mod gemm;

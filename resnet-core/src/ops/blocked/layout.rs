@@ -97,8 +97,15 @@ pub(super) fn block_to_nchw(src: &[f32], dst: &mut [MaybeUninit<f32>], lanes: us
     let mut start = 0;
     if transposes_by_8(lanes) {
         for p in (0..plane / 8).map(|t| t * 8) {
-            // SAFETY: 8 pixels of the block from `p`, 8 channel rows from `p` (AVX2 checked).
-            unsafe { transpose(src[p * 8..].as_ptr(), 8, dst[p..].as_mut_ptr(), plane) };
+            for q in (0..lanes / 8).map(|q| q * 8) {
+                let (from, to) = (
+                    src[p * lanes + q..].as_ptr(),
+                    dst[q * plane + p..].as_mut_ptr(),
+                );
+                // SAFETY: channels `q..q + 8` of the block's 8 pixels from `p`, and those channels' rows
+                // from `p` (AVX2 checked).
+                unsafe { transpose(from, lanes, to, plane) };
+            }
         }
         start = plane / 8 * 8;
     }
@@ -252,10 +259,13 @@ impl<'a> Padded<'a> {
                     let mut start = 0;
                     if transposes_by_8(bi) {
                         for sx in (0..w / 8).map(|t| t * 8) {
-                            let (src, dst) = (data[at(0) + sx..].as_ptr(), &mut inside[sx * 8..]);
-                            // SAFETY: 8 values of each of the block's 8 channel rows from `sx`, 8 pixels of
-                            // the padded row from `sx` (AVX2 checked).
-                            unsafe { transpose(src, h * w, dst.as_mut_ptr(), 8) };
+                            for q in (0..bi / 8).map(|q| q * 8) {
+                                let (src, dst) =
+                                    (data[at(q) + sx..].as_ptr(), &mut inside[sx * bi + q..]);
+                                // SAFETY: 8 values of channel rows `q..q + 8` of the block from `sx`, those
+                                // channels of 8 pixels of the padded row from `sx` (AVX2 checked).
+                                unsafe { transpose(src, h * w, dst.as_mut_ptr(), bi) };
+                            }
                         }
                         start = w / 8 * 8;
                     }
@@ -270,10 +280,10 @@ impl<'a> Padded<'a> {
     }
 }
 
-/// Whether blocks of `lanes` channels convert from and to NCHW by 8×8 transposes: blocks of 8 with a kernel
-/// set that has AVX2 (the portable set keeps the element-by-element copy).
+/// Whether blocks of `lanes` channels convert from and to NCHW by 8×8 transposes (a block of 16 as two): with
+/// a kernel set that has AVX2 (the portable set keeps the element-by-element copy).
 fn transposes_by_8(lanes: usize) -> bool {
-    cfg!(target_arch = "x86_64") && lanes == 8 && Isa::current() >= Isa::Avx2
+    cfg!(target_arch = "x86_64") && lanes.is_multiple_of(8) && Isa::current() >= Isa::Avx2
 }
 
 /// [`simd::transpose_8x8`](super::simd) into an uninitialised destination.

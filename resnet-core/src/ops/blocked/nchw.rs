@@ -1,8 +1,11 @@
 //! The blocked convolution on NCHW data, for the training ops (`ops::conv`), whose tensors stay NCHW: the
-//! padded copy the kernel makes anyway gathers the input's channels into blocks, and one pass writes the
-//! output back to NCHW. With AVX2 the blocked kernel ran ResNet-20's 3×3 stride-1 layers at 163–189 GFLOP/s
-//! where the NCHW direct kernel for AVX2 ran at 82–97 (`bench --convs`, AMD EPYC Zen 4, batch 128); with
-//! the conversions 1.2–1.4× that kernel, which was removed.
+//! padded copy the kernel makes anyway gathers the input's channels into blocks, and the output goes back to
+//! NCHW image by image from the thread's cache where the batch is padded image by image, else in one pass
+//! after (`BlockedConv::forward_nchw`). The weight gradient is in `weight_grad`.
+//!
+//! With AVX2 the blocked kernel ran ResNet-20's 3×3 stride-1 layers at 163–189 GFLOP/s where the NCHW direct
+//! kernel for AVX2 ran at 82–97 (`bench --convs`, AMD EPYC Zen 4, batch 128); with the conversions 1.2–1.4×
+//! that kernel, which was removed.
 
 use super::conv::BlockedConv;
 use super::layout::Source;

@@ -5,9 +5,10 @@
 //!
 //! The output gradient is copied once into the blocked layout `[N, C_out/B, H', W', B]`, so that `B` output
 //! channels of a pixel are one vector, and the input into a zero-bordered NCHW copy, broadcast one value at a
-//! time. A register tile is `F` output blocks × `4/F` input channels × the 3 kernel columns of one kernel
-//! row, 12 accumulators: per output pixel `F` vector loads and `12/F` broadcasts feed 12 FMAs, and with the
-//! `F` vectors and a broadcast the tile takes 15 of AVX2's 16 registers. (The transposed tile, input
+//! time. A register tile is `F` output blocks × `CI` input channels × the 3 kernel columns of one kernel
+//! row, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F` vector loads and `12/F` broadcasts feed
+//! 12 FMAs, and with the `F` vectors and a broadcast the tile takes 15 of AVX2's 16 registers (smaller tiles
+//! where the input channels are not in pairs or fours, as at a 3-channel stem). (The transposed tile, input
 //! channels in the vector and 4 output channels × 3 columns, needs all 16 and one more for the next broadcast:
 //! LLVM kept an accumulator on the stack, and it ran at 29–33 % of the FMA peak.) im2col + GEMM ran these
 //! layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2).
@@ -24,36 +25,37 @@ use candle_core::Result;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Accumulators of a register tile: output blocks × input channels × 3 kernel columns.
-const ACCUMULATORS: usize = 12;
-
 /// Multiply-adds ×2 that one thread takes at least at a time.
 const MIN_TASK_FLOPS: usize = 2_000_000;
 
 /// Whether [`weight_grad_3x3_nchw`] computes the weight gradient of a 3×3 convolution from `c_in` to `c_out`
-/// channels on `isa`.
+/// channels on `isa`: output channels in whole blocks.
 pub fn weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> bool {
-    let (b, f) = (lanes(isa), output_blocks(isa, c_out));
-    c_out.is_multiple_of(b) && c_in.is_multiple_of(4 / f)
+    c_in > 0 && c_out.is_multiple_of(lanes(isa))
 }
 
-/// Output blocks per tile: two where they pair up.
-fn output_blocks(isa: Isa, c_out: usize) -> usize {
-    match c_out.is_multiple_of(2 * lanes(isa)) {
-        true => 2,
-        false => 1,
-    }
+/// The register tiles, `(F, CI)`: `F` output blocks × `CI` input channels × 3 kernel columns, best first (12
+/// accumulators; fewer where the channels do not divide, as at a 3-channel stem).
+const TILES: [(usize, usize); 6] = [(2, 2), (1, 4), (1, 3), (2, 1), (1, 2), (1, 1)];
+
+/// The first of [`TILES`] that divides the channels.
+fn tile_shape(isa: Isa, c_in: usize, c_out: usize) -> (usize, usize) {
+    let b = lanes(isa);
+    TILES
+        .into_iter()
+        .find(|&(f, ci)| c_out.is_multiple_of(f * b) && c_in.is_multiple_of(ci))
+        .unwrap_or((1, 1))
 }
 
-/// What one task reads and writes: the tile of `F` output blocks from block `ob` and `4/F` input channels
-/// from `c0`, summed over the images of one group.
+/// What one task reads and writes: the tile of `F` output blocks (tile `t`) and `CI` input channels (channel
+/// group `cg`), summed over the images of one group.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// The padded input at the group's first image, channel `c0`.
+    /// The padded input at the group's first image, the channel group's first channel.
     x: *const f32,
-    /// The blocked output gradient at the group's first image, block `ob`.
+    /// The blocked output gradient at the group's first image, the tile's first block.
     dy: *const f32,
-    /// `[4/F][3][3][F][B]`: the tile's sums, written once.
+    /// `[CI][3][3][F][B]`: the tile's sums, written once.
     out: *mut f32,
     images: usize,
     x_image: usize,
@@ -94,7 +96,7 @@ pub fn weight_grad_3x3_nchw(
         candle_core::bail!(
             "blocked weight gradient: input [{n}, {c_in}, {h}, {w}] ({} values), output gradient \
              [{n}, {c_out}, {oh}, {ow}] ({} values), stride {stride}: expected the output channels in blocks \
-             of {b}, the input channels in fours or pairs and a CPU that runs {isa}",
+             of {b} and a CPU that runs {isa}",
             x.len(),
             dy.len()
         );
@@ -105,11 +107,10 @@ pub fn weight_grad_3x3_nchw(
     let (Some(x_pad), Some(dy_blocked)) = (input.data(), blocked_dy.data()) else {
         candle_core::bail!("blocked weight gradient: the operands were not copied");
     };
-    let f = output_blocks(isa, c_out);
-    let channels = ACCUMULATORS / 3 / f;
-    let (tiles, pairs, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
-    let tile_len = ACCUMULATORS * 3 * b;
-    let kernel = tile_kernel(isa, f);
+    let (f, channels) = tile_shape(isa, c_in, c_out);
+    let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
+    let tile_len = f * channels * 9 * b;
+    let kernel = tile_kernel(isa, (f, channels));
     // Partial sums `[groups][tiles][c_in / channels][tile]`: task (group, tile, channels) writes one chunk.
     let task_flops = 2 * group * oh * ow * tile_len;
     let x_plane = input.h * input.w;
@@ -119,10 +120,14 @@ pub fn weight_grad_3x3_nchw(
             .with_min_len(MIN_TASK_FLOPS.div_ceil(task_flops))
             .enumerate()
             .for_each(|(task, out)| {
-                let (grp, t, cp) = (task / (tiles * pairs), task / pairs % tiles, task % pairs);
+                let (grp, t, cg) = (
+                    task / (tiles * channel_groups),
+                    task / channel_groups % tiles,
+                    task % channel_groups,
+                );
                 let first = grp * group;
                 let tile = Tile {
-                    x: x_pad[(first * c_in + cp * channels) * x_plane..].as_ptr(),
+                    x: x_pad[(first * c_in + cg * channels) * x_plane..].as_ptr(),
                     dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
                     out: out.as_mut_ptr().cast::<f32>(),
                     images: group.min(n - first),
@@ -141,32 +146,40 @@ pub fn weight_grad_3x3_nchw(
                 unsafe { kernel(&tile) };
             })
     };
-    let whole = tiles * pairs * tile_len;
+    let whole = tiles * channel_groups * tile_len;
     // SAFETY: the tasks write every chunk of `tile_len` values.
     let partials = unsafe { written_by(groups * whole, fill) };
     // `[C_out, C_in, 3, 3]`, each value its groups' partial sums added in group order, on all threads.
-    let mut dw = vec![0f32; c_out * c_in * 9];
-    dw.par_chunks_mut(c_in * 9)
-        .enumerate()
-        .for_each(|(o, row)| {
-            let (t, lane) = (o / (f * b), o % (f * b));
-            for (c, taps) in row.chunks_exact_mut(9).enumerate() {
-                let at = (t * pairs + c / channels) * tile_len + c % channels * 9 * f * b + lane;
-                for (tap, v) in taps.iter_mut().enumerate() {
-                    let i = at + tap * f * b;
-                    *v = (0..groups).fold(0.0, |sum, g| sum + partials[g * whole + i]);
+    let gather = |dw: &mut [MaybeUninit<f32>]| {
+        dw.par_chunks_mut(c_in * 9)
+            .enumerate()
+            .for_each(|(o, row)| {
+                let (t, lane) = (o / (f * b), o % (f * b));
+                for (c, taps) in row.chunks_exact_mut(9).enumerate() {
+                    let at = (t * channel_groups + c / channels) * tile_len
+                        + c % channels * 9 * f * b
+                        + lane;
+                    for (tap, v) in taps.iter_mut().enumerate() {
+                        let i = at + tap * f * b;
+                        v.write((0..groups).fold(0.0, |sum, g| sum + partials[g * whole + i]));
+                    }
                 }
-            }
-        });
-    Ok(dw)
+            })
+    };
+    // SAFETY: every output channel's row of `c_in · 9` values is written.
+    Ok(unsafe { written_by(c_out * c_in * 9, gather) })
 }
 
-fn tile_kernel(isa: Isa, blocks: usize) -> TileKernel {
+fn tile_kernel(isa: Isa, shape: (usize, usize)) -> TileKernel {
     macro_rules! pick {
         ($tile:ident) => {
-            match blocks {
-                2 => $tile::<2, 2>,
-                _ => $tile::<1, 4>,
+            match shape {
+                (2, 2) => $tile::<2, 2>,
+                (1, 4) => $tile::<1, 4>,
+                (1, 3) => $tile::<1, 3>,
+                (2, 1) => $tile::<2, 1>,
+                (1, 2) => $tile::<1, 2>,
+                _ => $tile::<1, 1>,
             }
         };
     }
@@ -203,8 +216,8 @@ mod x86 {
     }
 }
 
-/// The tile's sums over its images: per image and kernel row, the 12 accumulators run over every output
-/// pixel, then join the tile's sums in memory.
+/// The tile's sums over its images: per image and kernel row, the accumulators run over every output pixel,
+/// then join the tile's sums in memory.
 #[inline(always)]
 unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize>(tile: &Tile) {
     unsafe {
@@ -298,14 +311,25 @@ mod tests {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         for isa in Isa::available() {
             let b = lanes(isa);
-            for (n, c_in, h, w, c_out, s) in [
+            let shapes = [
                 (3, 4, 5, 7, b, 1),
                 (5, 6, 9, 6, 2 * b, 2),
                 (1, 8, 1, 1, 2 * b, 1),
                 (2, 12, 4, 4, 3 * b, 2),
                 // Many tiles and channel groups.
                 (2, 64, 24, 24, 10 * b, 1),
-            ] {
+                // Input channels in threes (a stem), odd, in pairs only, prime.
+                (3, 3, 12, 12, b, 1),
+                (2, 5, 6, 6, 2 * b, 2),
+                (2, 2, 5, 5, b, 1),
+                (1, 7, 4, 4, b, 1),
+            ];
+            let tiles: Vec<_> = shapes
+                .iter()
+                .map(|&(_, c_in, _, _, c_out, _)| tile_shape(isa, c_in, c_out))
+                .collect();
+            assert!(TILES.iter().all(|t| tiles.contains(t)), "{isa}: {tiles:?}");
+            for (n, c_in, h, w, c_out, s) in shapes {
                 let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
                 let x: Vec<f32> = (0..n * c_in * h * w).map(value).collect();
                 let dy: Vec<f32> = (0..n * c_out * oh * ow).map(|i| value(i + 3)).collect();
