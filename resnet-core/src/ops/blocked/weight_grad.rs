@@ -4,14 +4,15 @@
 //!   dW[o, c, ky, kx] = Σ_n Σ_{oy, ox} dY[n, o, oy, ox] · X_pad[n, c, oy·s + ky, ox·s + kx]
 //!
 //! The output gradient is copied once into the blocked layout `[N, C_out/B, H', W', B]`, so that `B` output
-//! channels of a pixel are one vector, and the input into a zero-bordered NCHW copy, broadcast one value at a
-//! time. A register tile is `F` output blocks × `CI` input channels × the 3 kernel columns of one kernel
-//! row, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F` vector loads and `12/F` broadcasts feed
-//! 12 FMAs, and with the `F` vectors and a broadcast the tile takes 15 of AVX2's 16 registers (smaller tiles
-//! where the input channels are not in pairs or fours, as at a 3-channel stem). (The transposed tile, input
-//! channels in the vector and 4 output channels × 3 columns, needs all 16 and one more for the next broadcast:
-//! LLVM kept an accumulator on the stack, and it ran at 29–33 % of the FMA peak.) im2col + GEMM ran these
-//! layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2).
+//! channels of a pixel are one vector; the input is read in place, NCHW, broadcast one value at a time (with a
+//! zero-bordered copy of it instead, ResNet-20's weight gradients took 68–87 ms per batch of 128 against
+//! 59–72, 3 alternated rounds, AMD EPYC Zen 4). A register tile is `F` output blocks × `CI` input channels ×
+//! the 3 kernel columns of one kernel row, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F`
+//! vector loads and `12/F` broadcasts feed 12 FMAs, and with the `F` vectors and a broadcast the tile takes 15
+//! of AVX2's 16 registers (smaller tiles where the input channels are not in pairs or fours, as at a 3-channel
+//! stem). (The transposed tile, input channels in the vector and 4 output channels × 3 columns, needs all 16
+//! and one more for the next broadcast: LLVM kept an accumulator on the stack, and it ran at 29–33 % of the
+//! FMA peak.) im2col + GEMM ran these layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2).
 //!
 //! Images are summed in fixed groups, each group's partial sums added in group order: the same result for
 //! any thread count.
@@ -51,7 +52,7 @@ fn tile_shape(isa: Isa, c_in: usize, c_out: usize) -> (usize, usize) {
 /// group `cg`), summed over the images of one group.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// The padded input at the group's first image, the channel group's first channel.
+    /// The NCHW input at the group's first image, the channel group's first channel.
     x: *const f32,
     /// The blocked output gradient at the group's first image, the tile's first block.
     dy: *const f32,
@@ -59,8 +60,9 @@ struct Tile {
     out: *mut f32,
     images: usize,
     x_image: usize,
-    x_plane: usize,
-    x_row: usize,
+    /// The input plane, `h · w`.
+    h: usize,
+    w: usize,
     dy_image: usize,
     dy_plane: usize,
     oh: usize,
@@ -101,11 +103,16 @@ pub fn weight_grad_3x3_nchw(
             dy.len()
         );
     }
-    let nchw = |data, c, h, w| Source::Nchw { data, n, c, h, w };
-    let input = Padded::new(nchw(x, c_in, h, w), 1, 1, false);
-    let blocked_dy = Padded::new(nchw(dy, c_out, oh, ow), 0, b, false);
-    let (Some(x_pad), Some(dy_blocked)) = (input.data(), blocked_dy.data()) else {
-        candle_core::bail!("blocked weight gradient: the operands were not copied");
+    let source = Source::Nchw {
+        data: dy,
+        n,
+        c: c_out,
+        h: oh,
+        w: ow,
+    };
+    let blocked_dy = Padded::new(source, 0, b, false);
+    let Some(dy_blocked) = blocked_dy.data() else {
+        candle_core::bail!("blocked weight gradient: the output gradient was not copied");
     };
     let (f, channels) = tile_shape(isa, c_in, c_out);
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
@@ -113,7 +120,7 @@ pub fn weight_grad_3x3_nchw(
     let kernel = tile_kernel(isa, (f, channels));
     // Partial sums `[groups][tiles][c_in / channels][tile]`: task (group, tile, channels) writes one chunk.
     let task_flops = 2 * group * oh * ow * tile_len;
-    let x_plane = input.h * input.w;
+    let x_plane = h * w;
     let fill = |partials: &mut [MaybeUninit<f32>]| {
         partials
             .par_chunks_mut(tile_len)
@@ -127,22 +134,21 @@ pub fn weight_grad_3x3_nchw(
                 );
                 let first = grp * group;
                 let tile = Tile {
-                    x: x_pad[(first * c_in + cg * channels) * x_plane..].as_ptr(),
+                    x: x[(first * c_in + cg * channels) * x_plane..].as_ptr(),
                     dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
                     out: out.as_mut_ptr().cast::<f32>(),
                     images: group.min(n - first),
-                    x_image: input.image_len(),
-                    x_plane,
-                    x_row: input.w,
+                    x_image: c_in * x_plane,
+                    h,
+                    w,
                     dy_image: blocked_dy.image_len(),
                     dy_plane: oh * ow * b,
                     oh,
                     ow,
                     stride,
                 };
-                // SAFETY: the tile reads its images' padded input (3 rows from `oy·s`, 3 columns from `ox·s`,
-                // inside the border of 1) and blocked output gradient, and writes all of its own chunk; the
-                // kernel set was checked above.
+                // SAFETY: the tile reads its images' input (the taps inside the plane) and blocked output
+                // gradient, and writes all of its own chunk; the kernel set was checked above.
                 unsafe { kernel(&tile) };
             })
     };
@@ -217,9 +223,13 @@ mod x86 {
 }
 
 /// The tile's sums over its images: per image and kernel row, the accumulators run over every output pixel,
-/// then join the tile's sums in memory.
+/// then join the tile's sums in memory. The input is read in place: a tap in the zero border adds nothing, so
+/// rows in it are skipped, and the columns at the plane's edges take their taps one by one.
 #[inline(always)]
 unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize>(tile: &Tile) {
+    let (w, s) = (tile.w as isize, tile.stride as isize);
+    // Output columns `1..inner` have all 3 taps (columns `ox·s − 1 ..= ox·s + 1`) inside the plane.
+    let inner = ((w - 2).div_euclid(s) + 1).clamp(1, tile.ow as isize) as usize;
     unsafe {
         let mut sums = [[[[S::zero(); F]; 3]; 3]; CI];
         for img in 0..tile.images {
@@ -228,21 +238,22 @@ unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize>(tile: &Tile) {
             for ky in 0..3 {
                 let mut acc = [[[S::zero(); F]; 3]; CI];
                 for oy in 0..tile.oh {
-                    let row = x.add((oy * tile.stride + ky) * tile.x_row);
+                    // Input row `oy·s + ky − 1`, if it is inside the plane.
+                    let Some(iy) = (oy * tile.stride + ky)
+                        .checked_sub(1)
+                        .filter(|&r| r < tile.h)
+                    else {
+                        continue;
+                    };
+                    let row = x.add(iy * tile.w);
                     let d = dy.add(oy * tile.ow * S::LANES);
-                    for ox in 0..tile.ow {
-                        let dv: [S; F] = std::array::from_fn(|f| {
-                            S::load(d.add(f * tile.dy_plane + ox * S::LANES))
-                        });
-                        let at = row.add(ox * tile.stride);
-                        for (c, acc) in acc.iter_mut().enumerate() {
-                            for (kx, acc) in acc.iter_mut().enumerate() {
-                                let v = S::splat(at.add(c * tile.x_plane + kx));
-                                for (a, g) in acc.iter_mut().zip(&dv) {
-                                    *a = v.mul_add(*g, *a);
-                                }
-                            }
-                        }
+                    let row = Row { x: row, dy: d };
+                    pixel::<S, F, CI, true>(&mut acc, row, tile, 0);
+                    for ox in 1..inner {
+                        pixel::<S, F, CI, false>(&mut acc, row, tile, ox);
+                    }
+                    for ox in inner..tile.ow {
+                        pixel::<S, F, CI, true>(&mut acc, row, tile, ox);
                     }
                 }
                 for (sum, acc) in sums.iter_mut().zip(&acc) {
@@ -258,6 +269,44 @@ unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize>(tile: &Tile) {
         for sum in sums.iter().flatten().flatten().flatten() {
             sum.store(out);
             out = out.add(S::LANES);
+        }
+    }
+}
+
+/// One input row and the output gradient's row that it meets.
+#[derive(Clone, Copy)]
+struct Row {
+    x: *const f32,
+    dy: *const f32,
+}
+
+/// Output column `ox`'s terms into the accumulators: `F` output-gradient vectors, each input channel's 3 taps
+/// broadcast. `EDGE`: some taps may fall outside the row, and those add nothing. (A function, not a closure:
+/// a closure does not take its caller's `target_feature`.)
+#[inline(always)]
+unsafe fn pixel<S: Simd, const F: usize, const CI: usize, const EDGE: bool>(
+    acc: &mut [[[S; F]; 3]; CI],
+    row: Row,
+    tile: &Tile,
+    ox: usize,
+) {
+    let (s, w) = (tile.stride as isize, tile.w as isize);
+    unsafe {
+        let dv: [S; F] =
+            std::array::from_fn(|f| S::load(row.dy.add(f * tile.dy_plane + ox * S::LANES)));
+        // Column `ox·s − 1` (before the row's start at `ox = 0`, not read there).
+        let at = row.x.wrapping_offset(ox as isize * s - 1);
+        for (c, acc) in acc.iter_mut().enumerate() {
+            for (kx, acc) in acc.iter_mut().enumerate() {
+                let col = ox as isize * s + kx as isize - 1;
+                let v = match !EDGE || (0..w).contains(&col) {
+                    true => S::splat(at.wrapping_add(c * tile.h * tile.w + kx)),
+                    false => S::zero(),
+                };
+                for (a, g) in acc.iter_mut().zip(&dv) {
+                    *a = v.mul_add(*g, *a);
+                }
+            }
         }
     }
 }
