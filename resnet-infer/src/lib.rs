@@ -27,6 +27,16 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Ends the process quietly when its standard output is closed (`resnet-infer bench … | head -1`), as a C
+/// program does, instead of a panic with a backtrace from `println!`: Rust ignores SIGPIPE by default.
+pub fn exit_quietly_when_stdout_closes() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Parses the command line; a usage error is printed as one `error: …` line (exit 2), help and version as usual.
 pub fn parse_args<T: clap::Parser>() -> T {
     match T::try_parse() {

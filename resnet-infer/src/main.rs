@@ -161,6 +161,7 @@ struct BenchArgs {
 
 fn main() {
     resnet_infer::keep_freed_memory();
+    resnet_infer::exit_quietly_when_stdout_closes();
     resnet_core::threads::use_one_compute_pool();
     if let Err(e) = run(resnet_infer::parse_args::<Cli>()) {
         eprintln!("error: {e:#}");
