@@ -170,6 +170,7 @@ pub(crate) struct TrainArgs {
 }
 
 fn main() {
+    resnet_infer::exit_quietly_when_stdout_closes();
     resnet_infer::keep_freed_memory();
     resnet_core::threads::use_one_compute_pool();
     let cli: Cli = resnet_infer::parse_args();

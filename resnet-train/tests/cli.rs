@@ -367,6 +367,27 @@ fn experiment_and_compare_write_a_table_and_a_figure() {
     );
 }
 
+/// `resnet-train experiment … | head -0`: the process ends at its first write to the closed standard output
+/// (the line that ends the first net's run) as a C program does, without a panic and with that run complete.
+#[test]
+fn closed_stdout_ends_an_experiment_without_a_panic() {
+    let data = small_cifar("train-closed-stdout", 2);
+    let out = temp_dir("run-closed-stdout");
+    tests::assert_quiet_on_closed_stdout(
+        train_cmd()
+            .args(["experiment", "degradation", "--recipe", "quick"])
+            .args(["--batch-size", "4", "--iterations", "1"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out),
+    );
+    let first = out.join("plain20");
+    assert_eq!(losses(&first).len(), 1, "{}", first.display());
+    assert!(first.join("last.safetensors").is_file());
+    assert!(!out.join("resnet56").exists(), "the experiment went on");
+}
+
 /// `--bn-recalibrate N`: the first BatchNorm's statistics in the final checkpoint are the plain averages, over the
 /// next epoch's first N training batches, of the batch mean and unbiased variance of conv1's output, computed
 /// here directly from the images and the checkpoint's conv1 weight.

@@ -161,6 +161,32 @@ pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
     );
 }
 
+/// Runs `cmd` with a standard output that nobody reads (as `cmd | head -0`) and asserts that the process ended as
+/// a C program does there: killed by SIGPIPE at its first write, with no panic on stderr.
+pub fn assert_quiet_on_closed_stdout(cmd: &mut std::process::Command) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the command");
+    // Nobody reads: the first write after this fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waiting for the command");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
+}
+
 /// A small ImageFolder of the real CIFAR-10 JPEGs under `temp_dir(name)`: the first `train` training and `test`
 /// test images of each class (symlinks; 0 leaves the split out).
 pub fn small_cifar(name: &str, train: usize, test: usize) -> PathBuf {
