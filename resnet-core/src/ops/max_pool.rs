@@ -43,6 +43,10 @@ impl MaxPool2d {
             );
         }
         if x.device().is_cpu() {
+            // The CPU kernels index a plane in u32 (u32::MAX marks "no tap yet").
+            if h * w >= u32::MAX as usize {
+                candle_core::bail!("max-pool: a {h}×{w} plane has over 2³² values");
+            }
             x.contiguous()?.apply_op1(*self)
         } else {
             // Other devices: forward through candle's pool on an input padded with −∞ (no backward yet).
@@ -139,7 +143,8 @@ fn argmax_plane(pool: &MaxPool2d, src: &[f32], (h, w): (usize, usize), argmax: &
                 let phase = &phased[(y * s + r) * phase_len..][..phase_len];
                 let first = (lo as isize + m) as usize;
                 let taps = &phase[first..first + (hi - lo)];
-                let mut idx = (y * w + lo * s) as u32 - p as u32 + kx as u32;
+                // `lo·s + kx ≥ p` by the choice of `lo`; the index fits (see `forward`).
+                let mut idx = (y * w + lo * s + kx - p) as u32;
                 let outputs = best[lo..hi].iter_mut().zip(&mut best_idx[lo..hi]);
                 for ((b, i), &v) in outputs.zip(taps) {
                     // Strict `>`: the first maximum wins ties; NaN propagates (the last NaN wins), as in
