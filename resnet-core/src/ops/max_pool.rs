@@ -83,25 +83,22 @@ impl MaxPool2d {
 mod x86 {
     use super::{argmax_plane, MaxPool2d};
 
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn argmax_avx2(
-        pool: &MaxPool2d,
-        src: &[f32],
-        hw: (usize, usize),
-        argmax: &mut [u32],
-    ) {
-        argmax_plane(pool, src, hw, argmax)
+    /// An entry point that compiles [`argmax_plane`] with `$features`.
+    macro_rules! entry {
+        ($name:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                pool: &MaxPool2d,
+                src: &[f32],
+                hw: (usize, usize),
+                argmax: &mut [u32],
+            ) {
+                argmax_plane(pool, src, hw, argmax)
+            }
+        };
     }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn argmax_avx512(
-        pool: &MaxPool2d,
-        src: &[f32],
-        hw: (usize, usize),
-        argmax: &mut [u32],
-    ) {
-        argmax_plane(pool, src, hw, argmax)
-    }
+    entry!(argmax_avx2, "avx2");
+    entry!(argmax_avx512, "avx512f");
 }
 
 /// [`MaxPool2d::argmax_plane`]'s body, inlined into each kernel set's entry point.
