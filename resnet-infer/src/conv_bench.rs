@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use resnet_core::conv::ConvShape;
-use resnet_core::ops::blocked::{lanes, Blocked, BlockedConv, Source};
+use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv, Source};
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
 use std::time::Instant;
@@ -22,8 +22,8 @@ pub struct ConvTiming {
     /// The algorithm each pass ran.
     pub algorithms: [Option<Algorithm>; 3],
     /// Seconds and GFLOP/s per call of the blocked inference forward (bias and ReLU in its epilogue), where the
-    /// shape has a blocked kernel on the kernel set in use.
-    pub blocked: Option<(f64, f64)>,
+    /// shape has a blocked kernel on the kernel set in use, and its algorithm.
+    pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
 }
 
 /// Seconds per call of `f` over `iterations` calls, after one warm-up call.
@@ -43,7 +43,7 @@ fn time_blocked(
     weight: &Tensor,
     shape: &ConvShape,
     iterations: usize,
-) -> Result<Option<f64>> {
+) -> Result<Option<(f64, BlockedAlgorithm)>> {
     let isa = Isa::current();
     if !BlockedConv::applies(isa, shape.out_channels) {
         return Ok(None);
@@ -51,11 +51,11 @@ fn time_blocked(
     let bias = vec![0.01f32; shape.out_channels];
     let conv = BlockedConv::new(isa, weight, &bias, (shape.stride, shape.padding), true)?;
     let (n, c, h, w) = x.dims4()?;
-    let seconds = if c.is_multiple_of(lanes(isa)) {
+    let timed = if c.is_multiple_of(lanes(isa)) {
         let blocked = Blocked::from_nchw(x, lanes(isa))?;
-        seconds_per_call(iterations, || {
-            Ok(conv.forward(Source::Blocked(&blocked), None)?)
-        })?
+        let source = Source::Blocked(&blocked);
+        let seconds = seconds_per_call(iterations, || Ok(conv.forward(source, None)?))?;
+        (seconds, conv.algorithm(source))
     } else {
         let data = x.flatten_all()?.to_vec1::<f32>()?;
         let image = Source::Nchw {
@@ -65,9 +65,10 @@ fn time_blocked(
             h,
             w,
         };
-        seconds_per_call(iterations, || Ok(conv.forward(image, None)?))?
+        let seconds = seconds_per_call(iterations, || Ok(conv.forward(image, None)?))?;
+        (seconds, conv.algorithm(image))
     };
-    Ok(Some(seconds))
+    Ok(Some(timed))
 }
 
 /// Times each distinct shape of `shapes` at `batch` images, `iterations` calls per pass after one warm-up.
@@ -124,7 +125,7 @@ pub fn time_convs(
                 seconds,
                 gflops: seconds.map(|s| flops / s / 1e9),
                 algorithms,
-                blocked: blocked.map(|s| (s, flops / s / 1e9)),
+                blocked: blocked.map(|(s, a)| (s, flops / s / 1e9, a)),
             })
         })
         .collect()
@@ -166,7 +167,10 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
             rate(t.gflops[2]),
             algorithms.join(", "),
             100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total,
-            t.blocked.map_or("–".into(), |(_, g)| rate(g)),
+            t.blocked.map_or("–".into(), |(_, g, a)| match a {
+                BlockedAlgorithm::Direct => rate(g),
+                BlockedAlgorithm::Winograd => format!("{} Winograd", rate(g)),
+            }),
         );
     }
     let per_pass: Vec<String> = (0..3)
@@ -186,7 +190,7 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
     if timings.iter().all(|t| t.blocked.is_some()) {
         let ms: f64 = timings
             .iter()
-            .filter_map(|t| t.blocked.map(|(s, _)| t.count as f64 * s))
+            .filter_map(|t| t.blocked.map(|(s, _, _)| t.count as f64 * s))
             .sum::<f64>()
             * 1e3;
         out += &format!(

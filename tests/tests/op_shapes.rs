@@ -251,12 +251,18 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
 /// `conv2d` and element-wise ops. The network's first convolution reads the NCHW image, the others a blocked input.
 #[test]
 fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
-    use resnet_core::ops::blocked::{lanes, Blocked, BlockedConv, Source};
+    use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv, Source};
     let dev = Device::Cpu;
     let mut ran = BTreeMap::<Isa, usize>::new();
+    let mut algorithms = BTreeMap::<(Isa, &str), usize>::new();
     for shape @ &(c_in, c_out, k, stride, padding, side) in &all_conv_shapes() {
-        // Batch 5: more images than twice the threads, where a batch is padded image by image.
-        let batches: &[usize] = if side <= 32 { &[1, 2, 5] } else { &[1, 2] };
+        // Batch 5: more images than twice the threads, where a batch is padded image by image (and the 14×14
+        // planes have enough tiles for Winograd's GEMMs); batch 8 on 7×7 planes, for Winograd's too.
+        let batches: &[usize] = match side {
+            0..=7 => &[1, 2, 5, 8],
+            8..=32 => &[1, 2, 5],
+            _ => &[1, 2],
+        };
         for &batch in batches {
             let x = Tensor::randn(0f32, 1.0, (batch, c_in, side, side), &dev)?;
             let w = Tensor::randn(0f32, 0.1, (c_out, c_in, k, k), &dev)?;
@@ -287,6 +293,22 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
                     }
                 };
                 let r = Blocked::from_nchw(&residual, l)?;
+                let algorithm = conv.algorithm(source);
+                // Winograd's wherever the training forward takes it too (wide 3×3 stride-1 layers with
+                // enough tiles), on a blocked input of two images or more.
+                let op = Conv2dOp { stride, padding };
+                let winograd = c_in % l == 0
+                    && batch >= 2
+                    && Algorithm::choose(&op, x.shape(), w.shape(), Pass::Forward, isa)?
+                        == Algorithm::Winograd;
+                assert_eq!(
+                    algorithm == BlockedAlgorithm::Winograd,
+                    winograd,
+                    "{isa}: {shape:?} batch {batch}"
+                );
+                *algorithms
+                    .entry((isa, if winograd { "winograd" } else { "direct" }))
+                    .or_default() += 1;
                 let ours = conv.forward(source, Some(&r))?.to_nchw()?;
                 close(
                     &format!("{isa} blocked forward, batch {batch}"),
@@ -302,10 +324,20 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
     }
     let cases: usize = all_conv_shapes()
         .iter()
-        .map(|s| if s.5 <= 32 { 3 } else { 2 })
+        .map(|s| match s.5 {
+            0..=7 => 4,
+            8..=32 => 3,
+            _ => 2,
+        })
         .sum();
     for isa in Isa::available() {
         assert_eq!(ran[&isa], cases, "{isa}");
+        // ResNet-50's wide 28×28, 14×14 and 7×7 layers at least, and every shape directly.
+        assert!(algorithms[&(isa, "winograd")] >= 3, "{isa}: {algorithms:?}");
+        assert!(
+            algorithms[&(isa, "direct")] >= all_conv_shapes().len(),
+            "{isa}: {algorithms:?}"
+        );
     }
     Ok(())
 }

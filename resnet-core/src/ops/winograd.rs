@@ -2,7 +2,9 @@
 //! 2×2 output tile takes 16 multiplies per channel pair instead of 36, as 16 GEMMs of the transformed weights
 //! with the transformed input tiles (the `gemm` crate), between cheap linear transforms. Used for the forward
 //! pass and the input gradient (the same convolution of the output gradient with the kernel flipped and its
-//! channel axes swapped). Narrow layers, whose transforms would cost as much as the products, stay direct.
+//! channel axes swapped), on NCHW data, and for folded inference's forward on the channel-blocked layout with
+//! the bias, residual and ReLU applied as the outputs are stored (`forward_blocked`). Narrow layers, whose
+//! transforms would cost as much as the products, stay direct.
 //!
 //!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
 
@@ -107,6 +109,8 @@ struct Buffers {
 struct Scratch {
     plane: Vec<f32>,
     rows: Vec<f32>,
+    /// The planes of one block of channels (blocked layout).
+    planes: Vec<f32>,
 }
 
 /// Tile geometry of one plane: `th`×`tw` tiles; the padded plane is `(2·th + 2)`×`(2·tw + 2)`, image at (1, 1).
@@ -151,33 +155,105 @@ fn images_per_group(n: usize, tiles: usize) -> usize {
     128usize.div_ceil(tiles).min(n / 2).max(1)
 }
 
-fn run(
+/// The layout of a batch's planes: NCHW, or channel-blocked `[N, C/B, H, W, B]` (`ops::blocked`, `lanes` = B).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planes {
+    Nchw,
+    Blocked { lanes: usize },
+}
+
+impl Planes {
+    /// Channels per block: 1 for NCHW.
+    fn lanes(self) -> usize {
+        match self {
+            Planes::Nchw => 1,
+            Planes::Blocked { lanes } => lanes,
+        }
+    }
+
+    /// The index of pixel 0 of channel `c` of image `j` in a batch of `channels` planes of `plane` pixels;
+    /// pixel p is `lanes()·p` further.
+    fn origin(self, (channels, plane): (usize, usize), j: usize, c: usize) -> usize {
+        let b = self.lanes();
+        (j * channels + c / b * b) * plane + c % b
+    }
+}
+
+/// What a blocked output is finished with as it is stored: `ReLU?((y + bias[c]) + residual)`, the roundings of
+/// the direct blocked kernel's epilogue.
+#[derive(Debug, Clone, Copy)]
+pub struct Finish<'a> {
+    pub bias: &'a [f32],
+    pub relu: bool,
+    /// Shaped as the output, in its layout.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// The transformed weights U of `conv3x3(·, w)`, `w` `[C_out, C_in, 3, 3]`, for [`forward_blocked`].
+pub fn forward_weights(w: &[f32], (c_out, c_in): (usize, usize)) -> Vec<f32> {
+    transform_weights(w, (c_out, c_in), false)
+}
+
+/// `ReLU?(conv3x3(x, w) + bias (+ residual))` of a blocked `x` (`[N, C_in/B, H, W, B]`) into the blocked output
+/// `y` (every value written), with `u` = [`forward_weights`] of `w`. Channels in whole blocks of `lanes`.
+pub fn forward_blocked(
+    x: &[f32],
+    u: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+    lanes: usize,
+    finish: Finish,
+    y: &mut [MaybeUninit<f32>],
+) {
+    run_into(x, u, dims, Planes::Blocked { lanes }, Some(finish), y)
+}
+
+fn run(x: &[f32], u: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    let (n, _, c_out, h, wd) = dims;
+    // SAFETY: `run_into` writes every value of y.
+    unsafe {
+        written_by(n * c_out * h * wd, |y| {
+            run_into(x, u, dims, Planes::Nchw, None, y)
+        })
+    }
+}
+
+/// The convolution of `x` into `y` (both in `layout`), every value of `y` written.
+fn run_into(
     x: &[f32],
     u: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
-) -> Vec<f32> {
+    layout: Planes,
+    finish: Option<Finish>,
+    y: &mut [MaybeUninit<f32>],
+) {
     let t = Tiles::new(h, wd);
     let group = images_per_group(n, t.count());
     let dims = (c_in, c_out, h, wd);
-    let fill = |y: &mut [MaybeUninit<f32>]| {
-        if n > group {
-            // Groups in parallel, each on one thread.
-            y.par_chunks_mut(group * c_out * h * wd)
-                .zip(x.par_chunks(group * c_in * h * wd))
-                .for_each(|(yg, xg)| {
-                    BUFFERS.with(|b| {
-                        let b = &mut *b.borrow_mut();
-                        run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), false);
-                    })
-                });
-        } else {
-            // One group (a single image): each stage on all threads.
-            let (mut v, mut m) = (Vec::new(), Vec::new());
-            run_group(x, u, y, dims, &t, (&mut v, &mut m), true);
-        }
+    let group_out = group * c_out * h * wd;
+    // The finish of the images from `first` on.
+    let finish_from = |first: usize| {
+        finish.map(|f| Finish {
+            residual: f.residual.map(|r| &r[first * c_out * h * wd..]),
+            ..f
+        })
     };
-    // SAFETY: the groups cover y, and `output_tiles` writes every value of each output plane.
-    unsafe { written_by(n * c_out * h * wd, fill) }
+    if n > group {
+        // Groups in parallel, each on one thread.
+        y.par_chunks_mut(group_out)
+            .zip(x.par_chunks(group * c_in * h * wd))
+            .enumerate()
+            .for_each(|(g, (yg, xg))| {
+                BUFFERS.with(|b| {
+                    let b = &mut *b.borrow_mut();
+                    let io = (layout, finish_from(g * group));
+                    run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), io, false);
+                })
+            });
+    } else {
+        // One group (a single image): each stage on all threads.
+        let (mut v, mut m) = (Vec::new(), Vec::new());
+        run_group(x, u, y, dims, &t, (&mut v, &mut m), (layout, finish), true);
+    }
 }
 
 /// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
@@ -198,7 +274,8 @@ fn each_chunk<T: Send>(
 
 /// The images `xg` of one group into their outputs `yg`: V `[C_in][16][T]` and M `[16][C_out][T]` over the
 /// group's T tiles (image by image), the transforms by channel and the 16 GEMMs, each stage on all threads
-/// when `parallel`.
+/// when `parallel`. Input and output planes in `layout`; `finish` is applied as the outputs are stored.
+#[allow(clippy::too_many_arguments)]
 fn run_group(
     xg: &[f32],
     u: &[f32],
@@ -206,13 +283,14 @@ fn run_group(
     (c_in, c_out, h, wd): (usize, usize, usize, usize),
     t: &Tiles,
     (v, m): (&mut Vec<f32>, &mut Vec<f32>),
+    (layout, finish): (Planes, Option<Finish>),
     parallel: bool,
 ) {
     let (plane, per_image) = (h * wd, t.count());
     let images = xg.len() / (c_in * plane);
     let tiles = images * per_image;
     m.resize(XI * c_out * tiles, 0.0);
-    transform_inputs(xg, (c_in, h, wd), t, v, parallel);
+    transform_inputs(xg, (c_in, h, wd), t, v, layout, parallel);
     let v = &*v;
     each_chunk(m, c_out * tiles, parallel, |xi_pos, m_xi| {
         // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ: c_in×T with row stride 16·T; M_ξ row-major.
@@ -228,37 +306,57 @@ fn run_group(
         );
     });
     let m = &*m;
-    each_chunk(yg, plane, parallel, |k, out| {
-        let (j, c) = (k / c_out, k % c_out);
+    // One chunk per block of channels of one image: `lanes` planes, interleaved where blocked.
+    let lanes = layout.lanes();
+    each_chunk(yg, plane * lanes, parallel, |k, out| {
+        let (j, c0) = (k / (c_out / lanes), k % (c_out / lanes) * lanes);
+        let from = |c: usize| (c * tiles + j * per_image, c_out * tiles);
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             s.rows.resize(s.rows.len().max(2 * per_image), 0.0);
-            output_tiles(
-                m,
-                c * tiles + j * per_image,
-                c_out * tiles,
-                t,
-                &mut s.rows,
-                out,
-            );
+            let Some(f) = finish else {
+                debug_assert_eq!(lanes, 1);
+                return output_tiles(m, from(c0), t, &mut s.rows, |p, y| {
+                    out[p].write(y);
+                });
+            };
+            // The block's planes one after the other, then interleaved as they are finished: each pass over
+            // the block (50 KB for 16 channels of 28×28) once, not once per channel.
+            s.planes.resize(lanes * plane, 0.0);
+            for (lane, dst) in s.planes.chunks_exact_mut(plane).enumerate() {
+                output_tiles(m, from(c0 + lane), t, &mut s.rows, |p, y| dst[p] = y);
+            }
+            let floor = if f.relu { 0.0 } else { f32::NEG_INFINITY };
+            let residual = f.residual.map(|r| &r[k * plane * lanes..][..plane * lanes]);
+            let bias = &f.bias[c0..c0 + lanes];
+            for (p, pixel) in out.chunks_exact_mut(lanes).enumerate() {
+                for (lane, o) in pixel.iter_mut().enumerate() {
+                    let v = s.planes[lane * plane + p] + bias[lane];
+                    let v = residual.map_or(v, |r| v + r[p * lanes + lane]);
+                    o.write(v.max(floor));
+                }
+            }
         })
     });
 }
 
-/// V `[C_in][16][T]` of the images `xg` (T = their tiles, image by image), by channel, on all threads when
-/// `parallel`.
+/// V `[C_in][16][T]` of the images `xg` (T = their tiles, image by image; planes in `layout`), by channel,
+/// on all threads when `parallel`.
 fn transform_inputs(
     xg: &[f32],
     (c_in, h, wd): (usize, usize, usize),
     t: &Tiles,
     v: &mut Vec<f32>,
+    layout: Planes,
     parallel: bool,
 ) {
     let (plane, per_image) = (h * wd, t.count());
     let images = xg.len() / (c_in * plane);
     let tiles = images * per_image;
+    let lanes = layout.lanes();
     v.resize(c_in * XI * tiles, 0.0);
-    each_chunk(v, XI * tiles, parallel, |c, vc| {
+    // One chunk per block of channels: a blocked block is first split into its planes, in one pass.
+    each_chunk(v, lanes * XI * tiles, parallel, |cb, vb| {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // The border stays zero: only the interior is rewritten per plane.
@@ -266,12 +364,29 @@ fn transform_inputs(
             s.plane.resize(t.padded_len(), 0.0);
             s.rows.resize(4 * t.pw(), 0.0);
             for j in 0..images {
-                let src = &xg[(j * c_in + c) * plane..][..plane];
-                for (r, line) in src.chunks(wd).enumerate() {
-                    let at = (r + 1) * t.pw() + 1;
-                    s.plane[at..at + wd].copy_from_slice(line);
+                let block = &xg[layout.origin((c_in, plane), j, cb * lanes)..][..lanes * plane];
+                let planes = match lanes {
+                    1 => block,
+                    _ => {
+                        s.planes.resize(lanes * plane, 0.0);
+                        for (p, pixel) in block.chunks_exact(lanes).enumerate() {
+                            for (lane, v) in pixel.iter().enumerate() {
+                                s.planes[lane * plane + p] = *v;
+                            }
+                        }
+                        &s.planes
+                    }
+                };
+                for (src, vc) in planes
+                    .chunks_exact(plane)
+                    .zip(vb.chunks_exact_mut(XI * tiles))
+                {
+                    for (r, line) in src.chunks(wd).enumerate() {
+                        let at = (r + 1) * t.pw() + 1;
+                        s.plane[at..at + wd].copy_from_slice(line);
+                    }
+                    input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
                 }
-                input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
             }
         })
     });
@@ -301,7 +416,7 @@ pub fn weight_grad(
         .enumerate()
     {
         let tiles = (xc.len() / (c_in * h * wd)) * per_image;
-        transform_inputs(xc, (c_in, h, wd), &t, &mut v, true);
+        transform_inputs(xc, (c_in, h, wd), &t, &mut v, Planes::Nchw, true);
         transform_output_grads(dyc, (c_out, h, wd), &t, &mut dm);
         let (v, dm) = (&v, &dm);
         du.par_chunks_mut(c_out * c_in)
@@ -434,17 +549,16 @@ fn input_tiles(
     }
 }
 
-/// `out` (one output plane) from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
-/// `m[ξ·stride + offset + k]`. Output row r of every tile at once (contiguous runs over the plane's tiles,
-/// which vectorise), then those values put in place (every value of `out` is written); `z` holds 2 values per
-/// tile.
+/// One output plane from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
+/// `m[ξ·stride + offset + k]`, each value `y` of pixel `p` (row-major) given to `store(p, y)`, every pixel once.
+/// Output row r of every tile at once (contiguous runs over the plane's tiles, which vectorise), then those
+/// values stored; `z` holds 2 values per tile.
 fn output_tiles(
     m: &[f32],
-    offset: usize,
-    stride: usize,
+    (offset, stride): (usize, usize),
     t: &Tiles,
     z: &mut [f32],
-    out: &mut [MaybeUninit<f32>],
+    mut store: impl FnMut(usize, f32),
 ) {
     let (h, w, count) = (t.h, t.w, t.count());
     let (z0, z1) = z[..2 * count].split_at_mut(count);
@@ -464,12 +578,11 @@ fn output_tiles(
             if oy >= h {
                 break;
             }
-            let line = &mut out[oy * w..(oy + 1) * w];
             for tx in 0..t.tw {
                 let k = ty * t.tw + tx;
-                line[2 * tx].write(z0[k]);
+                store(oy * w + 2 * tx, z0[k]);
                 if 2 * tx + 1 < w {
-                    line[2 * tx + 1].write(z1[k]);
+                    store(oy * w + 2 * tx + 1, z1[k]);
                 }
             }
         }
@@ -529,6 +642,63 @@ mod tests {
             let dx = input_grad(&flat(&up)?, &flat(&k)?, dims);
             let want = flat(grad.get(&x).unwrap())?;
             assert_close(&format!("input gradient {dims:?}"), &dx, &want);
+        }
+        Ok(())
+    }
+
+    /// `[N, C, H, W]` values in the blocked layout `[N, C/B, H, W, B]`.
+    fn to_blocked(v: &[f32], (c, plane): (usize, usize), lanes: usize) -> Vec<f32> {
+        let mut out = vec![0f32; v.len()];
+        for (at, value) in v.iter().enumerate() {
+            let (p, ch, img) = (at % plane, at / plane % c, at / (plane * c));
+            out[((img * c + ch / lanes * lanes) * plane + p * lanes) + ch % lanes] = *value;
+        }
+        out
+    }
+
+    /// The blocked forward with its finish (bias, residual, ReLU or not) against the NCHW forward finished
+    /// by hand: one image (stages on all threads), groups of two with a partial last one, odd planes.
+    #[test]
+    fn blocked_forward_equals_the_nchw_one_finished() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let lanes = 8;
+        for (dims, relu) in [
+            ((1, 8, 16, 6, 10), true),
+            ((5, 16, 8, 3, 5), false),
+            ((3, 8, 8, 7, 7), true),
+        ] {
+            let (n, c_in, c_out, h, w) = dims;
+            let plane = h * w;
+            let x = flat(&Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?)?;
+            let k = flat(&Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?)?;
+            let residual = flat(&Tensor::randn(0f32, 1.0, (n, c_out, h, w), &dev)?)?;
+            let bias: Vec<f32> = (0..c_out).map(|c| c as f32 * 0.25 - 1.0).collect();
+            let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+            let want: Vec<f32> = forward(&x, &k, dims)
+                .iter()
+                .zip(&residual)
+                .enumerate()
+                .map(|(at, (y, r))| ((y + bias[at / plane % c_out]) + r).max(floor))
+                .collect();
+            let blocked_residual = to_blocked(&residual, (c_out, plane), lanes);
+            let finish = Finish {
+                bias: &bias,
+                relu,
+                residual: Some(&blocked_residual),
+            };
+            let u = forward_weights(&k, (c_out, c_in));
+            let blocked_x = to_blocked(&x, (c_in, plane), lanes);
+            // SAFETY: `forward_blocked` writes every value.
+            let got = unsafe {
+                written_by(want.len(), |y| {
+                    forward_blocked(&blocked_x, &u, dims, lanes, finish, y)
+                })
+            };
+            assert_eq!(
+                got,
+                to_blocked(&want, (c_out, plane), lanes),
+                "blocked forward {dims:?}"
+            );
         }
         Ok(())
     }

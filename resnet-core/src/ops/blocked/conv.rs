@@ -11,10 +11,12 @@ use super::layout::{block_to_nchw, Blocked, Padded, Source};
 use super::simd::{Portable, Simd};
 use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
+use crate::ops::winograd;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use seq_macro::seq;
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 /// Columns per register tile at most (a `match` below instantiates each; `tile` writes out 12 column steps).
 const MAX_COLUMNS: usize = 12;
@@ -60,6 +62,17 @@ pub struct BlockedConv {
     weights: LineAligned,
     bias: LineAligned,
     relu: bool,
+    /// Winograd's transformed weights, made on the first forward that takes [`BlockedAlgorithm::Winograd`].
+    winograd: OnceLock<Vec<f32>>,
+}
+
+/// How [`BlockedConv::forward`] computes a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockedAlgorithm {
+    /// The direct kernel (the register tiles of this file).
+    Direct,
+    /// Winograd F(2×2, 3×3) (`ops::winograd`), transforms reading and writing the blocked layout.
+    Winograd,
 }
 
 /// The lanes of `isa`'s blocked layout.
@@ -161,6 +174,7 @@ impl BlockedConv {
             weights: LineAligned::from_values(w.len(), packed),
             bias: LineAligned::from_slice(bias),
             relu,
+            winograd: OnceLock::new(),
         })
     }
 
@@ -168,9 +182,30 @@ impl BlockedConv {
         (input + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
+    /// The algorithm [`BlockedConv::forward`] runs on `x`: Winograd's for a blocked batch of two images or more
+    /// into a 3×3, stride-1, padding-1 layer where [`winograd::applies`] (wide layers with enough tiles per
+    /// GEMM), else the direct kernel. ResNet-50's layers at batch 16, the best of 40 alternated calls (AMD EPYC
+    /// Zen 4): 128→128 on 28×28 216 → 249–263 GFLOP/s, 256→256 on 14×14 213–215 → 243–248, 512→512 on 7×7
+    /// 215–220 → 243–249. A single image runs Winograd's stages one after the other on all threads: 128→128 on
+    /// 28×28 at 0.77–1.0× the direct kernel.
+    pub fn algorithm(&self, x: Source) -> BlockedAlgorithm {
+        let (n, _, h, w) = x.dims();
+        let winograd = matches!(x, Source::Blocked(_))
+            && (self.kernel, self.stride, self.padding) == (3, 1, 1)
+            && n >= 2
+            && winograd::applies(n, (self.c_in, self.c_out), (h, w));
+        match winograd {
+            true => BlockedAlgorithm::Winograd,
+            false => BlockedAlgorithm::Direct,
+        }
+    }
+
     /// `ReLU?(conv(x) + bias (+ residual))` in the blocked layout.
     pub fn forward(&self, x: Source, residual: Option<&Blocked>) -> Result<Blocked> {
         self.check(x, residual)?;
+        if let (Source::Blocked(b), BlockedAlgorithm::Winograd) = (x, self.algorithm(x)) {
+            return Ok(self.winograd(b, residual));
+        }
         if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
             // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
             // lines and runs as a stride-1 one over the plane.
@@ -192,6 +227,49 @@ impl BlockedConv {
             Output::Nchw(v) => v,
             Output::Blocked(b) => b.to_nchw_vec(),
         })
+    }
+
+    /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size).
+    fn winograd(&self, x: &Blocked, residual: Option<&Blocked>) -> Blocked {
+        let u = self.winograd.get_or_init(|| {
+            winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in))
+        });
+        let finish = winograd::Finish {
+            bias: &self.bias,
+            relu: self.relu,
+            residual: residual.map(|r| &*r.data),
+        };
+        let dims = (x.n, self.c_in, self.c_out, x.h, x.w);
+        let len = x.n * self.c_out * x.h * x.w;
+        // SAFETY: `forward_blocked` writes every value of its output.
+        let data = unsafe {
+            Scratch::written_by(len, |y| {
+                winograd::forward_blocked(&x.data, u, dims, self.lanes, finish, y)
+            })
+        };
+        Blocked {
+            data,
+            n: x.n,
+            c: self.c_out,
+            h: x.h,
+            w: x.w,
+            lanes: self.lanes,
+        }
+    }
+
+    /// The weights `[C_out, C_in, k, k]` back from their packing (see `from_slice`).
+    fn unpacked_weights(&self) -> Vec<f32> {
+        let (kk, fb, bi) = (self.kernel * self.kernel, self.group * self.lanes, self.bi);
+        let mut w = vec![0f32; self.c_out * self.c_in * kk];
+        for (at, v) in self.weights.iter().enumerate() {
+            let (oo, rest) = (at % fb, at / fb);
+            let (i, rest) = (rest % bi, rest / bi);
+            let (tap, rest) = (rest % kk, rest / kk);
+            let (cb, g) = (rest % (self.c_in / bi), rest / (self.c_in / bi));
+            let (o, c) = (g * fb + oo, cb * bi + i);
+            w[(o * self.c_in + c) * kk + tap] = *v;
+        }
+        w
     }
 
     /// Whether `x` (and `residual`) fit this convolution.

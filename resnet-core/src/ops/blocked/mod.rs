@@ -15,7 +15,7 @@ mod pool;
 mod simd;
 mod weight_grad;
 
-pub use conv::{lanes, BlockedConv};
+pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{Blocked, Source};
 pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
