@@ -157,7 +157,7 @@ fn images_per_group(n: usize, tiles: usize) -> usize {
 
 /// The layout of a batch's planes: NCHW, or channel-blocked `[N, C/B, H, W, B]` (`ops::blocked`, `lanes` = B).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Planes {
+enum Planes {
     Nchw,
     Blocked { lanes: usize },
 }
