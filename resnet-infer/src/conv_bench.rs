@@ -26,14 +26,18 @@ pub struct ConvTiming {
     pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
 }
 
-/// Seconds per call of `f` over `iterations` calls, after one warm-up call.
+/// Seconds per call of `f`: the median of `iterations` timed calls (at least one), after one warm-up call. The
+/// median rather than the mean, so that a slow moment of a shared machine moves a layer's figure less.
 fn seconds_per_call<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?;
-    let start = Instant::now();
-    for _ in 0..iterations {
+    let mut times = Vec::with_capacity(iterations.max(1));
+    for _ in 0..iterations.max(1) {
+        let start = Instant::now();
         f()?;
+        times.push(start.elapsed().as_secs_f64());
     }
-    Ok(start.elapsed().as_secs_f64() / iterations as f64)
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// The blocked forward of `weight` on `x` as folded inference runs it: a blocked input, or the NCHW image where
