@@ -678,6 +678,58 @@ fn cpu_kernel_set_is_chosen_reported_and_checked() {
     assert_one_line_error(&run(None, &["bench", "--peak", "--train"]), "add --model");
 }
 
+/// `bench --convs` marks the layers that folded inference runs by Winograd's algorithm on the blocked layout:
+/// ResNet-50's wide 3×3 stride-1 layers at batch 2 on 28×28 (enough tiles), not the 64-channel ones on 56×56,
+/// on every kernel set.
+#[test]
+fn convs_table_marks_the_blocked_winograd_layers() {
+    let isas: &[&str] = if cfg!(target_arch = "x86_64") {
+        &["generic", "avx2"]
+    } else {
+        &["generic"]
+    };
+    for isa in isas {
+        let out = Command::new(env!("CARGO_BIN_EXE_resnet-infer"))
+            .args([
+                "bench",
+                "--model",
+                "resnet50",
+                "--batch-size",
+                "2",
+                "--iterations",
+                "1",
+                "--convs",
+            ])
+            .env("RESNET_CPU_ISA", isa)
+            .output()
+            .expect("running resnet-infer");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            // A CPU without AVX2 refuses the avx2 kernel set (checked by the test above).
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("does not run"),
+                "{out:?}"
+            );
+            continue;
+        }
+        let row = |name: &str| {
+            stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("| {name} |")))
+                .unwrap_or_else(|| panic!("{isa}: no row {name}: {stdout}"))
+                .to_string()
+        };
+        assert!(
+            row("128→128 3×3/1 on 28×28").ends_with(" Winograd |"),
+            "{isa}: {stdout}"
+        );
+        assert!(
+            !row("64→64 3×3/1 on 56×56").ends_with(" Winograd |"),
+            "{isa}: {stdout}"
+        );
+    }
+}
+
 /// No leak over a long run: after 200 training steps the heap holds what it held after 20, and the peak RSS is
 /// the same up to where the allocator's 32 MiB segments settle (seen: 87–102 MB for either count).
 #[test]
