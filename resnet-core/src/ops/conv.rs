@@ -186,7 +186,8 @@ impl Geometry {
 
     /// Whether the blocked kernel computes `pass`: with AVX2 or AVX-512, a square kernel wider than 1×1 with
     /// output channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
-    /// too; for the weight gradient, a 3×3 layer of either stride, see `blocked::weight_grad_3x3_nchw`).
+    /// too; for the weight gradient, a 3×3 layer of either stride or the 7×7 stem, see
+    /// `blocked::weight_grad_nchw`).
     ///
     /// With AVX2 it runs ResNet-20's 3×3 stride-1 layers, the conversions included, at 1.2–1.4× the speed of an
     /// NCHW direct kernel for AVX2, and the strided ones and ResNet-18's 7×7 stem faster than im2col + GEMM
@@ -205,9 +206,7 @@ impl Geometry {
                 Pass::Forward => BlockedConv::applies(isa, self.c_out),
                 Pass::InputGrad => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
                 Pass::WeightGrad => {
-                    self.kh == 3
-                        && self.pad == 1
-                        && blocked::weight_grad_applies(isa, self.c_in, self.c_out)
+                    blocked::weight_grad_applies(isa, (self.kh, self.pad), self.c_in, self.c_out)
                 }
             }
     }
@@ -613,13 +612,13 @@ impl Conv2dOp {
         match g.dispatch(Pass::WeightGrad) {
             (Algorithm::Winograd, _) => return Ok(winograd::weight_grad(x, dy, g.dims())),
             (Algorithm::Blocked, isa) => {
-                return blocked::weight_grad_3x3_nchw(
+                return blocked::weight_grad_nchw(
                     isa,
                     x,
                     (g.n, g.c_in, g.h, g.w),
                     dy,
                     (g.c_out, g.oh, g.ow),
-                    g.stride,
+                    (g.kh, g.stride),
                     WEIGHT_GRAD_GROUP,
                 )
             }

@@ -5,8 +5,7 @@
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
 //! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`] and
-//! [`weight_grad_3x3_nchw`]; the vector
-//! operations per kernel set are in `simd`.
+//! [`weight_grad_nchw`]; the vector operations per kernel set are in `simd`.
 
 mod conv;
 mod layout;
@@ -19,4 +18,4 @@ pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{Blocked, Source};
 pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
-pub use weight_grad::{weight_grad_3x3_nchw, weight_grad_applies};
+pub use weight_grad::{weight_grad_applies, weight_grad_nchw};

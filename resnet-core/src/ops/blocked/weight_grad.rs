@@ -1,5 +1,5 @@
-//! The weight gradient of a 3×3 convolution (either stride, padding 1), for the training op (`ops::conv`),
-//! whose tensors are NCHW:
+//! The weight gradient of a k×k convolution with padding k/2 (the 3×3 layers, either stride, and the 7×7
+//! stride-2 stem of the ImageNet nets), for the training op (`ops::conv`), whose tensors are NCHW:
 //!
 //!   dW[o, c, ky, kx] = Σ_n Σ_{oy, ox} dY[n, o, oy, ox] · X_pad[n, c, oy·s + ky, ox·s + kx]
 //!
@@ -7,12 +7,15 @@
 //! channels of a pixel are one vector; the input is read in place, NCHW, broadcast one value at a time (with a
 //! zero-bordered copy of it instead, ResNet-20's weight gradients took 68–87 ms per batch of 128 against
 //! 59–72, 3 alternated rounds, AMD EPYC Zen 4). A register tile is `F` output blocks × `CI` input channels ×
-//! the 3 kernel columns of one kernel row, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F`
+//! the k kernel columns of one kernel row; for 3×3, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F`
 //! vector loads and `12/F` broadcasts feed 12 FMAs, and with the `F` vectors and a broadcast the tile takes 15
 //! of AVX2's 16 registers (smaller tiles where the input channels are not in pairs or fours, as at a 3-channel
 //! stem). (The transposed tile, input channels in the vector and 4 output channels × 3 columns, needs all 16
 //! and one more for the next broadcast: LLVM kept an accumulator on the stack, and it ran at 29–33 % of the
-//! FMA peak.) im2col + GEMM ran these layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2).
+//! FMA peak.) im2col + GEMM ran these layers at 22–37 % (`bench --convs`, AMD EPYC Zen 2). The 7×7 stem
+//! (3 input channels) takes 2 × 1 × 7 = 14 accumulators with AVX-512's 32 registers, 1 × 1 × 7 with fewer:
+//! ResNet-18's stem at batch 16, im2col + GEMM 113–119 GFLOP/s (32–33 ms), this kernel 162–163 (23 ms; two
+//! alternated rounds, AMD EPYC Zen 4).
 //!
 //! Images are summed in fixed groups, each group's partial sums added in group order: the same result for
 //! any thread count.
@@ -29,22 +32,43 @@ use std::mem::MaybeUninit;
 /// Multiply-adds ×2 that one thread takes at least at a time.
 const MIN_TASK_FLOPS: usize = 2_000_000;
 
-/// Whether [`weight_grad_3x3_nchw`] computes the weight gradient of a 3×3 convolution from `c_in` to `c_out`
-/// channels on `isa`: output channels in whole blocks.
-pub fn weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> bool {
-    c_in > 0 && c_out.is_multiple_of(lanes(isa))
+/// Kernel sizes with a kernel here, each with padding k/2: 3×3 and the 7×7 stem.
+pub const KERNELS: [usize; 2] = [3, 7];
+
+/// Whether [`weight_grad_nchw`] computes the weight gradient of a `kernel`×`kernel` convolution with padding
+/// `padding` from `c_in` to `c_out` channels on `isa`: a size of [`KERNELS`] padded by half of it, output
+/// channels in whole blocks.
+pub fn weight_grad_applies(
+    isa: Isa,
+    (kernel, padding): (usize, usize),
+    c_in: usize,
+    c_out: usize,
+) -> bool {
+    KERNELS.contains(&kernel)
+        && padding == kernel / 2
+        && c_in > 0
+        && c_out.is_multiple_of(lanes(isa))
 }
 
-/// The register tiles, `(F, CI)`: `F` output blocks × `CI` input channels × 3 kernel columns, best first (12
-/// accumulators; fewer where the channels do not divide, as at a 3-channel stem).
+/// The register tiles of 3×3, `(F, CI)`: `F` output blocks × `CI` input channels × 3 kernel columns, best
+/// first (12 accumulators; fewer where the channels do not divide, as at a 3-channel stem).
 const TILES: [(usize, usize); 6] = [(2, 2), (1, 4), (1, 3), (2, 1), (1, 2), (1, 1)];
 
-/// The first of [`TILES`] that divides the channels.
-fn tile_shape(isa: Isa, c_in: usize, c_out: usize) -> (usize, usize) {
+/// The register tiles of 7×7: 14 accumulators where AVX-512 has the registers, else 7.
+const TILES_7X7: [(usize, usize); 2] = [(2, 1), (1, 1)];
+
+/// The first tile of the kernel size's list that divides the channels and fits `isa`'s registers.
+fn tile_shape(isa: Isa, kernel: usize, c_in: usize, c_out: usize) -> (usize, usize) {
     let b = lanes(isa);
-    TILES
-        .into_iter()
-        .find(|&(f, ci)| c_out.is_multiple_of(f * b) && c_in.is_multiple_of(ci))
+    let fits = |(f, ci): (usize, usize)| kernel == 3 || isa == Isa::Avx512 || f * ci == 1;
+    let tiles: &[(usize, usize)] = match kernel {
+        3 => &TILES,
+        _ => &TILES_7X7,
+    };
+    tiles
+        .iter()
+        .copied()
+        .find(|&(f, ci)| fits((f, ci)) && c_out.is_multiple_of(f * b) && c_in.is_multiple_of(ci))
         .unwrap_or((1, 1))
 }
 
@@ -72,33 +96,38 @@ struct Tile {
 
 type TileKernel = unsafe fn(&Tile);
 
-/// `dW` `[C_out, C_in, 3, 3]` of the 3×3 convolution (padding 1, stride `stride`) of `x` `[N, C_in, H, W]`
+/// `dW` `[C_out, C_in, k, k]` of the k×k convolution (padding k/2, stride `stride`) of `x` `[N, C_in, H, W]`
 /// whose output gradient is `dy` `[N, C_out, H', W']`, images summed in groups of `group`. Call where
-/// [`weight_grad_applies`]`(isa, c_in, c_out)`.
-pub fn weight_grad_3x3_nchw(
+/// [`weight_grad_applies`]`(isa, (k, k / 2), c_in, c_out)`.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad_nchw(
     isa: Isa,
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
     dy: &[f32],
     (c_out, oh, ow): (usize, usize, usize),
-    stride: usize,
+    (k, stride): (usize, usize),
     group: usize,
 ) -> Result<Vec<f32>> {
     let b = lanes(isa);
+    let pad = k / 2;
+    let out = |side: usize| {
+        (side + 2 * pad)
+            .checked_sub(k)
+            .map(|d| d / stride.max(1) + 1)
+    };
     if isa > Isa::best_available()
-        || !weight_grad_applies(isa, c_in, c_out)
+        || !weight_grad_applies(isa, (k, pad), c_in, c_out)
         || x.len() != n * c_in * h * w
         || dy.len() != n * c_out * oh * ow
         || stride == 0
         || group == 0
-        || h == 0
-        || w == 0
-        || (oh, ow) != ((h - 1) / stride + 1, (w - 1) / stride + 1)
+        || (Some(oh), Some(ow)) != (out(h), out(w))
     {
         candle_core::bail!(
             "blocked weight gradient: input [{n}, {c_in}, {h}, {w}] ({} values), output gradient \
-             [{n}, {c_out}, {oh}, {ow}] ({} values), stride {stride}: expected the output channels in blocks \
-             of {b} and a CPU that runs {isa}",
+             [{n}, {c_out}, {oh}, {ow}] ({} values), {k}×{k} kernel, stride {stride}: expected a kernel of \
+             {KERNELS:?} padded by half, the output channels in blocks of {b} and a CPU that runs {isa}",
             x.len(),
             dy.len()
         );
@@ -114,10 +143,11 @@ pub fn weight_grad_3x3_nchw(
     let Some(dy_blocked) = blocked_dy.data() else {
         candle_core::bail!("blocked weight gradient: the output gradient was not copied");
     };
-    let (f, channels) = tile_shape(isa, c_in, c_out);
+    let (f, channels) = tile_shape(isa, k, c_in, c_out);
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
-    let tile_len = f * channels * 9 * b;
-    let kernel = tile_kernel(isa, (f, channels));
+    let taps = k * k;
+    let tile_len = f * channels * taps * b;
+    let kernel = tile_kernel(isa, k, (f, channels));
     // Partial sums `[groups][tiles][c_in / channels][tile]`: task (group, tile, channels) writes one chunk.
     let task_flops = 2 * group * oh * ow * tile_len;
     let x_plane = h * w;
@@ -155,37 +185,40 @@ pub fn weight_grad_3x3_nchw(
     let whole = tiles * channel_groups * tile_len;
     // SAFETY: the tasks write every chunk of `tile_len` values.
     let partials = unsafe { written_by(groups * whole, fill) };
-    // `[C_out, C_in, 3, 3]`, each value its groups' partial sums added in group order, on all threads.
+    // `[C_out, C_in, k, k]`, each value its groups' partial sums added in group order, on all threads.
     let gather = |dw: &mut [MaybeUninit<f32>]| {
-        dw.par_chunks_mut(c_in * 9)
+        dw.par_chunks_mut(c_in * taps)
             .enumerate()
             .for_each(|(o, row)| {
                 let (t, lane) = (o / (f * b), o % (f * b));
-                for (c, taps) in row.chunks_exact_mut(9).enumerate() {
+                for (c, kernel) in row.chunks_exact_mut(taps).enumerate() {
                     let at = (t * channel_groups + c / channels) * tile_len
-                        + c % channels * 9 * f * b
+                        + c % channels * taps * f * b
                         + lane;
-                    for (tap, v) in taps.iter_mut().enumerate() {
+                    for (tap, v) in kernel.iter_mut().enumerate() {
                         let i = at + tap * f * b;
                         v.write((0..groups).fold(0.0, |sum, g| sum + partials[g * whole + i]));
                     }
                 }
             })
     };
-    // SAFETY: every output channel's row of `c_in · 9` values is written.
-    Ok(unsafe { written_by(c_out * c_in * 9, gather) })
+    // SAFETY: every output channel's row of `c_in · k²` values is written.
+    Ok(unsafe { written_by(c_out * c_in * taps, gather) })
 }
 
-fn tile_kernel(isa: Isa, shape: (usize, usize)) -> TileKernel {
+/// The tile kernel of `isa` for a `kernel`×`kernel` convolution and a tile shape of `tile_shape`.
+fn tile_kernel(isa: Isa, kernel: usize, shape: (usize, usize)) -> TileKernel {
     macro_rules! pick {
         ($tile:ident) => {
-            match shape {
-                (2, 2) => $tile::<2, 2>,
-                (1, 4) => $tile::<1, 4>,
-                (1, 3) => $tile::<1, 3>,
-                (2, 1) => $tile::<2, 1>,
-                (1, 2) => $tile::<1, 2>,
-                _ => $tile::<1, 1>,
+            match (kernel, shape) {
+                (7, (2, 1)) => $tile::<2, 1, 7>,
+                (7, _) => $tile::<1, 1, 7>,
+                (_, (2, 2)) => $tile::<2, 2, 3>,
+                (_, (1, 4)) => $tile::<1, 4, 3>,
+                (_, (1, 3)) => $tile::<1, 3, 3>,
+                (_, (2, 1)) => $tile::<2, 1, 3>,
+                (_, (1, 2)) => $tile::<1, 2, 3>,
+                _ => $tile::<1, 1, 3>,
             }
         };
     }
@@ -199,8 +232,8 @@ fn tile_kernel(isa: Isa, shape: (usize, usize)) -> TileKernel {
     pick!(portable_tile)
 }
 
-unsafe fn portable_tile<const F: usize, const CI: usize>(tile: &Tile) {
-    unsafe { sum_tile::<Portable, F, CI>(tile) }
+unsafe fn portable_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
+    unsafe { sum_tile::<Portable, F, CI, K>(tile) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -212,13 +245,13 @@ mod x86 {
     use crate::ops::blocked::simd::{Avx2, Avx512};
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_tile<const F: usize, const CI: usize>(tile: &Tile) {
-        unsafe { sum_tile::<Avx2, F, CI>(tile) }
+    pub(super) unsafe fn avx2_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
+        unsafe { sum_tile::<Avx2, F, CI, K>(tile) }
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_tile<const F: usize, const CI: usize>(tile: &Tile) {
-        unsafe { sum_tile::<Avx512, F, CI>(tile) }
+    pub(super) unsafe fn avx512_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
+        unsafe { sum_tile::<Avx512, F, CI, K>(tile) }
     }
 }
 
@@ -226,34 +259,35 @@ mod x86 {
 /// then join the tile's sums in memory. The input is read in place: a tap in the zero border adds nothing, so
 /// rows in it are skipped, and the columns at the plane's edges take their taps one by one.
 #[inline(always)]
-unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize>(tile: &Tile) {
-    let (w, s) = (tile.w as isize, tile.stride as isize);
-    // Output columns `1..inner` have all 3 taps (columns `ox·s − 1 ..= ox·s + 1`) inside the plane.
-    let inner = ((w - 2).div_euclid(s) + 1).clamp(1, tile.ow as isize) as usize;
+unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
+    let (w, s, pad) = (tile.w, tile.stride, K / 2);
+    // Output columns `first..inner` have all K taps (columns `ox·s − pad ..= ox·s − pad + K − 1`) inside the
+    // plane; the others take theirs one by one.
+    let first = pad.div_ceil(s).min(tile.ow);
+    let inner = ((w + pad).checked_sub(K).map_or(0, |d| d / s + 1)).clamp(first, tile.ow);
     unsafe {
-        let mut sums = [[[[S::zero(); F]; 3]; 3]; CI];
+        let mut sums = [[[[S::zero(); F]; K]; K]; CI];
         for img in 0..tile.images {
             let x = tile.x.add(img * tile.x_image);
             let dy = tile.dy.add(img * tile.dy_image);
-            for ky in 0..3 {
-                let mut acc = [[[S::zero(); F]; 3]; CI];
+            for ky in 0..K {
+                let mut acc = [[[S::zero(); F]; K]; CI];
                 for oy in 0..tile.oh {
-                    // Input row `oy·s + ky − 1`, if it is inside the plane.
-                    let Some(iy) = (oy * tile.stride + ky)
-                        .checked_sub(1)
-                        .filter(|&r| r < tile.h)
-                    else {
+                    // Input row `oy·s + ky − pad`, if it is inside the plane.
+                    let Some(iy) = (oy * s + ky).checked_sub(pad).filter(|&r| r < tile.h) else {
                         continue;
                     };
                     let row = x.add(iy * tile.w);
                     let d = dy.add(oy * tile.ow * S::LANES);
                     let row = Row { x: row, dy: d };
-                    pixel::<S, F, CI, true>(&mut acc, row, tile, 0);
-                    for ox in 1..inner {
-                        pixel::<S, F, CI, false>(&mut acc, row, tile, ox);
+                    for ox in 0..first {
+                        pixel::<S, F, CI, K, true>(&mut acc, row, tile, ox);
+                    }
+                    for ox in first..inner {
+                        pixel::<S, F, CI, K, false>(&mut acc, row, tile, ox);
                     }
                     for ox in inner..tile.ow {
-                        pixel::<S, F, CI, true>(&mut acc, row, tile, ox);
+                        pixel::<S, F, CI, K, true>(&mut acc, row, tile, ox);
                     }
                 }
                 for (sum, acc) in sums.iter_mut().zip(&acc) {
@@ -280,25 +314,25 @@ struct Row {
     dy: *const f32,
 }
 
-/// Output column `ox`'s terms into the accumulators: `F` output-gradient vectors, each input channel's 3 taps
-/// broadcast. `EDGE`: some taps may fall outside the row, and those add nothing. (A function, not a closure:
-/// a closure does not take its caller's `target_feature`.)
+/// Output column `ox`'s terms into the accumulators: `F` output-gradient vectors, each input channel's `K`
+/// taps broadcast. `EDGE`: some taps may fall outside the row, and those add nothing. (A function, not a
+/// closure: a closure does not take its caller's `target_feature`.)
 #[inline(always)]
-unsafe fn pixel<S: Simd, const F: usize, const CI: usize, const EDGE: bool>(
-    acc: &mut [[[S; F]; 3]; CI],
+unsafe fn pixel<S: Simd, const F: usize, const CI: usize, const K: usize, const EDGE: bool>(
+    acc: &mut [[[S; F]; K]; CI],
     row: Row,
     tile: &Tile,
     ox: usize,
 ) {
-    let (s, w) = (tile.stride as isize, tile.w as isize);
+    let (s, w, pad) = (tile.stride as isize, tile.w as isize, (K / 2) as isize);
     unsafe {
         let dv: [S; F] =
             std::array::from_fn(|f| S::load(row.dy.add(f * tile.dy_plane + ox * S::LANES)));
-        // Column `ox·s − 1` (before the row's start at `ox = 0`, not read there).
-        let at = row.x.wrapping_offset(ox as isize * s - 1);
+        // Column `ox·s − pad` (before the row's start at the left edge, not read there).
+        let at = row.x.wrapping_offset(ox as isize * s - pad);
         for (c, acc) in acc.iter_mut().enumerate() {
             for (kx, acc) in acc.iter_mut().enumerate() {
-                let col = ox as isize * s + kx as isize - 1;
+                let col = ox as isize * s + kx as isize - pad;
                 let v = match !EDGE || (0..w).contains(&col) {
                     true => S::splat(at.wrapping_add(c * tile.h * tile.w + kx)),
                     false => S::zero(),
@@ -325,19 +359,20 @@ mod tests {
         (n, c_in, h, w): (usize, usize, usize, usize),
         dy: &[f32],
         (c_out, oh, ow): (usize, usize, usize),
-        s: usize,
+        (k, s): (usize, usize),
     ) -> Vec<f64> {
-        let mut dw = vec![0f64; c_out * c_in * 9];
+        let pad = (k / 2) as isize;
+        let mut dw = vec![0f64; c_out * c_in * k * k];
         for img in 0..n {
             for o in 0..c_out {
                 for c in 0..c_in {
-                    for tap in 0..9 {
-                        let (ky, kx) = (tap / 3, tap % 3);
+                    for tap in 0..k * k {
+                        let (ky, kx) = (tap / k, tap % k);
                         let mut sum = 0f64;
                         for oy in 0..oh {
                             for ox in 0..ow {
                                 let (iy, ix) =
-                                    ((oy * s + ky) as isize - 1, (ox * s + kx) as isize - 1);
+                                    ((oy * s + ky) as isize - pad, (ox * s + kx) as isize - pad);
                                 if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                     continue;
                                 }
@@ -346,7 +381,7 @@ mod tests {
                                     * f64::from(dy[((img * c_out + o) * oh + oy) * ow + ox]);
                             }
                         }
-                        dw[(o * c_in + c) * 9 + tap] += sum;
+                        dw[(o * c_in + c) * k * k + tap] += sum;
                     }
                 }
             }
@@ -354,42 +389,59 @@ mod tests {
         dw
     }
 
-    /// Every kernel set this CPU runs, both strides, odd planes, a partial last group of images.
+    /// Every kernel set this CPU runs, both kernel sizes, both strides, odd planes, planes smaller than the
+    /// kernel, a partial last group of images.
     #[test]
     fn equals_the_definition_on_every_kernel_set() -> Result<()> {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         for isa in Isa::available() {
             let b = lanes(isa);
+            // (images, c_in, h, w, c_out, kernel, stride)
             let shapes = [
-                (3, 4, 5, 7, b, 1),
-                (5, 6, 9, 6, 2 * b, 2),
-                (1, 8, 1, 1, 2 * b, 1),
-                (2, 12, 4, 4, 3 * b, 2),
+                (3, 4, 5, 7, b, 3, 1),
+                (5, 6, 9, 6, 2 * b, 3, 2),
+                (1, 8, 1, 1, 2 * b, 3, 1),
+                (2, 12, 4, 4, 3 * b, 3, 2),
                 // Many tiles and channel groups.
-                (2, 64, 24, 24, 10 * b, 1),
+                (2, 64, 24, 24, 10 * b, 3, 1),
                 // Input channels in threes (a stem), odd, in pairs only, prime.
-                (3, 3, 12, 12, b, 1),
-                (2, 5, 6, 6, 2 * b, 2),
-                (2, 2, 5, 5, b, 1),
-                (1, 7, 4, 4, b, 1),
+                (3, 3, 12, 12, b, 3, 1),
+                (2, 5, 6, 6, 2 * b, 3, 2),
+                (2, 2, 5, 5, b, 3, 1),
+                (1, 7, 4, 4, b, 3, 1),
+                // The 7×7 stem: both tiles, both strides, odd and tiny planes.
+                (3, 3, 19, 22, 2 * b, 7, 2),
+                (2, 3, 11, 9, b, 7, 2),
+                (1, 2, 13, 13, 2 * b, 7, 1),
+                (2, 3, 4, 3, 2 * b, 7, 2),
             ];
             let tiles: Vec<_> = shapes
                 .iter()
-                .map(|&(_, c_in, _, _, c_out, _)| tile_shape(isa, c_in, c_out))
+                .map(|&(_, c_in, _, _, c_out, k, _)| (k, tile_shape(isa, k, c_in, c_out)))
                 .collect();
-            assert!(TILES.iter().all(|t| tiles.contains(t)), "{isa}: {tiles:?}");
-            for (n, c_in, h, w, c_out, s) in shapes {
-                let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
+            let seven = match isa {
+                Isa::Avx512 => &TILES_7X7[..],
+                _ => &TILES_7X7[1..],
+            };
+            let all = TILES
+                .iter()
+                .map(|&t| (3, t))
+                .chain(seven.iter().map(|&t| (7, t)));
+            assert!(all.clone().all(|t| tiles.contains(&t)), "{isa}: {tiles:?}");
+            for (n, c_in, h, w, c_out, k, s) in shapes {
+                let out = |side: usize| (side + 2 * (k / 2) - k) / s + 1;
+                let (oh, ow) = (out(h), out(w));
                 let x: Vec<f32> = (0..n * c_in * h * w).map(value).collect();
                 let dy: Vec<f32> = (0..n * c_out * oh * ow).map(|i| value(i + 3)).collect();
-                let ours =
-                    weight_grad_3x3_nchw(isa, &x, (n, c_in, h, w), &dy, (c_out, oh, ow), s, 2)?;
-                let exact = reference(&x, (n, c_in, h, w), &dy, (c_out, oh, ow), s);
+                let dims = (n, c_in, h, w);
+                let ours = weight_grad_nchw(isa, &x, dims, &dy, (c_out, oh, ow), (k, s), 2)?;
+                let exact = reference(&x, dims, &dy, (c_out, oh, ow), (k, s));
+                assert_eq!(ours.len(), exact.len());
                 for (i, (a, e)) in ours.iter().zip(&exact).enumerate() {
                     assert!(
                         (f64::from(*a) - e).abs() < 1e-4 * (1.0 + e.abs()),
                         "{isa} {:?} element {i}: {a} vs {e}",
-                        (n, c_in, h, w, c_out, s)
+                        (n, c_in, h, w, c_out, k, s)
                     );
                 }
             }
