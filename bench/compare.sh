@@ -7,6 +7,11 @@
 #   PYTHON: a Python with torch and onnxruntime (../shared/reference/setup-torch.sh makes /tmp/torchenv).
 #   --isa avx2: our AVX2 kernel set (RESNET_CPU_ISA=avx2) against PyTorch limited to AVX2
 #               (ONEDNN_MAX_CPU_ISA=AVX2); ONNX Runtime has no such switch and is left out.
+#   COMPARE_SECONDS: seconds each peer runs per round (default 15).
+#   COMPARE_ROUNDS: rounds per case (default 1). Each round runs ours, then every peer, back to back; a cell is
+#     the median img/s of its rounds, and the ratio the median of the rounds' own ratios, with their range
+#     when there are several rounds: a shared VM whose speed drifts from minute to minute moves the two sides of
+#     one round together, not the medians of separate runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ISA=""
@@ -17,6 +22,7 @@ fi
 PY=${1:-/tmp/torchenv/bin/python}
 REF=${RESNET_SHARED:-../shared}/reference/pytorch_bench.py
 SECONDS_PER_PEER=${COMPARE_SECONDS:-15}
+ROUNDS=${COMPARE_ROUNDS:-1}
 cargo build -q --release -p resnet-infer
 BIN=target/release/resnet-infer
 PEERS="eager cl ort"
@@ -27,28 +33,38 @@ if [[ -n "$ISA" ]]; then
     PEERS="eager cl"
   fi
 fi
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads; $(date -u +%F)"
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads; $(date -u +%F); $ROUNDS round(s) of ${SECONDS_PER_PEER} s per peer"
 $BIN bench --peak | head -1
 row() { # case, our bench args
-  local ours peers="" variant out
-  ours=$($BIN bench $2 --json | tail -1)
-  for variant in $PEERS; do
-    if [[ $variant == ort && $1 == train-* ]]; then continue; fi
-    out=$($PY "$REF" "$1" --seconds "$SECONDS_PER_PEER" --variant "$variant" 2>/dev/null | tail -1)
-    peers="$peers;$out"
+  local rounds="" round variant out
+  for ((r = 0; r < ROUNDS; r++)); do
+    round=$($BIN bench $2 --json | tail -1)
+    for variant in $PEERS; do
+      if [[ $variant == ort && $1 == train-* ]]; then continue; fi
+      out=$($PY "$REF" "$1" --seconds "$SECONDS_PER_PEER" --variant "$variant" 2>/dev/null | tail -1)
+      round="$round;$out"
+    done
+    rounds="$rounds|$round"
   done
-  python3 - "$1" "$ours" "$peers" <<'PYEOF'
-import json, sys, re
-case, ours, peers = sys.argv[1], json.loads(sys.argv[2]), [p for p in sys.argv[3].split(";") if p]
-found = {}
-for p in peers:
-    v = re.search(r"variant=(\w+)", p).group(1)
-    found[v] = (float(re.search(r"img/s=([0-9.]+)", p).group(1)), int(re.search(r"peak_rss_mb=([0-9]+)", p).group(1)))
-cell = lambda v: f"{found[v][0]:.1f} ({found[v][1]} MB)" if v in found else "–"
-best = max(found, key=lambda v: found[v][0])
-o_ips, o_rss = ours["images_per_second"], ours["peak_rss_mb"]
-print(f"| {case} | {ours['isa']} | {o_ips:.1f} ({o_rss:.0f} MB) | {cell('eager')} | {cell('cl')} | {cell('ort')} "
-      f"| {o_ips / found['eager'][0]:.2f}× | **{o_ips / found[best][0]:.2f}×** {best} |")
+  python3 - "$1" "$rounds" <<'PYEOF'
+import json, re, statistics, sys
+case, rounds = sys.argv[1], [r for r in sys.argv[2].split("|") if r]
+ours, peers = [], {}  # per round: (img/s, peak RSS MB)
+for r in rounds:
+    first, *rest = r.split(";")
+    o = json.loads(first)
+    ours.append((o["images_per_second"], o["peak_rss_mb"], o["isa"]))
+    for p in filter(None, rest):
+        v = re.search(r"variant=(\w+)", p).group(1)
+        peers.setdefault(v, []).append(
+            (float(re.search(r"img/s=([0-9.]+)", p).group(1)), int(re.search(r"peak_rss_mb=([0-9]+)", p).group(1))))
+med = statistics.median
+cell = lambda v: f"{med(x[0] for x in peers[v]):.1f} ({max(x[1] for x in peers[v])} MB)" if v in peers else "–"
+best = max(peers, key=lambda v: med(x[0] for x in peers[v]))
+ratios = lambda v: [o[0] / p[0] for o, p in zip(ours, peers[v])]
+spread = f" ({min(ratios(best)):.2f}–{max(ratios(best)):.2f})" if len(rounds) > 1 else ""
+print(f"| {case} | {ours[0][2]} | {med(o[0] for o in ours):.1f} ({max(o[1] for o in ours):.0f} MB) | {cell('eager')} "
+      f"| {cell('cl')} | {cell('ort')} | {med(ratios('eager')):.2f}× | **{med(ratios(best)):.2f}×** {best}{spread} |")
 PYEOF
 }
 echo
