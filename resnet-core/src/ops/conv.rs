@@ -186,8 +186,9 @@ impl Geometry {
 
     /// Whether the blocked kernel computes `pass`: with AVX2 or AVX-512, a square kernel wider than 1×1 with
     /// output channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
-    /// too; for the weight gradient, a 3×3 layer of either stride or the 7×7 stem, see
-    /// `blocked::weight_grad_nchw`).
+    /// too; or a 3×3 stride-2 one on a plane wide enough, by its sub-pixel classes, see
+    /// `blocked::strided_input_grad_applies`; for the weight gradient, a 3×3 layer of either stride or the 7×7
+    /// stem, see `blocked::weight_grad_nchw`).
     ///
     /// With AVX2 it runs ResNet-20's 3×3 stride-1 layers, the conversions included, at 1.2–1.4× the speed of an
     /// NCHW direct kernel for AVX2, and the strided ones and ResNet-18's 7×7 stem faster than im2col + GEMM
@@ -204,7 +205,19 @@ impl Geometry {
             && self.kh > 1
             && match pass {
                 Pass::Forward => BlockedConv::applies(isa, self.c_out),
-                Pass::InputGrad => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
+                Pass::InputGrad => match self.stride {
+                    1 => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
+                    _ => {
+                        self.kh == 3
+                            && self.pad == 1
+                            && blocked::strided_input_grad_applies(
+                                isa,
+                                self.stride,
+                                self.c_in,
+                                self.w,
+                            )
+                    }
+                },
                 Pass::WeightGrad => {
                     blocked::weight_grad_applies(isa, (self.kh, self.pad), self.c_in, self.c_out)
                 }
@@ -587,7 +600,10 @@ impl Conv2dOp {
             (Algorithm::Winograd, _) => return Ok(winograd::input_grad(dy, w, g.dims())),
             (Algorithm::Blocked, isa) => {
                 let dims = (g.n, g.c_out, g.oh, g.ow);
-                return blocked::input_grad_3x3_nchw(isa, dy, dims, w, g.c_in);
+                return match g.stride {
+                    1 => blocked::input_grad_3x3_nchw(isa, dy, dims, w, g.c_in),
+                    _ => blocked::strided_input_grad_3x3_nchw(isa, dy, dims, w, (g.c_in, g.h, g.w)),
+                };
             }
             (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }

@@ -23,10 +23,10 @@ const MAX_COLUMNS: usize = 12;
 const _: () = assert!(MAX_COLUMNS == 12);
 
 /// Input channels per pass over a row (see `row`).
-const CHUNK_CHANNELS: usize = 64;
+pub(super) const CHUNK_CHANNELS: usize = 64;
 
 /// Multiply-adds ×2 that one thread takes at least at a time.
-const MIN_TASK_FLOPS: usize = 4_000_000;
+pub(super) const MIN_TASK_FLOPS: usize = 4_000_000;
 
 /// Images per thread from which a batch is padded image by image.
 const PER_IMAGE_BATCHES: usize = 2;
@@ -39,10 +39,10 @@ thread_local! {
 }
 
 /// Weights small enough to stay in L2 beside the input rows (512 KB on Zen 3, 1–2 MB on Xeons).
-const L2_WEIGHT_BYTES: usize = 256 * 1024;
+pub(super) const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Register tiles per task at most.
-const SEGMENT_TILES: usize = 8;
+pub(super) const SEGMENT_TILES: usize = 8;
 
 /// A convolution with its weights packed for one kernel set, `ReLU?(conv(x) + bias (+ residual))`.
 #[derive(Debug, Clone)]
@@ -345,6 +345,7 @@ impl BlockedConv {
             w_plane: k * k * input.bi * f * b,
             w_row: k * input.bi * f * b,
             out_plane,
+            out_step: b,
             width: ow,
             columns: max_columns(self.isa, f),
             chunk_blocks: (CHUNK_CHANNELS / input.bi).max(1),
@@ -495,52 +496,57 @@ impl Output {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint parts of the buffer (see `forward`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// One task: an output row of one group of blocks of one image.
 #[derive(Clone, Copy)]
-struct Row {
+pub(super) struct Row {
     /// The padded input of the image at block 0, the first input row of this output row, column 0.
-    x: *const f32,
+    pub(super) x: *const f32,
     /// The group's packed weights.
-    w: *const f32,
+    pub(super) w: *const f32,
     /// The group's `F·B` biases.
-    bias: *const f32,
+    pub(super) bias: *const f32,
     /// The output at the group's first block, this row, column 0.
-    out: *mut f32,
+    pub(super) out: *mut f32,
     /// The residual at the same place, or null.
-    residual: *const f32,
-    relu: bool,
-    blocks_in: usize,
-    x_plane: usize,
-    x_row: usize,
+    pub(super) residual: *const f32,
+    pub(super) relu: bool,
+    pub(super) blocks_in: usize,
+    pub(super) x_plane: usize,
+    pub(super) x_row: usize,
     /// Input elements between output columns: stride · bi.
-    x_step: usize,
-    kernel: usize,
-    taps_per_row: usize,
-    w_plane: usize,
-    w_row: usize,
-    out_plane: usize,
-    width: usize,
+    pub(super) x_step: usize,
+    /// Kernel rows.
+    pub(super) kernel: usize,
+    /// Kernel columns × input channels per block: the values one kernel row reads per output column.
+    pub(super) taps_per_row: usize,
+    pub(super) w_plane: usize,
+    pub(super) w_row: usize,
+    pub(super) out_plane: usize,
+    /// Output elements between output columns: `B`, or `stride·B` where a strided layer's input gradient
+    /// writes one of its sub-pixel classes (`strided_input_grad`).
+    pub(super) out_step: usize,
+    pub(super) width: usize,
     /// Columns per register tile at most.
-    columns: usize,
+    pub(super) columns: usize,
     /// Input blocks per pass over the row.
-    chunk_blocks: usize,
+    pub(super) chunk_blocks: usize,
 }
 
 // SAFETY: a `Row` is read by one task only; its pointers are into buffers that outlive the parallel loop.
 unsafe impl Send for Row {}
 unsafe impl Sync for Row {}
 
-type RowKernel = unsafe fn(&Row);
+pub(super) type RowKernel = unsafe fn(&Row);
 
 /// Accumulators of a register tile: of AVX-512's 32 registers 22 (LLVM spilled a 24-accumulator tile to the
 /// stack, a store after every FMA, as its disassembly showed), of AVX2's 16 all but the weight vectors and
 /// the broadcast.
-fn max_columns(isa: Isa, group: usize) -> usize {
+pub(super) fn max_columns(isa: Isa, group: usize) -> usize {
     let accumulators = match isa {
         Isa::Avx512 => 22,
         _ => 16 - group - 2,
@@ -550,7 +556,7 @@ fn max_columns(isa: Isa, group: usize) -> usize {
 
 /// The row kernel of `isa` for `group` output blocks per tile; `unit_step`: consecutive output columns read
 /// consecutive input pixels of `lanes` channels (stride 1, a blocked input), so their offsets are constants.
-fn row_kernel(isa: Isa, group: usize, unit_step: bool) -> RowKernel {
+pub(super) fn row_kernel(isa: Isa, group: usize, unit_step: bool) -> RowKernel {
     macro_rules! pick {
         ($row:ident) => {
             match (group, unit_step) {
@@ -655,13 +661,13 @@ unsafe fn tile<S: Simd, const F: usize, const R: usize, const UNIT: bool>(
 ) {
     unsafe {
         let step = if UNIT { S::LANES } else { job.x_step };
-        let at = column * S::LANES;
+        let at = column * job.out_step;
         let mut acc = [[S::zero(); R]; F];
         if !pass.first {
             seq!(C in 0..12 {
                 if C < R {
                     for (f, acc) in acc.iter_mut().enumerate() {
-                        acc[C] = S::load(job.out.add(at + f * job.out_plane + C * S::LANES));
+                        acc[C] = S::load(job.out.add(at + f * job.out_plane + C * job.out_step));
                     }
                 }
             });
@@ -689,7 +695,7 @@ unsafe fn tile<S: Simd, const F: usize, const R: usize, const UNIT: bool>(
             let bias = S::load(job.bias.add(f * S::LANES));
             seq!(C in 0..12 {
                 if C < R {
-                    let o = at + f * job.out_plane + C * S::LANES;
+                    let o = at + f * job.out_plane + C * job.out_step;
                     let mut v = acc[C];
                     if pass.last {
                         v = v.add(bias);

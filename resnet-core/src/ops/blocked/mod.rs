@@ -4,18 +4,21 @@
 //! and the folded BatchNorm's bias, the residual and the ReLU are applied as each output is stored.
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
-//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`] and
-//! [`weight_grad_nchw`]; the vector operations per kernel set are in `simd`.
+//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`],
+//! [`strided_input_grad_3x3_nchw`] and [`weight_grad_nchw`]; the vector operations per kernel set are in
+//! `simd`.
 
 mod conv;
 mod layout;
 mod nchw;
 mod pool;
 mod simd;
+mod strided_input_grad;
 mod weight_grad;
 
 pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{Blocked, Source};
 pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
+pub use strided_input_grad::{strided_input_grad_3x3_nchw, strided_input_grad_applies};
 pub use weight_grad::{weight_grad_applies, weight_grad_nchw};
