@@ -41,7 +41,7 @@ pub fn strided_input_grad_applies(isa: Isa, stride: usize, c_in: usize, w: usize
 fn class_taps(a: usize) -> Vec<usize> {
     (0..3)
         .rev()
-        .filter(|&k| a + 1 >= k && (a + 1 - k) % STRIDE == 0)
+        .filter(|&k| a + 1 >= k && (a + 1 - k).is_multiple_of(STRIDE))
         .collect()
 }
 
