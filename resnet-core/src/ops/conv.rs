@@ -205,19 +205,13 @@ impl Geometry {
             && self.kh > 1
             && match pass {
                 Pass::Forward => BlockedConv::applies(isa, self.c_out),
-                Pass::InputGrad => match self.stride {
-                    1 => self.is_3x3_same() && BlockedConv::applies(isa, self.c_in),
-                    _ => {
-                        self.kh == 3
-                            && self.pad == 1
-                            && blocked::strided_input_grad_applies(
-                                isa,
-                                self.stride,
-                                self.c_in,
-                                self.w,
-                            )
-                    }
-                },
+                Pass::InputGrad => {
+                    (self.kh, self.pad) == (3, 1)
+                        && match self.stride {
+                            1 => BlockedConv::applies(isa, self.c_in),
+                            s => blocked::strided_input_grad_applies(isa, s, self.c_in, self.w),
+                        }
+                }
                 Pass::WeightGrad => {
                     blocked::weight_grad_applies(isa, (self.kh, self.pad), self.c_in, self.c_out)
                 }
