@@ -21,6 +21,9 @@ pub struct ConvTiming {
     pub gflops: [f64; 3],
     /// The algorithm each pass ran.
     pub algorithms: [Option<Algorithm>; 3],
+    /// Whether training computes the input gradient: not for a shape that only the net's first layer has, whose
+    /// input (the images) needs none (`Conv2dOp`'s backward skips it); its input gradient is then not timed.
+    pub input_grad_in_training: bool,
     /// Seconds and GFLOP/s per call of the blocked inference forward (bias and ReLU in its epilogue), where the
     /// shape has a blocked kernel on the kernel set in use, and its algorithm.
     pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
@@ -81,17 +84,21 @@ pub fn time_convs(
     batch: usize,
     iterations: usize,
 ) -> Result<Vec<ConvTiming>> {
-    let mut distinct: Vec<(ConvShape, usize)> = Vec::new();
-    for s in shapes {
-        match distinct.iter_mut().find(|(d, _)| d == s) {
-            Some((_, count)) => *count += 1,
-            None => distinct.push((*s, 1)),
+    // (shape, count, whether a layer past the first has it)
+    let mut distinct: Vec<(ConvShape, usize, bool)> = Vec::new();
+    for (i, s) in shapes.iter().enumerate() {
+        match distinct.iter_mut().find(|(d, ..)| d == s) {
+            Some((_, count, inner)) => {
+                *count += 1;
+                *inner |= i > 0;
+            }
+            None => distinct.push((*s, 1, i > 0)),
         }
     }
     let dev = Device::Cpu;
     distinct
         .into_iter()
-        .map(|(shape, count)| {
+        .map(|(shape, count, input_grad_in_training)| {
             let (h, w) = shape.input;
             let (oh, ow) = shape.output();
             let x = Tensor::randn(0f32, 1.0, (batch, shape.in_channels, h, w), &dev)?;
@@ -119,6 +126,9 @@ pub fn time_convs(
                 .zip(&mut seconds)
                 .zip(Pass::ALL.into_iter().zip(&mut algorithms))
             {
+                if p == Pass::InputGrad && !input_grad_in_training {
+                    continue;
+                }
                 *s = seconds_per_call(iterations, || Ok(pass()?))?;
                 *a = last_algorithm(p);
             }
@@ -127,8 +137,9 @@ pub fn time_convs(
                 shape,
                 count,
                 seconds,
-                gflops: seconds.map(|s| flops / s / 1e9),
+                gflops: seconds.map(|s| if s > 0.0 { flops / s / 1e9 } else { 0.0 }),
                 algorithms,
+                input_grad_in_training,
                 blocked: blocked.map(|(s, a)| (s, flops / s / 1e9, a)),
             })
         })
@@ -154,8 +165,12 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
         let algorithms: Vec<String> = t
             .algorithms
             .iter()
-            .map(|a| a.map_or("?".into(), |a| format!("{a:?}")))
+            .map(|a| a.map_or("–".into(), |a| format!("{a:?}")))
             .collect();
+        let input_grad = match t.input_grad_in_training {
+            true => rate(t.gflops[1]),
+            false => "– (net input)".into(),
+        };
         out += &format!(
             "| {}→{} {}×{}/{} on {}×{} | {} | {} | {} | {} | {} | {:.1} % | {} |\n",
             s.in_channels,
@@ -167,7 +182,7 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
             s.input.1,
             t.count,
             rate(t.gflops[0]),
-            rate(t.gflops[1]),
+            input_grad,
             rate(t.gflops[2]),
             algorithms.join(", "),
             100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total,

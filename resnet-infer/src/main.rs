@@ -146,8 +146,8 @@ struct BenchArgs {
     #[arg(long)]
     no_fold: bool,
     /// Also time the CPU convolution op on each distinct convolution shape of the net (forward, input
-    /// gradient, weight gradient) and print GFLOP/s per shape (the median of --iterations calls) and its share
-    /// of the machine's FMA peak.
+    /// gradient — not for the first layer, whose input needs none in training —, weight gradient) and print
+    /// GFLOP/s per shape (the median of --iterations calls) and its share of the machine's FMA peak.
     #[arg(long)]
     convs: bool,
     /// Measure this machine's f32 FMA peak (a register-only FMA loop on every thread) for the kernel set in
