@@ -15,6 +15,7 @@ use clap::Parser;
 use distributed::Collective;
 use recipe::{Recipe, Schedule};
 use resnet_core::parse_device;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use trainer::{RunOptions, Trainer};
@@ -207,10 +208,13 @@ fn main() {
         }),
     };
     if let Err(e) = result {
-        match world.ranks() {
-            1 => eprintln!("error: {e:#}"),
-            n => eprintln!("error (rank {} of {n}): {e:#}", world.rank()),
-        }
+        let line = match world.ranks() {
+            1 => format!("error: {e:#}\n"),
+            n => format!("error (rank {} of {n}): {e:#}\n", world.rank()),
+        };
+        // One write of the whole line: `eprintln!` writes it piece by piece (stderr is unbuffered), and mpirun's
+        // own message about the failed rank landed in the middle of another rank's line.
+        let _ = std::io::stderr().write_all(line.as_bytes());
         std::process::exit(1);
     }
 }
