@@ -10,20 +10,24 @@ use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
 use std::time::Instant;
 
+/// One pass of one shape: seconds per call, GFLOP/s, and the algorithm that ran.
+#[derive(Debug, Clone, Copy)]
+pub struct PassTiming {
+    pub seconds: f64,
+    pub gflops: f64,
+    pub algorithm: Option<Algorithm>,
+}
+
 #[derive(Debug)]
 pub struct ConvTiming {
     pub shape: ConvShape,
     /// How many times the net applies this shape.
     pub count: usize,
-    /// Seconds per call: forward, input gradient, weight gradient.
-    pub seconds: [f64; 3],
-    /// GFLOP/s (2 FLOPs per multiply-add) of each pass.
-    pub gflops: [f64; 3],
-    /// The algorithm each pass ran.
-    pub algorithms: [Option<Algorithm>; 3],
-    /// Whether training computes the input gradient: not for a shape that only the net's first layer has, whose
-    /// input (the images) needs none (`Conv2dOp`'s backward skips it); its input gradient is then not timed.
-    pub input_grad_in_training: bool,
+    /// Seconds per call and GFLOP/s (2 FLOPs per multiply-add) of each pass (forward, input gradient, weight
+    /// gradient), and the algorithm it ran. `None` for a pass training never computes: the input gradient of a
+    /// shape that only the net's first layer has, whose input (the images) needs none (`Conv2dOp`'s backward
+    /// skips it).
+    pub passes: [Option<PassTiming>; 3],
     /// Seconds and GFLOP/s per call of the blocked inference forward (bias and ReLU in its epilogue), where the
     /// shape has a blocked kernel on the kernel set in use, and its algorithm.
     pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
@@ -120,26 +124,23 @@ pub fn time_convs(
                 &|| op.weight_gradient(&x, &dy, weight.shape()),
             ];
             let flops = 2.0 * shape.macs() as f64 * batch as f64;
-            let (mut seconds, mut algorithms) = ([0.0; 3], [None; 3]);
-            for ((pass, s), (p, a)) in passes
-                .iter()
-                .zip(&mut seconds)
-                .zip(Pass::ALL.into_iter().zip(&mut algorithms))
-            {
+            let mut timed = [None; 3];
+            for ((pass, p), t) in passes.iter().zip(Pass::ALL).zip(&mut timed) {
                 if p == Pass::InputGrad && !input_grad_in_training {
                     continue;
                 }
-                *s = seconds_per_call(iterations, || Ok(pass()?))?;
-                *a = last_algorithm(p);
+                let seconds = seconds_per_call(iterations, || Ok(pass()?))?;
+                *t = Some(PassTiming {
+                    seconds,
+                    gflops: flops / seconds / 1e9,
+                    algorithm: last_algorithm(p),
+                });
             }
             let blocked = time_blocked(&x, &weight, &shape, iterations)?;
             Ok(ConvTiming {
                 shape,
                 count,
-                seconds,
-                gflops: seconds.map(|s| if s > 0.0 { flops / s / 1e9 } else { 0.0 }),
-                algorithms,
-                input_grad_in_training,
+                passes: timed,
                 blocked: blocked.map(|(s, a)| (s, flops / s / 1e9, a)),
             })
         })
@@ -152,10 +153,11 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
     let mut out = format!(
         "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time | blocked inference forward GFLOP/s |\n|---|---|---|---|---|---|---|---|\n"
     );
-    let total: f64 = timings
-        .iter()
-        .map(|t| t.count as f64 * t.seconds.iter().sum::<f64>())
-        .sum();
+    // Seconds per batch of all the layers of one shape: in one pass, or in all.
+    let pass_seconds =
+        |t: &ConvTiming, p: usize| t.count as f64 * t.passes[p].map_or(0.0, |p| p.seconds);
+    let shape_seconds = |t: &ConvTiming| (0..3).map(|p| pass_seconds(t, p)).sum::<f64>();
+    let total: f64 = timings.iter().map(shape_seconds).sum();
     let rate = |g: f64| match peak {
         Some(p) => format!("{g:.1} ({:.0} %)", 100.0 * g / p),
         None => format!("{g:.1}"),
@@ -163,14 +165,14 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
     for t in timings {
         let s = t.shape;
         let algorithms: Vec<String> = t
-            .algorithms
+            .passes
             .iter()
-            .map(|a| a.map_or("–".into(), |a| format!("{a:?}")))
+            .map(|p| {
+                p.and_then(|p| p.algorithm)
+                    .map_or("–".into(), |a| format!("{a:?}"))
+            })
             .collect();
-        let input_grad = match t.input_grad_in_training {
-            true => rate(t.gflops[1]),
-            false => "– (net input)".into(),
-        };
+        let cell = |p: usize| t.passes[p].map_or("– (net input)".into(), |p| rate(p.gflops));
         out += &format!(
             "| {}→{} {}×{}/{} on {}×{} | {} | {} | {} | {} | {} | {:.1} % | {} |\n",
             s.in_channels,
@@ -181,11 +183,11 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
             s.input.0,
             s.input.1,
             t.count,
-            rate(t.gflops[0]),
-            input_grad,
-            rate(t.gflops[2]),
+            cell(0),
+            cell(1),
+            cell(2),
             algorithms.join(", "),
-            100.0 * t.count as f64 * t.seconds.iter().sum::<f64>() / total,
+            100.0 * shape_seconds(t) / total,
             t.blocked.map_or("–".into(), |(_, g, a)| match a {
                 BlockedAlgorithm::Direct => rate(g),
                 BlockedAlgorithm::Winograd => format!("{} Winograd", rate(g)),
@@ -194,11 +196,7 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String 
     }
     let per_pass: Vec<String> = (0..3)
         .map(|p| {
-            let ms: f64 = timings
-                .iter()
-                .map(|t| t.count as f64 * t.seconds[p])
-                .sum::<f64>()
-                * 1e3;
+            let ms: f64 = timings.iter().map(|t| pass_seconds(t, p)).sum::<f64>() * 1e3;
             format!("{ms:.1} ms")
         })
         .collect();
