@@ -193,6 +193,21 @@ impl<'a> Padded<'a> {
         padded
     }
 
+    /// `src` as [`Padded::new`] makes it, the whole batch copied now (or read in place where it already is
+    /// that layout): for the gradient kernels, which read every image's planes from any task.
+    pub fn batch(src: Source<'a>, pad: usize, bi: usize) -> Padded<'a> {
+        Padded::new(src, pad, bi, false)
+    }
+
+    /// The elements of a [`Padded::batch`].
+    pub fn batch_data(&self) -> &[f32] {
+        match &self.data {
+            Data::InPlace(d) => d,
+            Data::Copied(s) => s,
+            Data::PerImage => unreachable!("Padded::batch copies the batch or reads it in place"),
+        }
+    }
+
     fn plane(&self) -> usize {
         self.h * self.w * self.bi
     }
@@ -204,10 +219,9 @@ impl<'a> Padded<'a> {
 
     /// The whole batch, unless it is left to [`Padded::fill_image`].
     pub fn data(&self) -> Option<&[f32]> {
-        match &self.data {
-            Data::InPlace(d) => Some(d),
-            Data::Copied(s) => Some(s),
+        match self.data {
             Data::PerImage => None,
+            _ => Some(self.batch_data()),
         }
     }
 

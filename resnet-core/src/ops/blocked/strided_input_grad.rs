@@ -134,10 +134,8 @@ pub fn strided_input_grad_3x3_nchw(
         h: oh,
         w: ow,
     };
-    let padded = Padded::new(source, 1, bi, false);
-    let Some(dy_padded) = padded.data() else {
-        candle_core::bail!("blocked strided input gradient: the output gradient was not copied");
-    };
+    let padded = Padded::batch(source, 1, bi);
+    let dy_padded = padded.batch_data();
     let bias = vec![0f32; f * b];
     let job = Row {
         x: std::ptr::null(),

@@ -139,10 +139,8 @@ pub fn weight_grad_nchw(
         h: oh,
         w: ow,
     };
-    let blocked_dy = Padded::new(source, 0, b, false);
-    let Some(dy_blocked) = blocked_dy.data() else {
-        candle_core::bail!("blocked weight gradient: the output gradient was not copied");
-    };
+    let blocked_dy = Padded::batch(source, 0, b);
+    let dy_blocked = blocked_dy.batch_data();
     let (f, channels) = tile_shape(isa, k, c_in, c_out);
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
     let taps = k * k;
