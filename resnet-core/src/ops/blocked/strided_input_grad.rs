@@ -63,7 +63,8 @@ struct Class {
 }
 
 /// `dX` `[N, C_in, H, W]` of the 3×3 convolution (stride 2, padding 1) with `weight` `[C_out, C_in, 3, 3]`,
-/// from `dy` `[N, C_out, H', W']`. Call where [`super::BlockedConv::applies`]`(isa, c_in)`.
+/// from `dy` `[N, C_out, H', W']`. Input channels in whole blocks; the dispatcher calls it where
+/// [`strided_input_grad_applies`].
 pub fn strided_input_grad_3x3_nchw(
     isa: Isa,
     dy: &[f32],
@@ -97,21 +98,23 @@ pub fn strided_input_grad_3x3_nchw(
         .map(|k| {
             let (a, bb) = (k / STRIDE, k % STRIDE);
             let (ty, tx) = (class_taps(a), class_taps(bb));
-            let mut packed = Vec::with_capacity(c_in * c_out * ty.len() * tx.len());
-            for g in 0..groups {
-                for cb in 0..c_out / bi {
-                    for &ky in &ty {
-                        for &kx in &tx {
-                            for i in 0..bi {
-                                let o = cb * bi + i;
-                                packed.extend((0..f * b).map(|lane| {
-                                    weight[(o * c_in + g * f * b + lane) * 9 + ky * 3 + kx]
-                                }));
-                            }
-                        }
-                    }
-                }
-            }
+            // `[C_in / (F·B)][C_out / bi][kh][kw][bi][F][B]`, in order, straight into the aligned buffer.
+            let (ty, tx) = (&ty, &tx);
+            let packed = (0..groups).flat_map(move |g| {
+                (0..c_out / bi).flat_map(move |cb| {
+                    ty.iter().flat_map(move |&ky| {
+                        tx.iter().flat_map(move |&kx| {
+                            (0..bi).flat_map(move |i| {
+                                (0..f * b).map(move |lane| {
+                                    let (o, c) = (cb * bi + i, g * f * b + lane);
+                                    weight[(o * c_in + c) * 9 + ky * 3 + kx]
+                                })
+                            })
+                        })
+                    })
+                })
+            });
+            let weights = LineAligned::from_values(c_in * c_out * ty.len() * tx.len(), packed);
             let cols = (w - bb).div_ceil(STRIDE);
             let segments = cols.div_ceil(SEGMENT_TILES * columns).max(1);
             Class {
@@ -120,7 +123,7 @@ pub fn strided_input_grad_3x3_nchw(
                 cols,
                 kh: ty.len(),
                 kw: tx.len(),
-                weights: LineAligned::from_slice(&packed),
+                weights,
                 segments,
                 segment: cols.div_ceil(segments),
             }
