@@ -1,6 +1,7 @@
 //! The fast CPU ops on every convolution and BatchNorm shape the registered nets use, against candle's
 //! reference ops: the convolution (forward, input and weight gradients) against candle's `conv2d` and its
-//! autograd, on every CPU kernel set this machine has, at the nets' real plane sizes, batch 1 and 2; the
+//! autograd, on every CPU kernel set this machine has, at the nets' real plane sizes, batch 1 and 2 (and 8 on
+//! planes of 14×14 and smaller); the
 //! fused BatchNorm(+ReLU) training op against BatchNorm composed from candle ops.
 //!
 //! Each pass also reports the algorithm it ran (`ops::conv::last_algorithm`): the test checks that it is the
@@ -110,7 +111,9 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
     let mut covered: BTreeMap<(Isa, Pass), BTreeSet<Algorithm>> = BTreeMap::new();
     for shape @ &(_, c_out, _, stride, padding, _) in &shapes {
         let op = Conv2dOp { stride, padding };
-        for batch in [1, 2] {
+        // Batch 8 on planes of 14×14 and smaller too: Winograd's F(2×2) tiles need a group of images there.
+        let batches: &[usize] = if shape.5 <= 14 { &[1, 2, 8] } else { &[1, 2] };
+        for &batch in batches {
             let r = reference(shape, batch, &dev)?;
             let (x, w) = (r.x.as_tensor(), r.w.as_tensor());
             for_each_isa(|isa| {
@@ -166,7 +169,7 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
         check_batch_norm(channels, side, &dev)?;
     }
     eprintln!(
-        "{} convolution shapes (batch 1 and 2, kernel sets {:?}) and {} BatchNorm shapes match candle's reference ops",
+        "{} convolution shapes (batch 1 and 2, and 8 on planes up to 14×14; kernel sets {:?}) and {} BatchNorm shapes match candle's reference ops",
         shapes.len(),
         Isa::available(),
         norm_shapes.len()
@@ -295,10 +298,9 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
                 let r = Blocked::from_nchw(&residual, l)?;
                 let algorithm = conv.algorithm(source);
                 // Winograd's wherever the training forward takes it too (wide 3×3 stride-1 layers with
-                // enough tiles), on a blocked input of two images or more.
+                // enough tiles), on a blocked input.
                 let op = Conv2dOp { stride, padding };
                 let winograd = c_in % l == 0
-                    && batch >= 2
                     && Algorithm::choose(&op, x.shape(), w.shape(), Pass::Forward, isa)?
                         == Algorithm::Winograd;
                 assert_eq!(

@@ -1,100 +1,295 @@
-//! Winograd F(2×2, 3×3) convolution (Lavin & Gray, 2016) for the wide 3×3, stride-1, padding-1 layers: each
-//! 2×2 output tile takes 16 multiplies per channel pair instead of 36, as 16 GEMMs of the transformed weights
-//! with the transformed input tiles (the `gemm` crate), between cheap linear transforms. Used for the forward
-//! pass and the input gradient (the same convolution of the output gradient with the kernel flipped and its
-//! channel axes swapped), on NCHW data, and for folded inference's forward on the channel-blocked layout with
-//! the bias, residual and ReLU applied as the outputs are stored (`forward_blocked`). Narrow layers, whose
-//! transforms would cost as much as the products, stay direct.
+//! Winograd F(m×m, 3×3) convolution (Lavin & Gray, 2016) for the wide 3×3, stride-1, padding-1 layers, with
+//! two output tiles ([`Tile`]): F(2×2, 3×3) takes 16 multiplies per 2×2 output tile and channel pair instead
+//! of 36 (2.25× fewer), F(4×4, 3×3) 36 per 4×4 tile instead of 144 (4×). Each is (m+2)² GEMMs of the transformed
+//! weights with the transformed input tiles (the `gemm` crate), between cheap linear transforms. Used for the
+//! forward pass and the input gradient (the same convolution of the output gradient with the kernel flipped and
+//! its channel axes swapped), on NCHW data, and for folded inference's forward on the channel-blocked layout
+//! with the bias, residual and ReLU applied as the outputs are stored (`forward_blocked`), and for the weight
+//! gradient (`weight_grad`). Narrow layers, whose transforms would cost as much as the products, stay direct.
 //!
-//!   U = G g Gᵀ (weights),  V = Bᵀ d B (4×4 input tiles),  M_ξ = U_ξ · V_ξ (ξ = 0..16),  y = Aᵀ M A (2×2)
+//!   U = G g Gᵀ (weights),  V = Bᵀ d B (input tiles),  M_ξ = U_ξ · V_ξ (ξ < (m+2)²),  y = Aᵀ M A (m×m)
+//!
+//! The functions below are generic over `A` = m + 2, the input tile's side (4 or 6).
 
 use crate::ops::cpu_slice::written_by;
 use crate::ops::gemm::matmul;
+use crate::ops::isa::Isa;
 use crate::ops::taps::kernel_3x3;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-/// Transformed tile positions: 4×4.
-const XI: usize = 16;
-
-/// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
-/// `n` images of `h`×`w`: wide layers (ResNet-18, 128→128 on 28×28: 238 vs 194 GFLOP/s-equivalent; at 64
-/// channels the short GEMMs and the transforms lose to the direct kernel: 143 vs 185), whose GEMMs get at
-/// least 64 tiles (one image or a group, see [`images_per_group`]): 512→512 on 7×7 at batch 16, eight images
-/// per GEMM, ~200 vs ~155 by im2col + GEMM; one 7×7 image alone (16 tiles) ~60. Never the thread count: the
-/// result must not depend on it.
-pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
-    let tiles = Tiles::new(h, w).count();
-    c_in >= 128 && c_out >= 128 && n >= 1 && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
+/// The output tile of Winograd's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2×2, 3×3): 4×4 input tiles, 16 GEMMs.
+    F2,
+    /// F(4×4, 3×3): 6×6 input tiles, 36 GEMMs; transforms with factors up to 8 (Aᵀ) and 1/24 (G), so it
+    /// rounds more than F(2×2) (the tests hold both to 1e-5 of the output's largest magnitude).
+    F4,
 }
 
-/// Whether [`weight_grad`] runs: where [`applies`], on even planes (ResNet-18, batch 16, GFLOP/s-equivalent
-/// against im2col + GEMM: 128→128 on 28×28 ~215 vs ~180, 256→256 on 14×14 ~230 vs ~170; on 7×7, where a third
-/// of the tiles' outputs are padding, ~120 vs ~140).
-pub fn weight_grad_applies(n: usize, channels: (usize, usize), (h, w): (usize, usize)) -> bool {
-    applies(n, channels, (h, w)) && h.is_multiple_of(2) && w.is_multiple_of(2)
+impl Tile {
+    /// The tile for an `h`×`w` plane: F(4×4) on planes of 24×24 and larger, F(2×2) on smaller ones, where
+    /// 4×4 tiles cover much padding or too few tiles fill the GEMMs. Forward at batch 16, GFLOP/s-equivalent,
+    /// F(2×2) / F(4×4), 3 alternated rounds (AMD EPYC Zen 4, 2 threads): 64→64 on 56×56 233–255 / 365–383,
+    /// 128→128 on 28×28 297 / 306–333 (two rounds in a slow phase of the VM: 181 / 195, 183 / 306), 256→256
+    /// on 14×14 264–275 / 253–262, 512→512 on 7×7 127–195 / 86–115.
+    pub fn for_plane((h, w): (usize, usize)) -> Tile {
+        if h.min(w) >= 24 {
+            Tile::F4
+        } else {
+            Tile::F2
+        }
+    }
+
+    /// The fewest channels (in and out) from which the tile beats the direct kernel: F(4×4)'s products are
+    /// cheap enough at 64 (the direct kernel runs ResNet-18's 64→64 layers at ~190); at 16 and 32 channels
+    /// (CIFAR) neither wins (32→32 on 16×16 at batch 128: 103–105 / 111–146).
+    fn min_channels(self) -> usize {
+        match self {
+            Tile::F2 => 128,
+            Tile::F4 => 64,
+        }
+    }
+
+    /// Output pixels per tile side.
+    fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+}
+
+/// `f::<A>(args)` for the input tile side `A` of `tile`.
+macro_rules! by_tile {
+    ($tile:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $tile {
+            Tile::F2 => $f::<4>($($arg),*),
+            Tile::F4 => $f::<6>($($arg),*),
+        }
+    };
+}
+
+/// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
+/// `n` images of `h`×`w`: layers of at least [`Tile::min_channels`], whose GEMMs get at least 64 tiles (a group
+/// of images, see [`images_per_group`]: 512→512 on 7×7 at batch 16, eight images per GEMM, ~200 vs ~155 by
+/// im2col + GEMM; one 7×7 image alone (16 tiles) ~60). A single image runs each stage on all threads: with
+/// F(4×4) tiles on a 56×56 plane (196 tiles) that wins (64→64 at 168–265 GFLOP/s-equivalent; ResNet-50 at
+/// batch 1 ran 1.04× faster, median of 8 alternated runs), with F(2×2) on 14×14 not (256→256 ~150, the direct
+/// kernel ~200), so F(2×2) takes two images or more. Never the thread count: the result must not depend on it.
+pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
+    let tile = Tile::for_plane((h, w));
+    let tiles = Tiles::new(h, w, tile).count();
+    c_in.min(c_out) >= tile.min_channels()
+        && (n >= 2 || tile == Tile::F4)
+        && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
+}
+
+/// Whether [`weight_grad`] runs: layers of at least [`Tile::min_channels`] with enough tiles (as [`applies`],
+/// a single image included: its GEMMs' depth is every tile of the batch), on planes in whole tiles (on 7×7,
+/// where a third of F(2×2)'s outputs are padding, ~120 vs ~140 GFLOP/s-equivalent by im2col + GEMM).
+/// ResNet-18 at batch 16, the blocked direct kernel / Winograd (3 alternated rounds, AMD EPYC Zen 4): 64→64 on
+/// 56×56 195–220 / 241–242 (F(4×4)); 128→128 on 28×28, F(2×2) / F(4×4): 250–258 / 329–331; 256→256 on 14×14
+/// 203–237 / 190–201.
+pub fn weight_grad_applies(
+    n: usize,
+    (c_in, c_out): (usize, usize),
+    (h, w): (usize, usize),
+) -> bool {
+    let tile = Tile::for_plane((h, w));
+    let tiles = Tiles::new(h, w, tile).count();
+    c_in.min(c_out) >= tile.min_channels()
+        && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
+        && h.is_multiple_of(tile.m())
+        && w.is_multiple_of(tile.m())
 }
 
 /// Tiles per GEMM from which Winograd's algorithm wins.
 const MIN_GEMM_TILES: usize = 64;
 
-/// `y = conv3x3(x, w)` (`n·c_out·h·w` values).
+/// `y = conv3x3(x, w)` (`n·c_out·h·w` values), by the tiles of [`Tile::for_plane`].
 pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
-    let (n, c_in, c_out, h, wd) = dims;
-    run(
+    forward_by(
+        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
         x,
-        &transform_weights(w, (c_out, c_in), false),
-        (n, c_in, c_out, h, wd),
+        w,
+        dims,
     )
+}
+
+fn forward_by(
+    (tile, isa): (Tile, Isa),
+    x: &[f32],
+    w: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let (n, c_in, c_out, h, wd) = dims;
+    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), false));
+    run(x, &u, (tile, isa), (n, c_in, c_out, h, wd))
 }
 
 /// `dx` of `y = conv3x3(x, w)` from `dy`: `conv3x3(dy, w')`, `w'[ci, co, ky, kx] = w[co, ci, 2−ky, 2−kx]`.
 pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
-    let (n, c_in, c_out, h, wd) = dims;
-    run(
+    input_grad_by(
+        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
         dy,
-        &transform_weights(w, (c_out, c_in), true),
-        (n, c_out, c_in, h, wd),
+        w,
+        dims,
     )
+}
+
+fn input_grad_by(
+    (tile, isa): (Tile, Isa),
+    dy: &[f32],
+    w: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let (n, c_in, c_out, h, wd) = dims;
+    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), true));
+    run(dy, &u, (tile, isa), (n, c_out, c_in, h, wd))
 }
 
 /// `U[o][ξ][i] = (G g Gᵀ)[ξ]` for every kernel `g` of `w` `[C_out, C_in, 3, 3]`, by output channel on all
 /// threads; `transposed` transforms `w'` of [`input_grad`] instead (o and i swapped, taps flipped). U_ξ is
-/// then the `outs`×`ins` matrix at offset ξ·ins with row stride 16·ins.
-fn transform_weights(w: &[f32], (c_out, c_in): (usize, usize), transposed: bool) -> Vec<f32> {
+/// then the `outs`×`ins` matrix at offset ξ·ins with row stride A²·ins.
+fn transform_weights<const A: usize>(
+    w: &[f32],
+    (c_out, c_in): (usize, usize),
+    transposed: bool,
+) -> Vec<f32> {
     let (outs, ins) = if transposed {
         (c_in, c_out)
     } else {
         (c_out, c_in)
     };
-    let mut u = vec![0f32; outs * XI * ins];
-    u.par_chunks_mut(XI * ins).enumerate().for_each(|(o, uo)| {
-        for i in 0..ins {
-            let k = kernel_3x3(w, c_in, transposed, (o, i));
-            let g = |r: usize, c: usize| k[r * 3 + c];
-            // G g (4×3), column by column, then (G g) Gᵀ row by row.
-            let cols: [[f32; 4]; 3] = std::array::from_fn(|c| g_times([g(0, c), g(1, c), g(2, c)]));
-            for r in 0..4 {
-                let row = g_times([cols[0][r], cols[1][r], cols[2][r]]);
-                for (c, v) in row.iter().enumerate() {
-                    uo[(r * 4 + c) * ins + i] = *v;
+    let mut u = vec![0f32; outs * A * A * ins];
+    u.par_chunks_mut(A * A * ins)
+        .enumerate()
+        .for_each(|(o, uo)| {
+            for i in 0..ins {
+                let k = kernel_3x3(w, c_in, transposed, (o, i));
+                // G g (A×3), column by column, then (G g) Gᵀ row by row.
+                let cols = [0, 1, 2].map(|c| g_times::<A>([k[c], k[3 + c], k[6 + c]]));
+                for r in 0..A {
+                    let row = g_times::<A>([cols[0][r], cols[1][r], cols[2][r]]);
+                    for (c, v) in row.iter().enumerate() {
+                        uo[(r * A + c) * ins + i] = *v;
+                    }
                 }
             }
-        }
-    });
+        });
     u
 }
 
-/// `G·[a, b, d]`, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
-fn g_times([a, b, d]: [f32; 3]) -> [f32; 4] {
-    [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
+/// `G·[a, b, d]`: F(2×2) G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; F(4×4) (points 0, ±1, ±2)
+/// G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙], [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]].
+#[inline(always)]
+fn g_times<const A: usize>([a, b, d]: [f32; 3]) -> [f32; A] {
+    let mut o = [0f32; A];
+    if A == 4 {
+        o[..4].copy_from_slice(&[a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]);
+    } else {
+        let (sum, alt) = (a + d, b);
+        o[..6].copy_from_slice(&[
+            0.25 * a,
+            -(sum + alt) / 6.0,
+            -(sum - alt) / 6.0,
+            (a + 2.0 * b + 4.0 * d) / 24.0,
+            (a - 2.0 * b + 4.0 * d) / 24.0,
+            d,
+        ]);
+    }
+    o
+}
+
+/// `Gᵀ·d` (3 values) for the G of [`g_times`].
+#[inline(always)]
+fn g_transposed_times<const A: usize>(d: [f32; A]) -> [f32; 3] {
+    if A == 4 {
+        [
+            d[0] + 0.5 * (d[1] + d[2]),
+            0.5 * (d[1] - d[2]),
+            0.5 * (d[1] + d[2]) + d[3],
+        ]
+    } else {
+        [
+            0.25 * d[0] - (d[1] + d[2]) / 6.0 + (d[3] + d[4]) / 24.0,
+            (d[2] - d[1]) / 6.0 + (d[3] - d[4]) / 12.0,
+            (d[3] + d[4] - d[1] - d[2]) / 6.0 + d[5],
+        ]
+    }
+}
+
+/// `Bᵀ·d` for one line `d` of an input tile: F(2×2) Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0],
+/// [0, 1, 0, −1]]; F(4×4) Bᵀ = [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0],
+/// [0, −2, −1, 2, 1, 0], [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]].
+#[inline(always)]
+fn b_transposed_times<const A: usize>(d: [f32; A]) -> [f32; A] {
+    let mut o = [0f32; A];
+    if A == 4 {
+        o[..4].copy_from_slice(&[d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]);
+    } else {
+        o[..6].copy_from_slice(&[
+            4.0 * d[0] - 5.0 * d[2] + d[4],
+            d[3] + d[4] - 4.0 * (d[1] + d[2]),
+            4.0 * (d[1] - d[2]) + d[4] - d[3],
+            2.0 * (d[3] - d[1]) + d[4] - d[2],
+            2.0 * (d[1] - d[3]) + d[4] - d[2],
+            4.0 * d[1] - 5.0 * d[3] + d[5],
+        ]);
+    }
+    o
+}
+
+/// `Aᵀ·s` for one line `s` of a product tile (the first m values): F(2×2) Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]];
+/// F(4×4) Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]].
+#[inline(always)]
+fn a_transposed_times<const A: usize>(s: [f32; A]) -> [f32; A] {
+    let mut o = [0f32; A];
+    if A == 4 {
+        o[..2].copy_from_slice(&[s[0] + s[1] + s[2], s[1] - s[2] - s[3]]);
+    } else {
+        let (p, q) = (s[1] + s[2], s[1] - s[2]);
+        let (p2, q2) = (s[3] + s[4], s[3] - s[4]);
+        o[..4].copy_from_slice(&[
+            s[0] + p + p2,
+            q + 2.0 * q2,
+            p + 4.0 * p2,
+            q + 8.0 * q2 + s[5],
+        ]);
+    }
+    o
+}
+
+/// `A·v` for m values `v` (the first m of the array): the transpose of [`a_transposed_times`].
+#[inline(always)]
+fn a_times<const A: usize>(v: [f32; A]) -> [f32; A] {
+    let mut o = [0f32; A];
+    if A == 4 {
+        o[..4].copy_from_slice(&[v[0], v[0] + v[1], v[0] - v[1], -v[1]]);
+    } else {
+        let (even, odd) = (v[0] + v[2], v[1] + v[3]);
+        let (even4, odd2) = (v[0] + 4.0 * v[2], 2.0 * v[1] + 8.0 * v[3]);
+        o[..6].copy_from_slice(&[
+            v[0],
+            even + odd,
+            even - odd,
+            even4 + odd2,
+            even4 - odd2,
+            v[3],
+        ]);
+    }
+    o
 }
 
 thread_local! {
-    /// Per group of images: transformed input tiles V `[C_in][16][T]` and products M `[16][C_out][T]`.
+    /// Per group of images: transformed input tiles V `[C_in][A²][T]` and products M `[A²][C_out][T]`.
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+    /// Per weight gradient: V and dM of a chunk of images (a nested call on the same thread makes its own).
+    static WEIGHT_GRAD_BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
     /// Per thread: one zero-bordered input plane and the row transforms of one tile row.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
@@ -113,22 +308,28 @@ struct Scratch {
     planes: Vec<f32>,
 }
 
-/// Tile geometry of one plane: `th`×`tw` tiles; the padded plane is `(2·th + 2)`×`(2·tw + 2)`, image at (1, 1).
+/// Tile geometry of one plane: `th`×`tw` tiles of m×m outputs; the padded plane is `(m·th + 2)`×`(m·tw + 2)`,
+/// image at (1, 1), kept split by column phase: padded row y holds m phases of [`Tiles::phase_len`] values,
+/// column x = m·j + p at `p·phase_len + j`, so that the columns that tiles tx, tx + 1, … read at one offset
+/// in their tile are contiguous.
 #[derive(Clone, Copy)]
 struct Tiles {
     h: usize,
     w: usize,
+    m: usize,
     th: usize,
     tw: usize,
 }
 
 impl Tiles {
-    fn new(h: usize, w: usize) -> Self {
+    fn new(h: usize, w: usize, tile: Tile) -> Self {
+        let m = tile.m();
         Self {
             h,
             w,
-            th: h.div_ceil(2),
-            tw: w.div_ceil(2),
+            m,
+            th: h.div_ceil(m),
+            tw: w.div_ceil(m),
         }
     }
 
@@ -136,17 +337,33 @@ impl Tiles {
         self.th * self.tw
     }
 
-    /// Padded row length.
-    fn pw(&self) -> usize {
-        2 * self.tw + 2
+    /// Values per phase of a padded row: the tw + 1 columns of the phase, rounded up to whole chunks.
+    fn phase_len(&self) -> usize {
+        (self.tw + 1).next_multiple_of(LANES)
     }
 
+    /// Values per padded row (all its phases).
+    fn row_len(&self) -> usize {
+        self.m * self.phase_len()
+    }
+
+    /// The padded plane and LANES values of slack (read past the last row by whole chunks).
     fn padded_len(&self) -> usize {
-        (2 * self.th + 2) * self.pw()
+        (self.m * self.th + 2) * self.row_len() + LANES
+    }
+
+    /// The row transforms of one tile row (A padded rows' worth) and the slack read past them.
+    fn rows_len(&self, a: usize) -> usize {
+        a * self.row_len() + LANES + 1
+    }
+
+    /// Where padded column `x` of a padded row lies in it.
+    fn column(&self, x: usize) -> usize {
+        x % self.m * self.phase_len() + x / self.m
     }
 }
 
-/// Images per group: the 16 GEMMs of a group run over the tiles of all its images, so that small planes still
+/// Images per group: the A² GEMMs of a group run over the tiles of all its images, so that small planes still
 /// give long GEMMs (a 7×7 plane has 16 tiles; alone, its GEMMs ran at ~125–150 GFLOP/s, eight at a time at
 /// ~200). About 128 tiles, no more: larger groups' V and M outgrow the cache (28×28 by twos: 195 vs 245); and
 /// at least two groups, for the threads. A function of the shape alone: each GEMM column is one tile,
@@ -204,43 +421,51 @@ pub struct Finish<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
-/// The transformed weights U of `conv3x3(·, w)`, `w` `[C_out, C_in, 3, 3]`, for [`forward_blocked`].
-pub fn forward_weights(w: &[f32], (c_out, c_in): (usize, usize)) -> Vec<f32> {
-    transform_weights(w, (c_out, c_in), false)
+/// The transformed weights U of `conv3x3(·, w)`, `w` `[C_out, C_in, 3, 3]`, for [`forward_blocked`] with `tile`.
+pub fn forward_weights(w: &[f32], (c_out, c_in): (usize, usize), tile: Tile) -> Vec<f32> {
+    by_tile!(tile, transform_weights(w, (c_out, c_in), false))
 }
 
 /// `ReLU?(conv3x3(x, w) + bias (+ residual))` of a blocked `x` (`[N, C_in/B, H, W, B]`) into the blocked output
-/// `y` (every value written), with `u` = [`forward_weights`] of `w`. Channels in whole blocks of `lanes`.
+/// `y` (every value written), with `u` = [`forward_weights`] of `w` for `tile`, the transforms compiled for
+/// `isa`. Channels in whole blocks of `lanes`.
 pub fn forward_blocked(
     x: &[f32],
-    u: &[f32],
+    (u, tile, isa): (&[f32], Tile, Isa),
     dims: (usize, usize, usize, usize, usize),
     lanes: usize,
     finish: Finish,
     y: &mut [MaybeUninit<f32>],
 ) {
-    run_into(x, u, dims, Planes::Blocked { lanes, finish }, y)
+    let layout = Planes::Blocked { lanes, finish };
+    by_tile!(tile, run_into(x, u, dims, (layout, isa), y))
 }
 
-fn run(x: &[f32], u: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+fn run(
+    x: &[f32],
+    u: &[f32],
+    (tile, isa): (Tile, Isa),
+    dims: (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
     let (n, _, c_out, h, wd) = dims;
     // SAFETY: `run_into` writes every value of y.
     unsafe {
         written_by(n * c_out * h * wd, |y| {
-            run_into(x, u, dims, Planes::Nchw, y)
+            by_tile!(tile, run_into(x, u, dims, (Planes::Nchw, isa), y))
         })
     }
 }
 
-/// The convolution of `x` into `y` (both in `layout`), every value of `y` written.
-fn run_into(
+/// The convolution of `x` into `y` (both in `layout`), every value of `y` written, the transforms compiled for
+/// `isa`.
+fn run_into<const A: usize>(
     x: &[f32],
     u: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
-    layout: Planes,
+    (layout, isa): (Planes, Isa),
     y: &mut [MaybeUninit<f32>],
 ) {
-    let t = Tiles::new(h, wd);
+    let t = Tiles::new(h, wd, tile_of::<A>());
     let group = images_per_group(n, t.count());
     let dims = (c_in, c_out, h, wd);
     let group_out = group * c_out * h * wd;
@@ -253,13 +478,17 @@ fn run_into(
                 BUFFERS.with(|b| {
                     let b = &mut *b.borrow_mut();
                     let io = layout.images_from(g * group, c_out * h * wd);
-                    run_group(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), io, false);
+                    run_group::<A>(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), (io, isa), false);
                 })
             });
     } else {
         // One group (a single image): each stage on all threads.
-        let (mut v, mut m) = (Vec::new(), Vec::new());
-        run_group(x, u, y, dims, &t, (&mut v, &mut m), layout, true);
+        BUFFERS.with(|b| {
+            let mut fresh = Buffers::default();
+            let mut kept = b.try_borrow_mut();
+            let Buffers { v, m } = kept.as_deref_mut().unwrap_or(&mut fresh);
+            run_group::<A>(x, u, y, dims, &t, (v, m), (layout, isa), true);
+        });
     }
 }
 
@@ -279,39 +508,46 @@ fn each_chunk<T: Send>(
     }
 }
 
-/// The images `xg` of one group into their outputs `yg`: V `[C_in][16][T]` and M `[16][C_out][T]` over the
-/// group's T tiles (image by image), the transforms by channel and the 16 GEMMs, each stage on all threads
+/// The images `xg` of one group into their outputs `yg`: V `[C_in][A²][T]` and M `[A²][C_out][T]` over the
+/// group's T tiles (image by image), the transforms by channel and the A² GEMMs, each stage on all threads
 /// when `parallel`. Input and output planes in `layout` (a blocked one's finish applied as outputs are stored).
 #[allow(clippy::too_many_arguments)]
-fn run_group(
+fn run_group<const A: usize>(
     xg: &[f32],
     u: &[f32],
     yg: &mut [MaybeUninit<f32>],
     (c_in, c_out, h, wd): (usize, usize, usize, usize),
     t: &Tiles,
     (v, m): (&mut Vec<f32>, &mut Vec<f32>),
-    layout: Planes,
+    (layout, isa): (Planes, Isa),
     parallel: bool,
 ) {
     let (plane, per_image) = (h * wd, t.count());
     let images = xg.len() / (c_in * plane);
-    let tiles = images * per_image;
-    m.resize(XI * c_out * tiles, 0.0);
-    transform_inputs(xg, (c_in, h, wd), t, v, layout, parallel);
+    let (tiles, stride) = (images * per_image, tile_stride(images * per_image));
+    // LANES values of slack: `output_tiles` reads whole chunks.
+    m.resize(A * A * c_out * tiles + LANES, 0.0);
+    let io = (layout, isa);
+    transform_inputs::<A>(xg, (c_in, h, wd), t, v, io, parallel, Transform::Input);
     let v = &*v;
-    each_chunk(m, c_out * tiles, parallel, |xi_pos, m_xi| {
-        // U_ξ: c_out×c_in with row stride 16·c_in; V_ξ: c_in×T with row stride 16·T; M_ξ row-major.
-        matmul(
-            (c_out, tiles, c_in),
-            m_xi,
-            false,
-            &u[xi_pos * c_in..],
-            (XI * c_in, 1),
-            &v[xi_pos * tiles..],
-            (XI * tiles, 1),
-            Parallelism::None,
-        );
-    });
+    each_chunk(
+        &mut m[..A * A * c_out * tiles],
+        c_out * tiles,
+        parallel,
+        |xi_pos, m_xi| {
+            // U_ξ: c_out×c_in with row stride A²·c_in; V_ξ: c_in×T with row stride A²·stride; M_ξ row-major.
+            matmul(
+                (c_out, tiles, c_in),
+                m_xi,
+                false,
+                &u[xi_pos * c_in..],
+                (A * A * c_in, 1),
+                &v[xi_pos * stride..],
+                (A * A * stride, 1),
+                Parallelism::None,
+            );
+        },
+    );
     let m = &*m;
     // One chunk per block of channels of one image: `lanes` planes, interleaved where blocked.
     let lanes = layout.lanes();
@@ -320,9 +556,10 @@ fn run_group(
         let from = |c: usize| (c * tiles + j * per_image, c_out * tiles);
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
-            s.rows.resize(s.rows.len().max(2 * per_image), 0.0);
+            let z_len = (A - 2) * (A - 2) * per_image.next_multiple_of(LANES);
+            s.rows.resize(s.rows.len().max(z_len), 0.0);
             let Planes::Blocked { finish: f, .. } = layout else {
-                return output_tiles(m, from(c0), t, &mut s.rows, |p, y| {
+                return output_tiles::<A>(isa, m, from(c0), t, &mut s.rows, |p, y| {
                     out[p].write(y);
                 });
             };
@@ -330,7 +567,7 @@ fn run_group(
             // the block (50 KB for 16 channels of 28×28) once, not once per channel.
             s.planes.resize(lanes * plane, 0.0);
             for (lane, dst) in s.planes.chunks_exact_mut(plane).enumerate() {
-                output_tiles(m, from(c0 + lane), t, &mut s.rows, |p, y| dst[p] = y);
+                output_tiles::<A>(isa, m, from(c0 + lane), t, &mut s.rows, |p, y| dst[p] = y);
             }
             let floor = if f.relu { 0.0 } else { f32::NEG_INFINITY };
             let residual = f.residual.map(|r| &r[k * plane * lanes..][..plane * lanes]);
@@ -346,29 +583,52 @@ fn run_group(
     });
 }
 
-/// V `[C_in][16][T]` of the images `xg` (T = their tiles, image by image; planes in `layout`), by channel,
-/// on all threads when `parallel`.
-fn transform_inputs(
+/// How a plane's tiles are transformed.
+#[derive(Clone, Copy)]
+enum Transform {
+    /// The input tiles of a convolution: `Bᵀ d B` of the A×A tiles of the zero-bordered plane.
+    Input,
+    /// The output-gradient tiles of the weight gradient: `A dY Aᵀ` of the m×m tiles of the plane, zeros past
+    /// its edge.
+    OutputGrad,
+}
+
+impl Transform {
+    /// Where pixel (0, 0) lies in the padded plane.
+    fn shift(self) -> usize {
+        match self {
+            Transform::Input => 1,
+            Transform::OutputGrad => 0,
+        }
+    }
+}
+
+/// V `[C_in][A²][T]` of the images `xg` (T = their tiles, image by image; planes in `layout`) by `transform`,
+/// by channel, on all threads when `parallel`; each ξ's T values [`tile_stride`]`(T)` apart.
+#[allow(clippy::too_many_arguments)]
+fn transform_inputs<const A: usize>(
     xg: &[f32],
     (c_in, h, wd): (usize, usize, usize),
     t: &Tiles,
     v: &mut Vec<f32>,
-    layout: Planes,
+    (layout, isa): (Planes, Isa),
     parallel: bool,
+    transform: Transform,
 ) {
     let (plane, per_image) = (h * wd, t.count());
     let images = xg.len() / (c_in * plane);
-    let tiles = images * per_image;
+    let stride = tile_stride(images * per_image);
     let lanes = layout.lanes();
-    v.resize(c_in * XI * tiles, 0.0);
+    v.resize(c_in * A * A * stride, 0.0);
     // One chunk per block of channels: a blocked block is first split into its planes, in one pass.
-    each_chunk(v, lanes * XI * tiles, parallel, |cb, vb| {
+    each_chunk(v, lanes * A * A * stride, parallel, |cb, vb| {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
-            // The border stays zero: only the interior is rewritten per plane.
+            // The border stays zero: only the interior is rewritten per plane. LANES values of slack after
+            // the plane and after the row transforms: `input_tiles` reads whole chunks.
             s.plane.clear();
             s.plane.resize(t.padded_len(), 0.0);
-            s.rows.resize(4 * t.pw(), 0.0);
+            s.rows.resize(t.rows_len(A), 0.0);
             for j in 0..images {
                 let block = &xg[layout.origin((c_in, plane), j, cb * lanes)..][..lanes * plane];
                 let planes = match lanes {
@@ -388,77 +648,157 @@ fn transform_inputs(
                 };
                 for (src, vc) in planes
                     .chunks_exact(plane)
-                    .zip(vb.chunks_exact_mut(XI * tiles))
+                    .zip(vb.chunks_exact_mut(A * A * stride))
                 {
+                    let (m, shift) = (A - 2, transform.shift());
                     for (r, line) in src.chunks(wd).enumerate() {
-                        let at = (r + 1) * t.pw() + 1;
-                        s.plane[at..at + wd].copy_from_slice(line);
+                        let row = &mut s.plane[(r + shift) * t.row_len()..][..t.row_len()];
+                        // Image column c is padded column c + shift: phase p holds the c ≡ p − shift (mod m).
+                        for p in 0..m {
+                            let first = (p + m - shift) % m;
+                            let phase = &mut row[t.column(first + shift)..];
+                            for (o, value) in phase.iter_mut().zip(line[first..].iter().step_by(m))
+                            {
+                                *o = *value;
+                            }
+                        }
                     }
-                    input_tiles(&s.plane, t, &mut s.rows, vc, j * per_image, tiles);
+                    let at = (j * per_image, stride);
+                    match transform {
+                        Transform::Input => tiles::<A, _>(
+                            isa,
+                            &s.plane,
+                            t,
+                            &mut s.rows,
+                            vc,
+                            at,
+                            b_transposed_times::<A>,
+                        ),
+                        Transform::OutputGrad => {
+                            tiles::<A, _>(isa, &s.plane, t, &mut s.rows, vc, at, a_times::<A>)
+                        }
+                    }
                 }
             }
         })
     });
 }
 
-/// `dw` `[C_out, C_in, 3, 3]` of `y = conv3x3(x, w)` from `x` and `dy`: with U = G g Gᵀ and y = Aᵀ (U ⊙ V) A
-/// per tile, ∂L/∂U = (A dY Aᵀ) ⊙ V, so dU_ξ = Σ_tiles dM_ξ · V_ξᵀ (dM = A dY Aᵀ, 4×4 from each 2×2 tile of dy)
-/// is one GEMM per ξ whose depth is every tile of the batch, and dw = Gᵀ dU G. The 16 GEMMs run in parallel;
-/// images go in chunks of a fixed size (bounding V and dM), each chunk's products added to dU in order: the
-/// same result whatever the thread count.
-pub fn weight_grad(
+/// How far apart V keeps the values of consecutive ξ for `tiles` tiles: LANES more, so that `input_tiles`
+/// writes whole chunks of LANES tiles past the last one.
+fn tile_stride(tiles: usize) -> usize {
+    tiles + LANES
+}
+
+/// The tile whose input tiles are `A`×`A`.
+fn tile_of<const A: usize>() -> Tile {
+    if A == 4 {
+        Tile::F2
+    } else {
+        Tile::F4
+    }
+}
+
+/// `dw` `[C_out, C_in, 3, 3]` of `y = conv3x3(x, w)` from `x` and `dy`, by the tiles of [`Tile::for_plane`]:
+/// with U = G g Gᵀ and y = Aᵀ (U ⊙ V) A per tile, ∂L/∂U = (A dY Aᵀ) ⊙ V, so dU_ξ = Σ_tiles dM_ξ · V_ξᵀ
+/// (dM = A dY Aᵀ, A×A from each m×m tile of dy) is one GEMM per ξ whose depth is every tile of the batch, and
+/// dw = Gᵀ dU G. The A² GEMMs run in parallel; images go in chunks of a fixed size (bounding V and dM), each chunk's products added
+/// to dU in order: the same result whatever the thread count.
+pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    weight_grad_by(
+        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
+        x,
+        dy,
+        dims,
+    )
+}
+
+fn weight_grad_by(
+    (tile, isa): (Tile, Isa),
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    by_tile!(tile, weight_grad_tiles(x, dy, dims, isa))
+}
+
+fn weight_grad_tiles<const A: usize>(
     x: &[f32],
     dy: &[f32],
     (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
+    isa: Isa,
 ) -> Vec<f32> {
-    let t = Tiles::new(h, wd);
+    let t = Tiles::new(h, wd, tile_of::<A>());
     let per_image = t.count();
     // V and dM of a chunk: at most ~8 M values (32 MB).
     let chunk = (8usize << 20)
-        .div_ceil(XI * per_image * (c_in + c_out))
+        .div_ceil(A * A * per_image * (c_in + c_out))
         .clamp(1, n);
-    let mut du = vec![0f32; XI * c_out * c_in];
-    let (mut v, mut dm) = (Vec::new(), Vec::new());
-    for (k, (xc, dyc)) in x
-        .chunks(chunk * c_in * h * wd)
-        .zip(dy.chunks(chunk * c_out * h * wd))
-        .enumerate()
-    {
-        let tiles = (xc.len() / (c_in * h * wd)) * per_image;
-        transform_inputs(xc, (c_in, h, wd), &t, &mut v, Planes::Nchw, true);
-        transform_output_grads(dyc, (c_out, h, wd), &t, &mut dm);
-        let (v, dm) = (&v, &dm);
-        du.par_chunks_mut(c_out * c_in)
+    let mut du = vec![0f32; A * A * c_out * c_in];
+    // Kept from call to call: fresh, their pages were faulted in on every call (~10 % of the time).
+    WEIGHT_GRAD_BUFFERS.with(|b| {
+        let mut fresh = Buffers::default();
+        let mut kept = b.try_borrow_mut();
+        let Buffers { v, m: dm } = kept.as_deref_mut().unwrap_or(&mut fresh);
+        for (k, (xc, dyc)) in x
+            .chunks(chunk * c_in * h * wd)
+            .zip(dy.chunks(chunk * c_out * h * wd))
             .enumerate()
-            .for_each(|(xi_pos, du_xi)| {
-                // dM_ξ: c_out×T with row stride 16·T; V_ξᵀ: T×c_in, element (t, c) at c·16T + ξT + t.
-                matmul(
-                    (c_out, c_in, tiles),
-                    du_xi,
-                    k > 0,
-                    &dm[xi_pos * tiles..],
-                    (XI * tiles, 1),
-                    &v[xi_pos * tiles..],
-                    (1, XI * tiles),
-                    Parallelism::None,
-                );
-            });
-    }
+        {
+            let tiles = (xc.len() / (c_in * h * wd)) * per_image;
+            let stride = tile_stride(tiles);
+            let nchw = (Planes::Nchw, isa);
+            transform_inputs::<A>(xc, (c_in, h, wd), &t, v, nchw, true, Transform::Input);
+            transform_inputs::<A>(
+                dyc,
+                (c_out, h, wd),
+                &t,
+                dm,
+                nchw,
+                true,
+                Transform::OutputGrad,
+            );
+            let (v, dm) = (&*v, &*dm);
+            du.par_chunks_mut(c_out * c_in)
+                .enumerate()
+                .for_each(|(xi_pos, du_xi)| {
+                    // dM_ξ: c_out×T with row stride A²·S (S = stride); V_ξᵀ: T×c_in, element (t, c) at
+                    // c·A²S + ξS + t.
+                    matmul(
+                        (c_out, c_in, tiles),
+                        du_xi,
+                        k > 0,
+                        &dm[xi_pos * stride..],
+                        (A * A * stride, 1),
+                        &v[xi_pos * stride..],
+                        (1, A * A * stride),
+                        Parallelism::None,
+                    );
+                });
+        }
+    });
     // dw[o][i] = Gᵀ dU[·][o][i] G, by output channel.
     let mut dw = vec![0f32; c_out * c_in * 9];
     dw.par_chunks_mut(c_in * 9)
         .enumerate()
         .for_each(|(o, dwo)| {
             for (i, taps) in dwo.chunks_mut(9).enumerate() {
-                let du_at = |r: usize, c: usize| du[((r * 4 + c) * c_out + o) * c_in + i];
-                // Rows: (Gᵀ dU) is 3×4; then (Gᵀ dU) G is 3×3.
-                let rows: [[f32; 4]; 3] = std::array::from_fn(|ky| {
-                    std::array::from_fn(|c| {
-                        g_transposed_times([du_at(0, c), du_at(1, c), du_at(2, c), du_at(3, c)])[ky]
-                    })
-                });
-                for (ky, row) in rows.iter().enumerate() {
-                    let out = g_transposed_times(*row);
+                let du_at = |r: usize, c: usize| du[((r * A + c) * c_out + o) * c_in + i];
+                // Columns: (Gᵀ dU) is 3×A; then (Gᵀ dU) G is 3×3.
+                let mut cols = [[0f32; 3]; A];
+                for (c, col) in cols.iter_mut().enumerate() {
+                    let mut line = [0f32; A];
+                    for (r, value) in line.iter_mut().enumerate() {
+                        *value = du_at(r, c);
+                    }
+                    *col = g_transposed_times::<A>(line);
+                }
+                for ky in 0..3 {
+                    let mut line = [0f32; A];
+                    for (c, value) in line.iter_mut().enumerate() {
+                        *value = cols[c][ky];
+                    }
+                    let out = g_transposed_times::<A>(line);
                     taps[ky * 3..ky * 3 + 3].copy_from_slice(&out);
                 }
             }
@@ -466,136 +806,206 @@ pub fn weight_grad(
     dw
 }
 
-/// `Gᵀ·[a, b, c, d]`, Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]].
-fn g_transposed_times([a, b, c, d]: [f32; 4]) -> [f32; 3] {
-    [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d]
-}
+/// Tiles (or pixels) the transforms take at a time: each step copies that many values of every line into a
+/// fixed-size local block and transforms them lane by lane, which the compiler vectorises over the lanes. The
+/// last step of a line takes a whole chunk too, past the line's end: the buffers have that much slack, and
+/// what is computed there is never stored where it counts (before, the short last chunks of 7- and 14-wide
+/// planes cost more in `memcpy` calls than their transforms).
+const LANES: usize = 16;
 
-/// dM `[C_out][16][T]` of the output gradients `dy` (T = their tiles, image by image): `A dY Aᵀ` of every 2×2
-/// tile (zeros past the plane's edge), A = [[1, 0], [1, 1], [1, −1], [0, −1]]; by channel, on all threads.
-fn transform_output_grads(
-    dy: &[f32],
-    (c_out, h, wd): (usize, usize, usize),
-    t: &Tiles,
-    dm: &mut Vec<f32>,
-) {
-    let (plane, per_image) = (h * wd, t.count());
-    let images = dy.len() / (c_out * plane);
-    let tiles = images * per_image;
-    dm.resize(c_out * XI * tiles, 0.0);
-    let a_times = |p: f32, q: f32| [p, p + q, p - q, -q];
-    dm.par_chunks_mut(XI * tiles)
-        .enumerate()
-        .for_each(|(c, dmc)| {
-            for j in 0..images {
-                let src = &dy[(j * c_out + c) * plane..][..plane];
-                let at = |y: usize, x: usize| {
-                    if y < h && x < wd {
-                        src[y * wd + x]
-                    } else {
-                        0.0
-                    }
-                };
-                for ty in 0..t.th {
-                    for tx in 0..t.tw {
-                        let k = j * per_image + ty * t.tw + tx;
-                        let (y, x) = (2 * ty, 2 * tx);
-                        // A g: 4 rows of 2; then each row times Aᵀ: 4 values.
-                        let col0 = a_times(at(y, x), at(y + 1, x));
-                        let col1 = a_times(at(y, x + 1), at(y + 1, x + 1));
-                        for r in 0..4 {
-                            for (cc, v) in a_times(col0[r], col1[r]).into_iter().enumerate() {
-                                dmc[(r * 4 + cc) * tiles + k] = v;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-}
-
-/// `Bᵀ d B` of every 4×4 tile `d` of one zero-bordered plane (tile (ty, tx) at padded row 2ty, column 2tx):
-/// value ξ of tile k goes to `v[ξ·stride + offset + k]`. Rows first (`Bᵀ d`, over whole padded rows), then
-/// columns, one tile row at a time, so that both loops run over contiguous data.
-fn input_tiles(
+/// `F d Fᵀ` of every A×A tile `d` of one padded plane in [`Tiles`]' layout (tile (ty, tx) at padded row m·ty,
+/// column m·tx; [`Tiles::padded_len`] long), `f(line)` = F·line (Bᵀ for input tiles; A for output-gradient
+/// tiles, which reads only the first m of each line): value ξ of tile k goes to `v[ξ·stride + offset + k]`,
+/// and values past the plane's tile row to the next LANES − 1 positions (`stride` leaves room for them). Rows
+/// first (`F d` over whole padded rows, phase by phase, into `rows`, [`Tiles::rows_len`] long), then columns,
+/// one tile row at a time: in the phase layout, column k of LANES consecutive tiles is one contiguous run, so
+/// both stages load and store whole vectors.
+#[inline(always)]
+fn tiles_body<const A: usize>(
     plane: &[f32],
     t: &Tiles,
     rows: &mut [f32],
     v: &mut [f32],
-    offset: usize,
-    stride: usize,
+    (offset, stride): (usize, usize),
+    f: impl Fn([f32; A]) -> [f32; A] + Copy,
 ) {
-    let pw = t.pw();
+    let (m, row_len, phase_len) = (A - 2, t.row_len(), t.phase_len());
+    // Made once per plane: zeroing it per chunk cost more than the transforms.
+    let mut block = [[0f32; LANES]; A];
     for ty in 0..t.th {
-        let d = |k: usize| &plane[(2 * ty + k) * pw..(2 * ty + k + 1) * pw];
-        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-        let (t0, rest) = rows.split_at_mut(pw);
-        let (t1, rest) = rest.split_at_mut(pw);
-        let (t2, t3) = rest.split_at_mut(pw);
-        for x in 0..pw {
-            t0[x] = d0[x] - d2[x];
-            t1[x] = d1[x] + d2[x];
-            t2[x] = d2[x] - d1[x];
-            t3[x] = d1[x] - d3[x];
+        let d = &plane[m * ty * row_len..];
+        for x0 in (0..row_len).step_by(LANES) {
+            for (k, lanes) in block.iter_mut().enumerate() {
+                lanes.copy_from_slice(&d[k * row_len + x0..][..LANES]);
+            }
+            let block = transform_lanes::<A>(&block, f);
+            for (r, lanes) in block.iter().enumerate() {
+                rows[r * row_len + x0..][..LANES].copy_from_slice(lanes);
+            }
         }
         let base = offset + ty * t.tw;
-        for (r, row) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-            let out = |j: usize| (r * 4 + j) * stride + base;
-            let (o0, o1, o2, o3) = (out(0), out(1), out(2), out(3));
-            for tx in 0..t.tw {
-                let (a, b, c, e) = (
-                    row[2 * tx],
-                    row[2 * tx + 1],
-                    row[2 * tx + 2],
-                    row[2 * tx + 3],
-                );
-                v[o0 + tx] = a - c;
-                v[o1 + tx] = b + c;
-                v[o2 + tx] = c - b;
-                v[o3 + tx] = b - e;
+        for r in 0..A {
+            let line = &rows[r * row_len..];
+            for tx0 in (0..t.tw).step_by(LANES) {
+                // Column k of tile tx: padded column m·tx + k, phase k mod m, index tx + k / m.
+                for (k, lanes) in block.iter_mut().enumerate() {
+                    lanes.copy_from_slice(&line[k % m * phase_len + k / m + tx0..][..LANES]);
+                }
+                let block = transform_lanes::<A>(&block, f);
+                for (j, lanes) in block.iter().enumerate() {
+                    v[(r * A + j) * stride + base + tx0..][..LANES].copy_from_slice(lanes);
+                }
             }
         }
     }
 }
 
-/// One output plane from the products of its channel: `Aᵀ m A` for every tile, `m[ξ]` of tile k at
-/// `m[ξ·stride + offset + k]`, each value `y` of pixel `p` (row-major) given to `store(p, y)`, every pixel once.
-/// Output row r of every tile at once (contiguous runs over the plane's tiles, which vectorise), then those
-/// values stored; `z` holds 2 values per tile.
-fn output_tiles(
-    m: &[f32],
+/// `f` of every lane's line of A values: `out[·][l] = f(block[·][l])`.
+#[inline(always)]
+fn transform_lanes<const A: usize>(
+    block: &[[f32; LANES]; A],
+    f: impl Fn([f32; A]) -> [f32; A],
+) -> [[f32; LANES]; A] {
+    let mut out = [[0f32; LANES]; A];
+    for l in 0..LANES {
+        let mut line = [0f32; A];
+        for (k, value) in line.iter_mut().enumerate() {
+            *value = block[k][l];
+        }
+        for (k, value) in f(line).into_iter().enumerate() {
+            out[k][l] = value;
+        }
+    }
+    out
+}
+
+/// One output plane from the products of its channel: `Aᵀ M A` for every tile, `M[ξ]` of tile k at
+/// `products[ξ·stride + offset + k]` (LANES values of slack after the last), each value `y` of pixel `p`
+/// (row-major) given to `store(p, y)`, every pixel once. Every tile's m×m outputs first (into `z`, m² lines of
+/// the tile count rounded up to LANES, by output position then tile), then stored row by row.
+#[inline(always)]
+fn output_tiles_body<const A: usize>(
+    products: &[f32],
     (offset, stride): (usize, usize),
     t: &Tiles,
     z: &mut [f32],
     mut store: impl FnMut(usize, f32),
 ) {
-    let (h, w, count) = (t.h, t.w, t.count());
-    let (z0, z1) = z[..2 * count].split_at_mut(count);
-    for r in 0..2 {
-        // Row r of Aᵀ m: s_c = m_c + m_{4+c} + m_{8+c} (r = 0) or m_{4+c} − m_{8+c} − m_{12+c} (r = 1).
-        let rows: [&[f32]; 12] =
-            std::array::from_fn(|i| &m[(4 * r + i) * stride + offset..][..count]);
-        let sign = if r == 0 { 1.0 } else { -1.0 };
-        for k in 0..count {
-            let s = |c: usize| rows[c][k] + sign * rows[4 + c][k] + sign * rows[8 + c][k];
-            let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
-            z0[k] = s0 + s1 + s2;
-            z1[k] = s1 - s2 - s3;
-        }
-        for ty in 0..t.th {
-            let oy = 2 * ty + r;
-            if oy >= h {
-                break;
+    let (h, w, count, m) = (t.h, t.w, t.count(), A - 2);
+    let z_line = count.next_multiple_of(LANES);
+    let z = &mut z[..m * m * z_line];
+    // Made once per plane, as in `input_tiles`.
+    let mut rows_a = [[[0f32; LANES]; A]; A];
+    let mut block = [[0f32; LANES]; A];
+    for k0 in (0..count).step_by(LANES) {
+        // Aᵀ M A of LANES tiles: M by rows of A values (ξ = r·A + c), then Aᵀ down each column of the block.
+        for (r, rows) in rows_a.iter_mut().enumerate() {
+            for (c, lanes) in block.iter_mut().enumerate() {
+                lanes.copy_from_slice(&products[(r * A + c) * stride + offset + k0..][..LANES]);
             }
+            // Row r of M times A: m values.
+            *rows = transform_lanes::<A>(&block, a_transposed_times::<A>);
+        }
+        for j in 0..m {
+            for (r, lanes) in block.iter_mut().enumerate() {
+                *lanes = rows_a[r][j];
+            }
+            let column = transform_lanes::<A>(&block, a_transposed_times::<A>);
+            for (r, lanes) in column.iter().take(m).enumerate() {
+                z[(r * m + j) * z_line + k0..][..LANES].copy_from_slice(lanes);
+            }
+        }
+    }
+    for ty in 0..t.th {
+        for r in 0..m.min(h - m * ty) {
+            let oy = m * ty + r;
             for tx in 0..t.tw {
                 let k = ty * t.tw + tx;
-                store(oy * w + 2 * tx, z0[k]);
-                if 2 * tx + 1 < w {
-                    store(oy * w + 2 * tx + 1, z1[k]);
+                for j in 0..m.min(w - m * tx) {
+                    store(oy * w + m * tx + j, z[(r * m + j) * z_line + k]);
                 }
             }
         }
     }
+}
+
+/// [`tiles_body`] compiled for the kernel set `isa`: its LANES-wide loops become one AVX-512 vector (four SSE
+/// ones in the portable build). No FMA contraction either way: the same values on every set.
+fn tiles<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(
+    isa: Isa,
+    plane: &[f32],
+    t: &Tiles,
+    rows: &mut [f32],
+    v: &mut [f32],
+    at: (usize, usize),
+    f: F,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: the callers pass `Isa::current()`: a set this CPU runs.
+        Isa::Avx512 => return unsafe { x86::tiles_avx512::<A, F>(plane, t, rows, v, at, f) },
+        Isa::Avx2 => return unsafe { x86::tiles_avx2::<A, F>(plane, t, rows, v, at, f) },
+        Isa::Generic => {}
+    }
+    let _ = isa;
+    tiles_body::<A>(plane, t, rows, v, at, f)
+}
+
+/// [`output_tiles_body`] compiled for the kernel set `isa`, as [`tiles`].
+fn output_tiles<const A: usize>(
+    isa: Isa,
+    products: &[f32],
+    at: (usize, usize),
+    t: &Tiles,
+    z: &mut [f32],
+    store: impl FnMut(usize, f32),
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: as in `input_tiles`.
+        Isa::Avx512 => {
+            return unsafe { x86::output_tiles_avx512::<A, _>(products, at, t, z, store) }
+        }
+        Isa::Avx2 => return unsafe { x86::output_tiles_avx2::<A, _>(products, at, t, z, store) },
+        Isa::Generic => {}
+    }
+    let _ = isa;
+    output_tiles_body::<A>(products, at, t, z, store)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{output_tiles_body, tiles_body, Tiles};
+
+    /// Entry points that compile the transforms with `$features`.
+    macro_rules! entries {
+        ($input:ident, $output:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $input<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(
+                plane: &[f32],
+                t: &Tiles,
+                rows: &mut [f32],
+                v: &mut [f32],
+                at: (usize, usize),
+                f: F,
+            ) {
+                tiles_body::<A>(plane, t, rows, v, at, f)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $output<const A: usize, S: FnMut(usize, f32)>(
+                products: &[f32],
+                at: (usize, usize),
+                t: &Tiles,
+                z: &mut [f32],
+                store: S,
+            ) {
+                output_tiles_body::<A>(products, at, t, z, store)
+            }
+        };
+    }
+    entries!(tiles_avx2, output_tiles_avx2, "avx2");
+    entries!(tiles_avx512, output_tiles_avx512, "avx512f");
 }
 
 #[cfg(test)]
@@ -617,6 +1027,14 @@ mod tests {
         t.flatten_all()?.to_vec1::<f32>()
     }
 
+    /// Both tiles, each with the transforms of every kernel set this CPU runs.
+    fn every_tile_and_isa() -> Vec<(Tile, Isa)> {
+        [Tile::F2, Tile::F4]
+            .into_iter()
+            .flat_map(|tile| Isa::available().into_iter().map(move |isa| (tile, isa)))
+            .collect()
+    }
+
     #[test]
     fn images_per_group_follows_the_plane_size() {
         assert_eq!(images_per_group(16, 16), 8); // ResNet-18's 7×7 stage: 128 tiles
@@ -626,8 +1044,8 @@ mod tests {
         assert_eq!(images_per_group(2, 1), 1);
     }
 
-    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes, one
-    /// image (every stage on all threads) or groups of images per GEMM (called directly: `applies` would route
+    /// Forward and input gradient against candle's own convolution and autograd, on even and odd sizes (a
+    /// 70-wide plane: tile rows of more than one chunk of lanes), one image (every stage on all threads) or groups of images per GEMM (called directly: `applies` would route
     /// these small shapes elsewhere). The last two run in groups of two images (a partial group at the end of
     /// the first).
     #[test]
@@ -639,6 +1057,7 @@ mod tests {
             (3, 8, 2, 1, 3),
             (5, 4, 3, 3, 5),
             (4, 3, 6, 7, 7),
+            (2, 3, 4, 9, 70),
         ] {
             let (n, c_in, c_out, h, w) = dims;
             let x = Var::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
@@ -646,11 +1065,17 @@ mod tests {
             let reference = x.as_tensor().conv2d(&k, 1, 1, 1, 1)?;
             let up = Tensor::randn(0f32, 1.0, reference.shape(), &dev)?;
             let grad = (&reference * &up)?.sum_all()?.backward()?;
-            let ours = forward(&flat(x.as_tensor())?, &flat(&k)?, dims);
-            assert_close(&format!("forward {dims:?}"), &ours, &flat(&reference)?);
-            let dx = input_grad(&flat(&up)?, &flat(&k)?, dims);
-            let want = flat(grad.get(&x).unwrap())?;
-            assert_close(&format!("input gradient {dims:?}"), &dx, &want);
+            for by in every_tile_and_isa() {
+                let ours = forward_by(by, &flat(x.as_tensor())?, &flat(&k)?, dims);
+                assert_close(
+                    &format!("{by:?} forward {dims:?}"),
+                    &ours,
+                    &flat(&reference)?,
+                );
+                let dx = input_grad_by(by, &flat(&up)?, &flat(&k)?, dims);
+                let want = flat(grad.get(&x).unwrap())?;
+                assert_close(&format!("{by:?} input gradient {dims:?}"), &dx, &want);
+            }
         }
         Ok(())
     }
@@ -683,31 +1108,33 @@ mod tests {
             let residual = flat(&Tensor::randn(0f32, 1.0, (n, c_out, h, w), &dev)?)?;
             let bias: Vec<f32> = (0..c_out).map(|c| c as f32 * 0.25 - 1.0).collect();
             let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
-            let want: Vec<f32> = forward(&x, &k, dims)
-                .iter()
-                .zip(&residual)
-                .enumerate()
-                .map(|(at, (y, r))| ((y + bias[at / plane % c_out]) + r).max(floor))
-                .collect();
-            let blocked_residual = to_blocked(&residual, (c_out, plane), lanes);
-            let finish = Finish {
-                bias: &bias,
-                relu,
-                residual: Some(&blocked_residual),
-            };
-            let u = forward_weights(&k, (c_out, c_in));
-            let blocked_x = to_blocked(&x, (c_in, plane), lanes);
-            // SAFETY: `forward_blocked` writes every value.
-            let got = unsafe {
-                written_by(want.len(), |y| {
-                    forward_blocked(&blocked_x, &u, dims, lanes, finish, y)
-                })
-            };
-            assert_eq!(
-                got,
-                to_blocked(&want, (c_out, plane), lanes),
-                "blocked forward {dims:?}"
-            );
+            for (tile, isa) in every_tile_and_isa() {
+                let want: Vec<f32> = forward_by((tile, isa), &x, &k, dims)
+                    .iter()
+                    .zip(&residual)
+                    .enumerate()
+                    .map(|(at, (y, r))| ((y + bias[at / plane % c_out]) + r).max(floor))
+                    .collect();
+                let blocked_residual = to_blocked(&residual, (c_out, plane), lanes);
+                let finish = Finish {
+                    bias: &bias,
+                    relu,
+                    residual: Some(&blocked_residual),
+                };
+                let u = forward_weights(&k, (c_out, c_in), tile);
+                let blocked_x = to_blocked(&x, (c_in, plane), lanes);
+                // SAFETY: `forward_blocked` writes every value.
+                let got = unsafe {
+                    written_by(want.len(), |y| {
+                        forward_blocked(&blocked_x, (&u, tile, isa), dims, lanes, finish, y)
+                    })
+                };
+                assert_eq!(
+                    got,
+                    to_blocked(&want, (c_out, plane), lanes),
+                    "{tile:?} {isa} blocked forward {dims:?}"
+                );
+            }
         }
         Ok(())
     }
@@ -721,6 +1148,7 @@ mod tests {
             (2, 5, 7, 6, 10),
             (1, 3, 4, 7, 5),
             (3, 8, 2, 1, 3),
+            (2, 3, 4, 9, 70),
             (40, 300, 300, 9, 9),
         ] {
             let (n, c_in, c_out, h, w) = dims;
@@ -729,8 +1157,10 @@ mod tests {
             let y = x.conv2d(k.as_tensor(), 1, 1, 1, 1)?;
             let up = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
             let want = flat((&y * &up)?.sum_all()?.backward()?.get(&k).unwrap())?;
-            let got = weight_grad(&flat(&x)?, &flat(&up)?, dims);
-            assert_close(&format!("weight gradient {dims:?}"), &got, &want);
+            for by in every_tile_and_isa() {
+                let got = weight_grad_by(by, &flat(&x)?, &flat(&up)?, dims);
+                assert_close(&format!("{by:?} weight gradient {dims:?}"), &got, &want);
+            }
         }
         Ok(())
     }

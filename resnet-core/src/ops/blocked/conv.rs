@@ -62,8 +62,9 @@ pub struct BlockedConv {
     weights: LineAligned,
     bias: LineAligned,
     relu: bool,
-    /// Winograd's transformed weights, made on the first forward that takes [`BlockedAlgorithm::Winograd`].
-    winograd: OnceLock<Vec<f32>>,
+    /// Winograd's transformed weights for each [`winograd::Tile`] (indexed by it), made on the first forward
+    /// that takes [`BlockedAlgorithm::Winograd`] with that tile.
+    winograd: [OnceLock<Vec<f32>>; 2],
 }
 
 /// How [`BlockedConv::forward`] computes a convolution.
@@ -71,7 +72,7 @@ pub struct BlockedConv {
 pub enum BlockedAlgorithm {
     /// The direct kernel (the register tiles of this file).
     Direct,
-    /// Winograd F(2×2, 3×3) (`ops::winograd`), transforms reading and writing the blocked layout.
+    /// Winograd F(2×2, 3×3) or F(4×4, 3×3) (`ops::winograd`), transforms reading and writing the blocked layout.
     Winograd,
 }
 
@@ -174,7 +175,7 @@ impl BlockedConv {
             weights: LineAligned::from_values(w.len(), packed),
             bias: LineAligned::from_slice(bias),
             relu,
-            winograd: OnceLock::new(),
+            winograd: Default::default(),
         })
     }
 
@@ -182,17 +183,15 @@ impl BlockedConv {
         (input + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
-    /// The algorithm [`BlockedConv::forward`] runs on `x`: Winograd's for a blocked batch of two images or more
-    /// into a 3×3, stride-1, padding-1 layer where [`winograd::applies`] (wide layers with enough tiles per
-    /// GEMM), else the direct kernel. ResNet-50's layers at batch 16, the best of 40 alternated calls (AMD EPYC
-    /// Zen 4): 128→128 on 28×28 216 → 249–263 GFLOP/s, 256→256 on 14×14 213–215 → 243–248, 512→512 on 7×7
-    /// 215–220 → 243–249. A single image runs Winograd's stages one after the other on all threads: 128→128 on
-    /// 28×28 at 0.77–1.0× the direct kernel.
+    /// The algorithm [`BlockedConv::forward`] runs on `x`: Winograd's for a blocked batch into a 3×3, stride-1,
+    /// padding-1 layer where [`winograd::applies`] (wide layers, two images or more, enough tiles per GEMM),
+    /// else the direct kernel. ResNet-50's layers at batch 16, the best of 40 alternated calls (AMD EPYC Zen 4),
+    /// with F(2×2) tiles: 128→128 on 28×28 216 → 249–263 GFLOP/s, 256→256 on 14×14 213–215 → 243–248,
+    /// 512→512 on 7×7 215–220 → 243–249.
     pub fn algorithm(&self, x: Source) -> BlockedAlgorithm {
         let (n, _, h, w) = x.dims();
         let winograd = matches!(x, Source::Blocked(_))
             && (self.kernel, self.stride, self.padding) == (3, 1, 1)
-            && n >= 2
             && winograd::applies(n, (self.c_in, self.c_out), (h, w));
         match winograd {
             true => BlockedAlgorithm::Winograd,
@@ -231,8 +230,9 @@ impl BlockedConv {
 
     /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size).
     fn winograd(&self, x: &Blocked, residual: Option<&Blocked>) -> Blocked {
-        let u = self.winograd.get_or_init(|| {
-            winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in))
+        let tile = winograd::Tile::for_plane((x.h, x.w));
+        let u = self.winograd[tile as usize].get_or_init(|| {
+            winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in), tile)
         });
         let finish = winograd::Finish {
             bias: &self.bias,
@@ -244,7 +244,7 @@ impl BlockedConv {
         // SAFETY: `forward_blocked` writes every value of its output.
         let data = unsafe {
             Scratch::written_by(len, |y| {
-                winograd::forward_blocked(&x.data, u, dims, self.lanes, finish, y)
+                winograd::forward_blocked(&x.data, (u, tile, self.isa), dims, self.lanes, finish, y)
             })
         };
         Blocked {
