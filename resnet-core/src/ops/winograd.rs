@@ -74,11 +74,11 @@ macro_rules! by_tile {
 }
 
 /// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
-/// `n` images of `h`×`w`: layers of at least [`Tile::min_channels`], whose GEMMs get at least 64 tiles (a group
+/// `n` images of `h`×`w`: layers of at least [`Tile::min_channels`], whose GEMMs get at least 48 tiles (a group
 /// of images, see [`images_per_group`]: 512→512 on 7×7 at batch 16, eight images per GEMM, ~200 vs ~155 by
 /// im2col + GEMM; one 7×7 image alone (16 tiles) ~60). A single image runs each stage on all threads: with
-/// F(4×4) tiles on a 56×56 plane (196 tiles) that wins (64→64 at 168–265 GFLOP/s-equivalent; ResNet-50 at
-/// batch 1 ran 1.04× faster, median of 8 alternated runs), with F(2×2) on 14×14 not (256→256 ~150, the direct
+/// F(4×4) tiles on 56×56 and 28×28 planes that wins (64→64 on 56×56 at 168–265 GFLOP/s-equivalent; see
+/// [`MIN_GEMM_TILES`] for ResNet-50), with F(2×2) on 14×14 not (256→256 ~150, the direct
 /// kernel ~200), so F(2×2) takes two images or more. Never the thread count: the result must not depend on it.
 pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
     let tile = Tile::for_plane((h, w));
@@ -107,8 +107,10 @@ pub fn weight_grad_applies(
         && w.is_multiple_of(tile.m())
 }
 
-/// Tiles per GEMM from which Winograd's algorithm wins.
-const MIN_GEMM_TILES: usize = 64;
+/// Tiles per GEMM from which Winograd's algorithm wins: 48 lets in one 28×28 image's 49 F(4×4) tiles (and at
+/// two images, groups of one 14×14 image's 49 F(2×2) ones), which 64 did not: ResNet-50 at batch 1 ran 1.04×
+/// faster (median of 8 alternated runs, faster in 6), at batch 2 1.05× (6 runs, faster in 5).
+const MIN_GEMM_TILES: usize = 48;
 
 /// `y = conv3x3(x, w)` (`n·c_out·h·w` values), by the tiles of [`Tile::for_plane`].
 pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
