@@ -26,7 +26,8 @@ pub enum Tile {
     /// F(2×2, 3×3): 4×4 input tiles, 16 GEMMs.
     F2,
     /// F(4×4, 3×3): 6×6 input tiles, 36 GEMMs; transforms with factors up to 8 (Aᵀ) and 1/24 (G), so it
-    /// rounds more than F(2×2) (the tests hold both to 1e-5 of the output's largest magnitude).
+    /// rounds more than F(2×2): a weight gradient summed over 40 images of 300 channels differed from candle's
+    /// by ~1e-5 of its largest value, F(2×2)'s by ~1e-6 (the PyTorch fixtures allow 1e-3 of the norm).
     F4,
 }
 
@@ -89,11 +90,11 @@ pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) 
 }
 
 /// Whether [`weight_grad`] runs: layers of at least [`Tile::min_channels`] with enough tiles (as [`applies`],
-/// a single image included: its GEMMs' depth is every tile of the batch), on planes in whole tiles (on 7×7,
-/// where a third of F(2×2)'s outputs are padding, ~120 vs ~140 GFLOP/s-equivalent by im2col + GEMM).
-/// ResNet-18 at batch 16, the blocked direct kernel / Winograd (3 alternated rounds, AMD EPYC Zen 4): 64→64 on
-/// 56×56 195–220 / 241–242 (F(4×4)); 128→128 on 28×28, F(2×2) / F(4×4): 250–258 / 329–331; 256→256 on 14×14
-/// 203–237 / 190–201.
+/// a single image included: its GEMMs' depth is every tile of the batch). ResNet-18's layers at batch 16,
+/// GFLOP/s-equivalent, F(2×2) / F(4×4) (2 alternated rounds, AMD EPYC Zen 4): 64→64 on 56×56 181–185 / 241–242
+/// (the blocked direct kernel ~195–220 in `bench --convs`); 128→128 on 28×28 250–258 / 329–331; 256→256 on
+/// 14×14 203–237 / 190–201. On 7×7, where F(2×2)'s tiles cover 8×8, the blocked kernel / F(2×2): 173–194 /
+/// 188–208 (`bench --convs`, 3 alternated rounds, faster in 3).
 pub fn weight_grad_applies(
     n: usize,
     (c_in, c_out): (usize, usize),
@@ -101,10 +102,7 @@ pub fn weight_grad_applies(
 ) -> bool {
     let tile = Tile::for_plane((h, w));
     let tiles = Tiles::new(h, w, tile).count();
-    c_in.min(c_out) >= tile.min_channels()
-        && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
-        && h.is_multiple_of(tile.m())
-        && w.is_multiple_of(tile.m())
+    c_in.min(c_out) >= tile.min_channels() && images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES
 }
 
 /// Tiles per GEMM from which Winograd's algorithm wins: 48 lets in one 28×28 image's 49 F(4×4) tiles (and at
@@ -1015,14 +1013,24 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
 
-    /// `got` within 1e-5 of the largest magnitude of `want`, element by element.
-    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    /// `got` within `tolerance` of the largest magnitude of `want`, element by element.
+    fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = got
             .iter()
             .zip(want)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-5 * scale, "{what}: {diff} of {scale}");
+        assert!(diff <= tolerance * scale, "{what}: {diff} of {scale}");
+    }
+
+    /// How close each tile comes to candle's reference: F(4×4)'s transforms (factors up to 8 and 1/24) round
+    /// more. The weight gradient of 40 images of 300 channels on 9×9 differed by ~1.1e-6 of its largest value
+    /// with F(2×2) and 1.0–1.25e-5 with F(4×4) (three runs, the same on every kernel set).
+    fn tolerance(tile: Tile) -> f32 {
+        match tile {
+            Tile::F2 => 1e-5,
+            Tile::F4 => 4e-5,
+        }
     }
 
     fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -1068,15 +1076,13 @@ mod tests {
             let up = Tensor::randn(0f32, 1.0, reference.shape(), &dev)?;
             let grad = (&reference * &up)?.sum_all()?.backward()?;
             for by in every_tile_and_isa() {
+                let tol = tolerance(by.0);
                 let ours = forward_by(by, &flat(x.as_tensor())?, &flat(&k)?, dims);
-                assert_close(
-                    &format!("{by:?} forward {dims:?}"),
-                    &ours,
-                    &flat(&reference)?,
-                );
+                let want = flat(&reference)?;
+                assert_close(&format!("{by:?} forward {dims:?}"), &ours, &want, tol);
                 let dx = input_grad_by(by, &flat(&up)?, &flat(&k)?, dims);
                 let want = flat(grad.get(&x).unwrap())?;
-                assert_close(&format!("{by:?} input gradient {dims:?}"), &dx, &want);
+                assert_close(&format!("{by:?} input gradient {dims:?}"), &dx, &want, tol);
             }
         }
         Ok(())
@@ -1161,7 +1167,8 @@ mod tests {
             let want = flat((&y * &up)?.sum_all()?.backward()?.get(&k).unwrap())?;
             for by in every_tile_and_isa() {
                 let got = weight_grad_by(by, &flat(&x)?, &flat(&up)?, dims);
-                assert_close(&format!("{by:?} weight gradient {dims:?}"), &got, &want);
+                let what = format!("{by:?} weight gradient {dims:?}");
+                assert_close(&what, &got, &want, tolerance(by.0));
             }
         }
         Ok(())
