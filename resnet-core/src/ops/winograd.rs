@@ -112,44 +112,35 @@ const MIN_GEMM_TILES: usize = 48;
 
 /// `y = conv3x3(x, w)` (`n·c_out·h·w` values), by the tiles of [`Tile::for_plane`].
 pub fn forward(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
-    forward_by(
-        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
-        x,
-        w,
-        dims,
-    )
-}
-
-fn forward_by(
-    (tile, isa): (Tile, Isa),
-    x: &[f32],
-    w: &[f32],
-    dims: (usize, usize, usize, usize, usize),
-) -> Vec<f32> {
-    let (n, c_in, c_out, h, wd) = dims;
-    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), false));
-    run(x, &u, (tile, isa), (n, c_in, c_out, h, wd))
+    convolve(default_kernels(dims), x, w, dims, false)
 }
 
 /// `dx` of `y = conv3x3(x, w)` from `dy`: `conv3x3(dy, w')`, `w'[ci, co, ky, kx] = w[co, ci, 2−ky, 2−kx]`.
 pub fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
-    input_grad_by(
-        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
-        dy,
-        w,
-        dims,
-    )
+    convolve(default_kernels(dims), dy, w, dims, true)
 }
 
-fn input_grad_by(
+/// The tile for the plane of `dims` (`(n, c_in, c_out, h, w)`), and the kernel set in use.
+fn default_kernels(dims: (usize, usize, usize, usize, usize)) -> (Tile, Isa) {
+    (Tile::for_plane((dims.3, dims.4)), Isa::current())
+}
+
+/// `conv3x3(x, w)` by `tile`, the transforms compiled for `isa`; `flipped`: `conv3x3(dy, w')` of
+/// [`input_grad`] (from `c_out` to `c_in` channels) instead.
+fn convolve(
     (tile, isa): (Tile, Isa),
-    dy: &[f32],
+    x: &[f32],
     w: &[f32],
-    dims: (usize, usize, usize, usize, usize),
+    (n, c_in, c_out, h, wd): (usize, usize, usize, usize, usize),
+    flipped: bool,
 ) -> Vec<f32> {
-    let (n, c_in, c_out, h, wd) = dims;
-    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), true));
-    run(dy, &u, (tile, isa), (n, c_out, c_in, h, wd))
+    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), flipped));
+    let (from, to) = if flipped {
+        (c_out, c_in)
+    } else {
+        (c_in, c_out)
+    };
+    run(x, &u, (tile, isa), (n, from, to, h, wd))
 }
 
 /// `U[o][ξ][i] = (G g Gᵀ)[ξ]` for every kernel `g` of `w` `[C_out, C_in, 3, 3]`, by output channel on all
@@ -559,7 +550,14 @@ fn run_group<const A: usize>(
             let z_len = (A - 2) * (A - 2) * per_image.next_multiple_of(LANES);
             s.rows.resize(s.rows.len().max(z_len), 0.0);
             let Planes::Blocked { finish: f, .. } = layout else {
-                return output_tiles::<A>(isa, m, from(c0), t, &mut s.rows, |p, y| {
+                let (products, z) = (m, &mut s.rows[..]);
+                let job = Products {
+                    products,
+                    at: from(c0),
+                    t,
+                    z,
+                };
+                return output_tiles::<A, _>(isa, job, |p, y| {
                     out[p].write(y);
                 });
             };
@@ -567,7 +565,14 @@ fn run_group<const A: usize>(
             // the block (50 KB for 16 channels of 28×28) once, not once per channel.
             s.planes.resize(lanes * plane, 0.0);
             for (lane, dst) in s.planes.chunks_exact_mut(plane).enumerate() {
-                output_tiles::<A>(isa, m, from(c0 + lane), t, &mut s.rows, |p, y| dst[p] = y);
+                let (products, z) = (m, &mut s.rows[..]);
+                let job = Products {
+                    products,
+                    at: from(c0 + lane),
+                    t,
+                    z,
+                };
+                output_tiles::<A, _>(isa, job, |p, y| dst[p] = y);
             }
             let floor = if f.relu { 0.0 } else { f32::NEG_INFINITY };
             let residual = f.residual.map(|r| &r[k * plane * lanes..][..plane * lanes]);
@@ -625,7 +630,7 @@ fn transform_inputs<const A: usize>(
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // The border stays zero: only the interior is rewritten per plane. LANES values of slack after
-            // the plane and after the row transforms: `input_tiles` reads whole chunks.
+            // the plane and after the row transforms: `tiles_body` reads whole chunks.
             s.plane.clear();
             s.plane.resize(t.padded_len(), 0.0);
             s.rows.resize(t.rows_len(A), 0.0);
@@ -663,20 +668,16 @@ fn transform_inputs<const A: usize>(
                             }
                         }
                     }
-                    let at = (j * per_image, stride);
+                    let job = PlaneTiles {
+                        plane: &s.plane,
+                        t,
+                        rows: &mut s.rows,
+                        v: vc,
+                        at: (j * per_image, stride),
+                    };
                     match transform {
-                        Transform::Input => tiles::<A, _>(
-                            isa,
-                            &s.plane,
-                            t,
-                            &mut s.rows,
-                            vc,
-                            at,
-                            b_transposed_times::<A>,
-                        ),
-                        Transform::OutputGrad => {
-                            tiles::<A, _>(isa, &s.plane, t, &mut s.rows, vc, at, a_times::<A>)
-                        }
+                        Transform::Input => tiles::<A, _>(isa, job, b_transposed_times::<A>),
+                        Transform::OutputGrad => tiles::<A, _>(isa, job, a_times::<A>),
                     }
                 }
             }
@@ -684,7 +685,7 @@ fn transform_inputs<const A: usize>(
     });
 }
 
-/// How far apart V keeps the values of consecutive ξ for `tiles` tiles: LANES more, so that `input_tiles`
+/// How far apart V keeps the values of consecutive ξ for `tiles` tiles: LANES more, so that `tiles_body`
 /// writes whole chunks of LANES tiles past the last one.
 fn tile_stride(tiles: usize) -> usize {
     tiles + LANES
@@ -705,12 +706,7 @@ fn tile_of<const A: usize>() -> Tile {
 /// dw = Gᵀ dU G. The A² GEMMs run in parallel; images go in chunks of a fixed size (bounding V and dM), each chunk's products added
 /// to dU in order: the same result whatever the thread count.
 pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
-    weight_grad_by(
-        (Tile::for_plane((dims.3, dims.4)), Isa::current()),
-        x,
-        dy,
-        dims,
-    )
+    weight_grad_by(default_kernels(dims), x, dy, dims)
 }
 
 fn weight_grad_by(
@@ -822,11 +818,13 @@ const LANES: usize = 16;
 /// both stages load and store whole vectors.
 #[inline(always)]
 fn tiles_body<const A: usize>(
-    plane: &[f32],
-    t: &Tiles,
-    rows: &mut [f32],
-    v: &mut [f32],
-    (offset, stride): (usize, usize),
+    PlaneTiles {
+        plane,
+        t,
+        rows,
+        v,
+        at: (offset, stride),
+    }: PlaneTiles,
     f: impl Fn([f32; A]) -> [f32; A] + Copy,
 ) {
     let (m, row_len, phase_len) = (A - 2, t.row_len(), t.phase_len());
@@ -885,16 +883,18 @@ fn transform_lanes<const A: usize>(
 /// the tile count rounded up to LANES, by output position then tile), then stored row by row.
 #[inline(always)]
 fn output_tiles_body<const A: usize>(
-    products: &[f32],
-    (offset, stride): (usize, usize),
-    t: &Tiles,
-    z: &mut [f32],
+    Products {
+        products,
+        at: (offset, stride),
+        t,
+        z,
+    }: Products,
     mut store: impl FnMut(usize, f32),
 ) {
     let (h, w, count, m) = (t.h, t.w, t.count(), A - 2);
     let z_line = count.next_multiple_of(LANES);
     let z = &mut z[..m * m * z_line];
-    // Made once per plane, as in `input_tiles`.
+    // Made once per plane, as in `tiles_body`.
     let mut rows_a = [[[0f32; LANES]; A]; A];
     let mut block = [[0f32; LANES]; A];
     for k0 in (0..count).step_by(LANES) {
@@ -929,78 +929,73 @@ fn output_tiles_body<const A: usize>(
     }
 }
 
+/// One plane's tiles to transform ([`tiles_body`]): the padded plane and its geometry, the row transforms'
+/// scratch, and V with where the plane's tiles go in it (offset, stride).
+struct PlaneTiles<'a> {
+    plane: &'a [f32],
+    t: &'a Tiles,
+    rows: &'a mut [f32],
+    v: &'a mut [f32],
+    at: (usize, usize),
+}
+
+/// One output plane's products ([`output_tiles_body`]): M, where the plane's tiles are in it (offset,
+/// stride), the plane's geometry and the scratch of its tiles' outputs.
+struct Products<'a> {
+    products: &'a [f32],
+    at: (usize, usize),
+    t: &'a Tiles,
+    z: &'a mut [f32],
+}
+
 /// [`tiles_body`] compiled for the kernel set `isa`: its LANES-wide loops become one AVX-512 vector (four SSE
 /// ones in the portable build). No FMA contraction either way: the same values on every set.
-fn tiles<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(
-    isa: Isa,
-    plane: &[f32],
-    t: &Tiles,
-    rows: &mut [f32],
-    v: &mut [f32],
-    at: (usize, usize),
-    f: F,
-) {
+fn tiles<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(isa: Isa, job: PlaneTiles, f: F) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: the callers pass `Isa::current()`: a set this CPU runs.
-        Isa::Avx512 => return unsafe { x86::tiles_avx512::<A, F>(plane, t, rows, v, at, f) },
-        Isa::Avx2 => return unsafe { x86::tiles_avx2::<A, F>(plane, t, rows, v, at, f) },
+        // SAFETY: the callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
+        Isa::Avx512 => return unsafe { x86::tiles_avx512::<A, F>(job, f) },
+        Isa::Avx2 => return unsafe { x86::tiles_avx2::<A, F>(job, f) },
         Isa::Generic => {}
     }
     let _ = isa;
-    tiles_body::<A>(plane, t, rows, v, at, f)
+    tiles_body::<A>(job, f)
 }
 
 /// [`output_tiles_body`] compiled for the kernel set `isa`, as [`tiles`].
-fn output_tiles<const A: usize>(
-    isa: Isa,
-    products: &[f32],
-    at: (usize, usize),
-    t: &Tiles,
-    z: &mut [f32],
-    store: impl FnMut(usize, f32),
-) {
+fn output_tiles<const A: usize, S: FnMut(usize, f32)>(isa: Isa, job: Products, store: S) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: as in `input_tiles`.
-        Isa::Avx512 => {
-            return unsafe { x86::output_tiles_avx512::<A, _>(products, at, t, z, store) }
-        }
-        Isa::Avx2 => return unsafe { x86::output_tiles_avx2::<A, _>(products, at, t, z, store) },
+        // SAFETY: as in `tiles`.
+        Isa::Avx512 => return unsafe { x86::output_tiles_avx512::<A, S>(job, store) },
+        Isa::Avx2 => return unsafe { x86::output_tiles_avx2::<A, S>(job, store) },
         Isa::Generic => {}
     }
     let _ = isa;
-    output_tiles_body::<A>(products, at, t, z, store)
+    output_tiles_body::<A>(job, store)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{output_tiles_body, tiles_body, Tiles};
+    use super::{output_tiles_body, tiles_body, PlaneTiles, Products};
 
     /// Entry points that compile the transforms with `$features`.
     macro_rules! entries {
         ($input:ident, $output:ident, $features:literal) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $input<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(
-                plane: &[f32],
-                t: &Tiles,
-                rows: &mut [f32],
-                v: &mut [f32],
-                at: (usize, usize),
+                job: PlaneTiles,
                 f: F,
             ) {
-                tiles_body::<A>(plane, t, rows, v, at, f)
+                tiles_body::<A>(job, f)
             }
 
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $output<const A: usize, S: FnMut(usize, f32)>(
-                products: &[f32],
-                at: (usize, usize),
-                t: &Tiles,
-                z: &mut [f32],
+                job: Products,
                 store: S,
             ) {
-                output_tiles_body::<A>(products, at, t, z, store)
+                output_tiles_body::<A>(job, store)
             }
         };
     }
@@ -1077,10 +1072,10 @@ mod tests {
             let grad = (&reference * &up)?.sum_all()?.backward()?;
             for by in every_tile_and_isa() {
                 let tol = tolerance(by.0);
-                let ours = forward_by(by, &flat(x.as_tensor())?, &flat(&k)?, dims);
+                let ours = convolve(by, &flat(x.as_tensor())?, &flat(&k)?, dims, false);
                 let want = flat(&reference)?;
                 assert_close(&format!("{by:?} forward {dims:?}"), &ours, &want, tol);
-                let dx = input_grad_by(by, &flat(&up)?, &flat(&k)?, dims);
+                let dx = convolve(by, &flat(&up)?, &flat(&k)?, dims, true);
                 let want = flat(grad.get(&x).unwrap())?;
                 assert_close(&format!("{by:?} input gradient {dims:?}"), &dx, &want, tol);
             }
@@ -1117,7 +1112,7 @@ mod tests {
             let bias: Vec<f32> = (0..c_out).map(|c| c as f32 * 0.25 - 1.0).collect();
             let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
             for (tile, isa) in every_tile_and_isa() {
-                let want: Vec<f32> = forward_by((tile, isa), &x, &k, dims)
+                let want: Vec<f32> = convolve((tile, isa), &x, &k, dims, false)
                     .iter()
                     .zip(&residual)
                     .enumerate()
