@@ -861,16 +861,21 @@ mod tests {
             (1, 32, 3, 16, 16, 3, 1, 1),
             (2, 16, 6, 8, 16, 3, 1, 1),
             // Winograd through this op's dispatch (forward, input gradient with the channel counts swapped,
-            // weight gradient): groups of images, and one image with every stage on all threads.
+            // weight gradient): F(2×2) tiles in groups of images, and F(4×4) on one image with every stage on
+            // all threads.
             (2, 128, 16, 16, 136, 3, 1, 1),
-            (1, 136, 16, 16, 128, 3, 1, 1),
+            (1, 72, 28, 28, 64, 3, 1, 1),
         ];
-        for (n, inp, out) in [(2, 128, 136), (1, 136, 128)] {
+        for (n, inp, out, side, tile) in [
+            (2, 128, 136, 16, winograd::Tile::F2),
+            (1, 72, 64, 28, winograd::Tile::F4),
+        ] {
+            let plane = (side, side);
+            assert_eq!(winograd::Tile::for_plane(plane), tile);
             assert!(
-                winograd::applies(n, (inp, out), (16, 16))
-                    && winograd::applies(n, (out, inp), (16, 16))
+                winograd::applies(n, (inp, out), plane) && winograd::applies(n, (out, inp), plane)
             );
-            assert!(winograd::weight_grad_applies(n, (inp, out), (16, 16)));
+            assert!(winograd::weight_grad_applies(n, (inp, out), plane));
         }
         for (n, ci, h, w, co, k, s, p) in cases {
             let x = Var::randn(0f32, 1.0, (n, ci, h, w), &dev)?;

@@ -19,6 +19,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
+use std::thread::LocalKey;
 
 /// The output tile of Winograd's algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +292,16 @@ struct Buffers {
     m: Vec<f32>,
 }
 
+/// `f` of this thread's buffers in `key`, kept from call to call (fresh ones were page-faulted in on every
+/// call: a single image's forward ran at half the speed); of new ones where they are in use further up this
+/// thread's stack (a call nested in another's wait for its parallel work), instead of a panic.
+fn with_kept<R>(key: &'static LocalKey<RefCell<Buffers>>, f: impl FnOnce(&mut Buffers) -> R) -> R {
+    key.with(|b| match b.try_borrow_mut() {
+        Ok(mut kept) => f(&mut kept),
+        Err(_) => f(&mut Buffers::default()),
+    })
+}
+
 #[derive(Default)]
 struct Scratch {
     plane: Vec<f32>,
@@ -466,19 +477,15 @@ fn run_into<const A: usize>(
             .zip(x.par_chunks(group * c_in * h * wd))
             .enumerate()
             .for_each(|(g, (yg, xg))| {
-                BUFFERS.with(|b| {
-                    let b = &mut *b.borrow_mut();
+                with_kept(&BUFFERS, |Buffers { v, m }| {
                     let io = layout.images_from(g * group, c_out * h * wd);
-                    run_group::<A>(xg, u, yg, dims, &t, (&mut b.v, &mut b.m), (io, isa), false);
+                    run_group::<A>(xg, u, yg, dims, &t, (v, m), (io, isa), false);
                 })
             });
     } else {
         // One group (a single image): each stage on all threads.
-        BUFFERS.with(|b| {
-            let mut fresh = Buffers::default();
-            let mut kept = b.try_borrow_mut();
-            let Buffers { v, m } = kept.as_deref_mut().unwrap_or(&mut fresh);
-            run_group::<A>(x, u, y, dims, &t, (v, m), (layout, isa), true);
+        with_kept(&BUFFERS, |Buffers { v, m }| {
+            run_group::<A>(x, u, y, dims, &t, (v, m), (layout, isa), true)
         });
     }
 }
@@ -731,11 +738,7 @@ fn weight_grad_tiles<const A: usize>(
         .div_ceil(A * A * per_image * (c_in + c_out))
         .clamp(1, n);
     let mut du = vec![0f32; A * A * c_out * c_in];
-    // Kept from call to call: fresh, their pages were faulted in on every call (~10 % of the time).
-    WEIGHT_GRAD_BUFFERS.with(|b| {
-        let mut fresh = Buffers::default();
-        let mut kept = b.try_borrow_mut();
-        let Buffers { v, m: dm } = kept.as_deref_mut().unwrap_or(&mut fresh);
+    with_kept(&WEIGHT_GRAD_BUFFERS, |Buffers { v, m: dm }| {
         for (k, (xc, dyc)) in x
             .chunks(chunk * c_in * h * wd)
             .zip(dy.chunks(chunk * c_out * h * wd))
