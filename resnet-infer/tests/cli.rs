@@ -692,8 +692,8 @@ fn cpu_kernel_set_is_chosen_reported_and_checked() {
 }
 
 /// `bench --convs` marks the layers that folded inference runs by Winograd's algorithm on the blocked layout:
-/// ResNet-50's wide 3×3 stride-1 layers at batch 2 on 28×28 (enough tiles), not the 64-channel ones on 56×56,
-/// on every kernel set.
+/// ResNet-50's 3×3 stride-1 layers at batch 2 on 56×56 and 28×28 (F(4×4) tiles, enough of them), not the ones on
+/// 7×7 (two images' 16 F(2×2) tiles each are too few), on every kernel set.
 #[test]
 fn convs_table_marks_the_blocked_winograd_layers() {
     let isas: &[&str] = if cfg!(target_arch = "x86_64") {
@@ -737,7 +737,11 @@ fn convs_table_marks_the_blocked_winograd_layers() {
             "{isa}: {stdout}"
         );
         assert!(
-            !row("64→64 3×3/1 on 56×56").ends_with(" Winograd |"),
+            row("64→64 3×3/1 on 56×56").ends_with(" Winograd |"),
+            "{isa}: {stdout}"
+        );
+        assert!(
+            !row("512→512 3×3/1 on 7×7").ends_with(" Winograd |"),
             "{isa}: {stdout}"
         );
     }
