@@ -9,6 +9,16 @@ use crate::shortcut::ShortcutPath;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Linear;
 
+/// The bytes of the largest activation of a pass of images through the net (`BlockedResNet::images_per_pass`).
+/// CIFAR ResNet-56 at batch 500 (64 KB per image), img/s by pass size, one run each (AMD EPYC Zen 4, 2 threads):
+/// 8 images 825, 16 849, 32 839, 64 806, the whole batch 780. Passes of 16 against the whole batch, 10
+/// alternated rounds: a median 1.03× (0.98–1.08×; faster in 6, the other 4 within 2.3 %). The peak RSS falls
+/// from 162 to 48 MB.
+const PASS_BYTES: usize = 1 << 20;
+
+/// The fewest images per pass: enough to share a layer's work among the threads.
+const MIN_IMAGES_PER_PASS: usize = 8;
+
 #[derive(Debug, Clone)]
 pub(crate) struct BlockedResNet {
     stem: BlockedConv,
@@ -91,6 +101,47 @@ impl BlockedResNet {
 
     /// Logits `[N, classes]` of a contiguous f32 CPU batch `[N, 3, H, W]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = x.dims4()?;
+        let chunk = self.images_per_pass((h, w));
+        if n <= chunk {
+            return self.forward_all(x);
+        }
+        let logits = (0..n)
+            .step_by(chunk)
+            .map(|first| self.forward_all(&x.narrow(0, first, chunk.min(n - first))?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&logits, 0)
+    }
+
+    /// Images per pass through the whole net. Each layer runs over the images of a pass; with many small images
+    /// (CIFAR), a pass of as many images as keep its largest activation within [`PASS_BYTES`] runs from the
+    /// cache instead of streaming every layer's input and output through memory. The convolutions compute an
+    /// image the same way whatever the pass; the head's matrix product may round differently with its row count.
+    /// ImageNet nets (3.2 MB per image at 224×224) run the batch in one pass.
+    fn images_per_pass(&self, (h, w): (usize, usize)) -> usize {
+        let per_image = self.largest_activation((h, w)) * std::mem::size_of::<f32>();
+        match PASS_BYTES / per_image.max(1) {
+            // Fewer images would leave the threads short of work.
+            chunk if chunk >= MIN_IMAGES_PER_PASS => chunk,
+            _ => usize::MAX,
+        }
+    }
+
+    /// The most values one image has in a layer's output, for an `h`×`w` input.
+    fn largest_activation(&self, (h, w): (usize, usize)) -> usize {
+        let mut side = (self.stem.output_size(h), self.stem.output_size(w));
+        let mut largest = self.stem.c_out() * side.0 * side.1;
+        if let Some(pool) = &self.pool {
+            side = (pool.output_size(side.0), pool.output_size(side.1));
+        }
+        for c in self.units.iter().flat_map(|u| &u.branch) {
+            side = (c.output_size(side.0), c.output_size(side.1));
+            largest = largest.max(c.c_out() * side.0 * side.1);
+        }
+        largest
+    }
+
+    fn forward_all(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let pixels = x.flatten_all()?.to_vec1::<f32>()?;
         let image = Source::Nchw {

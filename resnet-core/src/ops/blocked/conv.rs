@@ -179,6 +179,11 @@ impl BlockedConv {
         })
     }
 
+    /// Output channels.
+    pub fn c_out(&self) -> usize {
+        self.c_out
+    }
+
     pub fn output_size(&self, input: usize) -> usize {
         (input + 2 * self.padding - self.kernel) / self.stride + 1
     }
