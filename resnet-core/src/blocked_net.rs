@@ -144,13 +144,7 @@ impl BlockedResNet {
     fn forward_all(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let pixels = x.flatten_all()?.to_vec1::<f32>()?;
-        let image = Source::Nchw {
-            data: &pixels,
-            n,
-            c,
-            h,
-            w,
-        };
+        let image = Source::nchw(&pixels, (n, c, h, w));
         let mut y = self.stem.forward(image, None)?;
         if let Some(pool) = &self.pool {
             y = max_pool(&y, pool)?;

@@ -69,13 +69,7 @@ fn time_blocked(
         (seconds, conv.algorithm(source))
     } else {
         let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let image = Source::Nchw {
-            data: &data,
-            n,
-            c,
-            h,
-            w,
-        };
+        let image = Source::nchw(&data, (n, c, h, w));
         let seconds = seconds_per_call(iterations, || Ok(conv.forward(image, None)?))?;
         (seconds, conv.algorithm(image))
     };

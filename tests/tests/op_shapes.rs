@@ -287,13 +287,7 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
                     Source::Blocked(&blocked_x)
                 } else {
                     let (n, c, h, w) = x.dims4()?;
-                    Source::Nchw {
-                        data: &pixels,
-                        n,
-                        c,
-                        h,
-                        w,
-                    }
+                    Source::nchw(&pixels, (n, c, h, w))
                 };
                 let r = Blocked::from_nchw(&residual, l)?;
                 let algorithm = conv.algorithm(source);

@@ -129,6 +129,13 @@ pub enum Source<'a> {
     },
 }
 
+impl<'a> Source<'a> {
+    /// An NCHW batch of `(n, c, h, w)`.
+    pub fn nchw(data: &'a [f32], (n, c, h, w): (usize, usize, usize, usize)) -> Self {
+        Source::Nchw { data, n, c, h, w }
+    }
+}
+
 impl Source<'_> {
     /// `(n, c, h, w)`.
     pub fn dims(&self) -> (usize, usize, usize, usize) {

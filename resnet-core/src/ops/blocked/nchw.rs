@@ -31,14 +31,7 @@ pub fn conv_nchw(
         geometry,
         false,
     )?;
-    let source = Source::Nchw {
-        data: x,
-        n,
-        c: c_in,
-        h,
-        w,
-    };
-    conv.forward_nchw(source)
+    conv.forward_nchw(Source::nchw(x, (n, c_in, h, w)))
 }
 
 /// The input gradient of a 3×3, stride-1, padding-1 convolution: the convolution of `dy` `[N, C_out, H, W]`

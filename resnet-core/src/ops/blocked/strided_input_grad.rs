@@ -130,14 +130,7 @@ pub fn strided_input_grad_3x3_nchw(
         })
         .collect();
     // `dY` with a border of zeros: the last class rows and columns read one pixel past it where H, W are even.
-    let source = Source::Nchw {
-        data: dy,
-        n,
-        c: c_out,
-        h: oh,
-        w: ow,
-    };
-    let padded = Padded::batch(source, 1, bi);
+    let padded = Padded::batch(Source::nchw(dy, (n, c_out, oh, ow)), 1, bi);
     let dy_padded = padded.batch_data();
     let bias = vec![0f32; f * b];
     let job = Row {

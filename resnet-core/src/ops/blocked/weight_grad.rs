@@ -132,14 +132,7 @@ pub fn weight_grad_nchw(
             dy.len()
         );
     }
-    let source = Source::Nchw {
-        data: dy,
-        n,
-        c: c_out,
-        h: oh,
-        w: ow,
-    };
-    let blocked_dy = Padded::batch(source, 0, b);
+    let blocked_dy = Padded::batch(Source::nchw(dy, (n, c_out, oh, ow)), 0, b);
     let dy_blocked = blocked_dy.batch_data();
     let (f, channels) = tile_shape(isa, k, c_in, c_out);
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
