@@ -8,6 +8,7 @@ use crate::ops::max_pool::MaxPool2d;
 use crate::shortcut::ShortcutPath;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Linear;
+use rayon::prelude::*;
 
 /// The bytes of the largest activation of a pass of images through the net (`BlockedResNet::images_per_pass`).
 /// CIFAR ResNet-56 at batch 500 (64 KB per image), img/s by pass size, one run each (AMD EPYC Zen 4, 2 threads):
@@ -106,8 +107,14 @@ impl BlockedResNet {
         if n <= chunk {
             return self.forward_all(x);
         }
-        let logits = (0..n)
-            .step_by(chunk)
+        // The passes run side by side, one per thread: each layer's tasks then come from the thread's own pass,
+        // and no thread waits for the other at the end of every layer (rayon's sleeps and wake-ups between the
+        // short layers of a pass were ~4 % of the time). ResNet-56 at b500, 5 alternated rounds (AMD EPYC Zen 4):
+        // 742–820 img/s one pass at a time, 700–853 side by side (faster in 4 of 5).
+        let firsts: Vec<usize> = (0..n).step_by(chunk).collect();
+        let logits = firsts
+            .into_par_iter()
+            .with_max_len(1)
             .map(|first| self.forward_all(&x.narrow(0, first, chunk.min(n - first))?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&logits, 0)

@@ -13,7 +13,8 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// A CIFAR batch larger than one pass through the blocked net (16 images of 32×32 at ResNet-20's widths), on
 /// every kernel set: each image's logits within 1e-4 of the unfolded net's (candle's ops, which the PyTorch
 /// fixtures check), so the passes take the right images and put their logits back in order; and within 1e-5 of
-/// what the image gets alone in the folded net (the head's matrix product has another row count).
+/// what the image gets alone in the folded net (the head's matrix product has another row count). The passes
+/// run side by side on the threads: the logits are the same bits on one thread.
 #[test]
 fn a_batch_in_several_passes_gives_each_image_its_own_logits() -> anyhow::Result<()> {
     let dev = Device::Cpu;
@@ -25,6 +26,13 @@ fn a_batch_in_several_passes_gives_each_image_its_own_logits() -> anyhow::Result
     for_each_isa(|_| {
         let batch = predictor.forward(&x)?;
         assert_eq!(batch.dims(), &[37, 10]);
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+        let on_one = one_thread.install(|| predictor.forward(&x))?;
+        assert_eq!(
+            max_abs_diff(&batch, &on_one)?,
+            0.0,
+            "one thread against two"
+        );
         for i in 0..37 {
             let rel = rel_diff(&batch.narrow(0, i, 1)?, &unfolded.narrow(0, i, 1)?);
             assert!(rel <= 1e-4, "image {i} against the unfolded net: {rel}");
