@@ -97,10 +97,7 @@ impl BnReluConvOp {
         let beta = pack.narrow(0, wn + c, c)?;
         let activated = x.apply_op3_no_bwd(&gamma, &beta, &self.stats)?;
         let dy = grad.contiguous()?;
-        let d_activated = self.conv.input_gradient(&dy, &w, activated.shape())?;
-        let dw = self
-            .conv
-            .weight_gradient(&activated, &dy, &self.weight_shape)?;
+        let (d_activated, dw) = self.conv.gradients(&activated, &dy, &w)?;
         // The activation's sign is the ReLU's mask in BN's backward.
         let (dx, dgamma_dbeta) = self.stats.gradients(x, &gamma, &activated, &d_activated)?;
         Ok((dx, Tensor::cat(&[&dw.flatten_all()?, &dgamma_dbeta], 0)?))

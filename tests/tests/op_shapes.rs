@@ -132,6 +132,16 @@ fn convolution_and_batch_norm_on_every_registered_shape() -> anyhow::Result<()> 
                         &r.dw,
                     ),
                 ];
+                // Both gradients at once, as training takes them (one conversion of the output gradient where
+                // both passes run blocked kernels): the same bits as each on its own.
+                let (dx, dw) = op.gradients(x, &r.up, w)?;
+                for (both, (_, what, alone, _)) in [dx, dw].iter().zip(&passes[1..]) {
+                    let diff = max_abs_diff(both, alone)?;
+                    assert_eq!(
+                        diff, 0.0,
+                        "{isa} {what} of {shape:?} with both, batch {batch}"
+                    );
+                }
                 for (pass, what, ours, expected) in passes {
                     close(
                         &format!("{isa} {what}, batch {batch}"),

@@ -41,6 +41,11 @@ thread_local! {
 /// Weights small enough to stay in L2 beside the input rows (512 KB on Zen 3, 1–2 MB on Xeons).
 pub(super) const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
+/// Whether `values` f32 weights stay in L2 beside the input rows ([`L2_WEIGHT_BYTES`]).
+pub fn weights_stay(values: usize) -> bool {
+    values * std::mem::size_of::<f32>() <= L2_WEIGHT_BYTES
+}
+
 /// Register tiles per task at most.
 pub(super) const SEGMENT_TILES: usize = 8;
 
@@ -326,7 +331,7 @@ impl BlockedConv {
         // (ResNet-50 inference at batch 16: faster in 8 of 9 alternated rounds, 22.5–23.1 → 23.4–24.2 img/s
         // where neither run hit a slow VM minute, AMD EPYC Zen 4), not on an NCHW one, whose whole-batch copy is
         // also its conversion (ResNet-18 training at batch 16: 14.5–15.4 img/s with it, 13.7–14.8 without).
-        let weights_stay = self.weights.len() * 4 <= L2_WEIGHT_BYTES;
+        let weights_stay = weights_stay(self.weights.len());
         let per_image = (weights_stay || matches!(x, Source::Blocked(_)))
             && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
         let input = Padded::new(x, self.padding, self.bi, per_image);

@@ -52,6 +52,27 @@ impl Blocked {
         })
     }
 
+    /// The layout of `[N, C, H, W]` values of `dims`, `C` in whole blocks of `lanes`: by 8×8 transposes where the
+    /// kernel set has them (as a convolution's padded copy, which this is without a border).
+    pub fn from_nchw_slice(
+        data: &[f32],
+        dims: (usize, usize, usize, usize),
+        lanes: usize,
+    ) -> Blocked {
+        let (n, c, h, w) = dims;
+        match Padded::batch(Source::nchw(data, dims), 0, lanes).data {
+            Data::Copied(data) => Blocked {
+                data,
+                n,
+                c,
+                h,
+                w,
+                lanes,
+            },
+            _ => unreachable!("an NCHW source is copied"),
+        }
+    }
+
     /// Back to `[N, C, H, W]`.
     pub fn to_nchw(&self) -> Result<Tensor> {
         Tensor::from_vec(

@@ -13,16 +13,16 @@ use crate::ops::isa::Isa;
 use crate::ops::taps::kernel_3x3;
 use candle_core::Result;
 
-/// `conv(x, w)` of `x` `[N, C_in, H, W]` and `w` `[C_out, C_in, k, k]`, no bias, as NCHW `[N, C_out, H', W']`.
-/// Call where [`BlockedConv::applies`]`(isa, c_out)`.
+/// `conv(x, w)` of `x` `[N, C_in, H, W]` (NCHW, or already in `isa`'s blocks) and `w` `[C_out, C_in, k, k]`,
+/// no bias, as NCHW `[N, C_out, H', W']`. Call where [`BlockedConv::applies`]`(isa, c_out)`.
 pub fn conv_nchw(
     isa: Isa,
-    x: &[f32],
-    (n, c_in, h, w): (usize, usize, usize, usize),
+    x: Source,
     weight: &[f32],
     (c_out, k): (usize, usize),
     geometry: (usize, usize),
 ) -> Result<Vec<f32>> {
+    let (_, c_in, _, _) = x.dims();
     let conv = BlockedConv::from_slice(
         isa,
         weight,
@@ -31,22 +31,17 @@ pub fn conv_nchw(
         geometry,
         false,
     )?;
-    conv.forward_nchw(Source::nchw(x, (n, c_in, h, w)))
+    conv.forward_nchw(x)
 }
 
 /// The input gradient of a 3×3, stride-1, padding-1 convolution: the convolution of `dy` `[N, C_out, H, W]`
-/// with the kernel flipped and its channel axes swapped, `[N, C_in, H, W]`. Call where
-/// [`BlockedConv::applies`]`(isa, c_in)`.
-pub fn input_grad_3x3_nchw(
-    isa: Isa,
-    dy: &[f32],
-    (n, c_out, h, w): (usize, usize, usize, usize),
-    weight: &[f32],
-    c_in: usize,
-) -> Result<Vec<f32>> {
+/// (NCHW, or already in `isa`'s blocks) with the kernel flipped and its channel axes swapped, as NCHW
+/// `[N, C_in, H, W]`. Call where [`BlockedConv::applies`]`(isa, c_in)`.
+pub fn input_grad_3x3_nchw(isa: Isa, dy: Source, weight: &[f32], c_in: usize) -> Result<Vec<f32>> {
+    let (_, c_out, _, _) = dy.dims();
     // `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
     let flipped: Vec<f32> = (0..c_in * c_out)
         .flat_map(|k| kernel_3x3(weight, c_in, true, (k / c_out, k % c_out)))
         .collect();
-    conv_nchw(isa, dy, (n, c_out, h, w), &flipped, (c_in, 3), (1, 1))
+    conv_nchw(isa, dy, &flipped, (c_in, 3), (1, 1))
 }

@@ -97,14 +97,15 @@ struct Tile {
 type TileKernel = unsafe fn(&Tile);
 
 /// `dW` `[C_out, C_in, k, k]` of the k×k convolution (padding k/2, stride `stride`) of `x` `[N, C_in, H, W]`
-/// whose output gradient is `dy` `[N, C_out, H', W']`, images summed in groups of `group`. Call where
+/// whose output gradient is `dy` `[N, C_out, H', W']` (NCHW, or already in `isa`'s blocks: read in place),
+/// images summed in groups of `group`. Call where
 /// [`weight_grad_applies`]`(isa, (k, k / 2), c_in, c_out)`.
 #[allow(clippy::too_many_arguments)]
 pub fn weight_grad_nchw(
     isa: Isa,
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
-    dy: &[f32],
+    dy: Source,
     (c_out, oh, ow): (usize, usize, usize),
     (k, stride): (usize, usize),
     group: usize,
@@ -119,20 +120,21 @@ pub fn weight_grad_nchw(
     if isa > Isa::best_available()
         || !weight_grad_applies(isa, (k, pad), c_in, c_out)
         || x.len() != n * c_in * h * w
-        || dy.len() != n * c_out * oh * ow
+        || dy.dims() != (n, c_out, oh, ow)
+        || matches!(dy, Source::Blocked(d) if d.lanes != b)
         || stride == 0
         || group == 0
         || (Some(oh), Some(ow)) != (out(h), out(w))
     {
         candle_core::bail!(
-            "blocked weight gradient: input [{n}, {c_in}, {h}, {w}] ({} values), output gradient \
-             [{n}, {c_out}, {oh}, {ow}] ({} values), {k}×{k} kernel, stride {stride}: expected a kernel of \
+            "blocked weight gradient: input [{n}, {c_in}, {h}, {w}] ({} values), output gradient {:?} \
+             for [{n}, {c_out}, {oh}, {ow}], {k}×{k} kernel, stride {stride}: expected a kernel of \
              {KERNELS:?} padded by half, the output channels in blocks of {b} and a CPU that runs {isa}",
             x.len(),
-            dy.len()
+            dy.dims()
         );
     }
-    let blocked_dy = Padded::batch(Source::nchw(dy, (n, c_out, oh, ow)), 0, b);
+    let blocked_dy = Padded::batch(dy, 0, b);
     let dy_blocked = blocked_dy.batch_data();
     let (f, channels) = tile_shape(isa, k, c_in, c_out);
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
@@ -343,6 +345,7 @@ unsafe impl Sync for Tile {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::blocked::Blocked;
 
     /// The definition, in f64.
     fn reference(
@@ -425,7 +428,27 @@ mod tests {
                 let x: Vec<f32> = (0..n * c_in * h * w).map(value).collect();
                 let dy: Vec<f32> = (0..n * c_out * oh * ow).map(|i| value(i + 3)).collect();
                 let dims = (n, c_in, h, w);
-                let ours = weight_grad_nchw(isa, &x, dims, &dy, (c_out, oh, ow), (k, s), 2)?;
+                let ours = weight_grad_nchw(
+                    isa,
+                    &x,
+                    dims,
+                    Source::nchw(&dy, (n, c_out, oh, ow)),
+                    (c_out, oh, ow),
+                    (k, s),
+                    2,
+                )?;
+                // The output gradient already blocked (as training's shared conversion hands it): the same bits.
+                let blocked_dy = Blocked::from_nchw_slice(&dy, (n, c_out, oh, ow), b);
+                let from_blocked = weight_grad_nchw(
+                    isa,
+                    &x,
+                    dims,
+                    Source::Blocked(&blocked_dy),
+                    (c_out, oh, ow),
+                    (k, s),
+                    2,
+                )?;
+                assert_eq!(ours, from_blocked, "{isa}: {c_in}→{c_out} {k}×{k}/{s}");
                 let exact = reference(&x, dims, &dy, (c_out, oh, ow), (k, s));
                 assert_eq!(ours.len(), exact.len());
                 for (i, (a, e)) in ours.iter().zip(&exact).enumerate() {
