@@ -242,6 +242,33 @@ mod tests {
         Ok(())
     }
 
+    /// The sums run over fixed groups of images, whatever the threads: a batch of 40 images (14 groups) gives
+    /// the same bits on one thread as on all of them, statistics, output and every gradient.
+    #[test]
+    fn fused_training_op_is_the_same_on_any_thread_count() -> Result<()> {
+        let dev = Device::Cpu;
+        let store = ParamStore::new(3);
+        let bn = batch_norm(5, false, store.var_builder(&dev))?;
+        let x = Var::randn(1f32, 2.0, (40, 5, 6, 7), &dev)?;
+        let upstream = Tensor::randn(0f32, 1.0, (40, 5, 6, 7), &dev)?;
+        let run = || -> Result<Vec<Vec<f32>>> {
+            let stats = x.as_tensor().apply_op1_no_bwd(&ChannelStats)?;
+            let y = bn.forward_train_fused(x.as_tensor(), true)?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut all = vec![stats.flatten_all()?.to_vec1()?, y.flatten_all()?.to_vec1()?];
+            for t in [x.as_tensor(), &bn.weight, &bn.bias] {
+                all.push(grads.get(t).expect("a gradient").flatten_all()?.to_vec1()?);
+            }
+            Ok(all)
+        };
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a thread pool");
+        assert_eq!(one_thread.install(run)?, run()?);
+        Ok(())
+    }
+
     #[test]
     fn running_statistics_follow_pytorch() -> Result<()> {
         // One channel, values 1..=4 (N=4, 1×1): mean 2.5, biased var 1.25, unbiased 5/3.

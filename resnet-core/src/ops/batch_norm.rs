@@ -27,8 +27,8 @@ const MIN_GROUPS: usize = 16;
 ///
 /// The batch is read in order, in fixed groups of images, each group summing every channel into `LANES` f32
 /// partial sums per reduction (at most [`TERMS_PER_LANE`] terms each, or one plane's share where a plane is
-/// larger), then into f64; the groups' sums are
-/// added in group order. So the sums do not depend on the thread count, and each thread streams whole images:
+/// larger), then into f64; the groups' sums are added in group order. So the sums do not depend on the thread
+/// count, and each thread streams whole images:
 /// going channel by channel instead read one plane per image (4 KB at 32×32, one page, which the hardware
 /// prefetchers do not run past) and ran at ~16 GB/s.
 fn channel_sums(
@@ -111,7 +111,9 @@ impl CustomOp1 for ChannelStats {
         let count = (n * h * w) as f64;
         // One pass over x − s, s = the channel's first value (a shift near the mean keeps Σ(x−s)²/M − (mean−s)²
         // free of cancellation).
-        let shifts: Vec<f32> = (0..c).map(|ch| x[ch * h * w]).collect();
+        let shifts: Vec<f32> = (0..c)
+            .map(|ch| x.get(ch * h * w).copied().unwrap_or(0.0))
+            .collect();
         let sums = channel_sums((x, x, x), dims, &shifts, |shift, v, _, _| {
             let d = v - shift;
             (d, d * d)

@@ -775,7 +775,7 @@ impl Conv2dOp {
     }
 
     /// `(dx, dw)` from the input `x`, the output gradient `dy` and the weight `w`: as [`Conv2dOp::input_gradient`]
-    /// and [`Conv2dOp::weight_gradient`], sharing their conversions of `dy` where they can (`gradients`).
+    /// and [`Conv2dOp::weight_gradient`], sharing their conversions of `dy` where they can (`gradient_slices`).
     pub fn gradients(&self, x: &Tensor, dy: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let op = BothGrads {
             op: *self,
