@@ -29,7 +29,7 @@ pub(super) const CHUNK_CHANNELS: usize = 64;
 pub(super) const MIN_TASK_FLOPS: usize = 4_000_000;
 
 /// Images per thread from which a batch is padded image by image.
-const PER_IMAGE_BATCHES: usize = 2;
+pub(super) const PER_IMAGE_BATCHES: usize = 2;
 
 thread_local! {
     /// One padded image, per thread (see `compute`).
