@@ -846,8 +846,8 @@ impl CustomOp3 for BothGrads {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
@@ -859,10 +859,10 @@ impl CustomOp3 for BothGrads {
             );
         }
         let g = Geometry::new(xl.shape(), wl.shape(), &self.op)?;
-        if dl.shape().dims() != [g.n, g.c_out, g.oh, g.ow] {
+        if dyl.shape().dims() != [g.n, g.c_out, g.oh, g.ow] {
             candle_core::bail!(
                 "conv2d gradients: output gradient {:?}, expected [{}, {}, {}, {}]",
-                dl.shape(),
+                dyl.shape(),
                 g.n,
                 g.c_out,
                 g.oh,
@@ -872,7 +872,7 @@ impl CustomOp3 for BothGrads {
         let (dx, dw) = self.op.gradient_slices(
             &g,
             contiguous_f32(xs, xl, "conv2d input")?,
-            contiguous_f32(ds, dl, "conv2d gradient")?,
+            contiguous_f32(dys, dyl, "conv2d gradient")?,
             contiguous_f32(ws, wl, "conv2d weight")?,
         )?;
         *self.dw.lock().unwrap_or_else(|e| e.into_inner()) = Some(dw);

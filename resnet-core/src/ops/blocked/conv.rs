@@ -406,35 +406,14 @@ impl BlockedConv {
         let image_out = self.c_out * oh * ow;
         if nchw && input.data().is_none() {
             debug_assert!(residual.is_none());
-            let fill = |buf: &mut [MaybeUninit<f32>]| {
-                buf.par_chunks_mut(image_out)
-                    .enumerate()
-                    .for_each(|(img, dst)| {
-                        IMAGE.with_borrow_mut(|x| {
-                            OUT_IMAGE.with_borrow_mut(|y| {
-                                // SAFETY: `fill_image` writes all `image_len()` elements, the tasks every output
-                                // element of the image.
-                                let y_at = unsafe {
-                                    let x_at = init_aligned(x, input.image_len(), |d| {
-                                        input.fill_image(img, d)
-                                    });
-                                    init_aligned(y, image_out, |d| {
-                                        let out = SendPtr(d.as_mut_ptr().cast::<f32>());
-                                        for t in 0..tasks_per_image {
-                                            run(0, t, x[x_at..].as_ptr(), &out);
-                                        }
-                                    })
-                                };
-                                let blocks = y[y_at..].chunks_exact(oh * ow * b);
-                                for (src, dst) in blocks.zip(dst.chunks_exact_mut(oh * ow * b)) {
-                                    block_to_nchw(src, dst, b);
-                                }
-                            })
-                        })
-                    })
+            let compute = |x: &[f32], out: &SendPtr| {
+                for t in 0..tasks_per_image {
+                    run(0, t, x.as_ptr(), out);
+                }
             };
-            // SAFETY: every image's chunk is written whole.
-            return Output::Nchw(unsafe { written_by(n * image_out, fill) });
+            // SAFETY: the tasks write every output element of the image.
+            let y = unsafe { nchw_image_by_image(&input, (n, image_out, oh * ow * b), b, compute) };
+            return Output::Nchw(y);
         }
         let fill = |buf: &mut [MaybeUninit<f32>]| {
             let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
@@ -488,6 +467,45 @@ impl BlockedConv {
             lanes: b,
         })
     }
+}
+
+/// An NCHW output of `n` images of `image_out` values, each made in the thread's cache: image `img` of `input`
+/// padded into a per-thread buffer, `compute(x, out)` writing the image's blocked output (planes of `plane`
+/// values in blocks of `lanes`) at `out` from the padded image `x`, which then goes to NCHW.
+///
+/// # Safety
+/// `compute` writes all `image_out` values at `out`.
+pub(super) unsafe fn nchw_image_by_image(
+    input: &Padded,
+    (n, image_out, plane): (usize, usize, usize),
+    lanes: usize,
+    compute: impl Fn(&[f32], &SendPtr) + Sync,
+) -> Vec<f32> {
+    let fill = |buf: &mut [MaybeUninit<f32>]| {
+        buf.par_chunks_mut(image_out)
+            .enumerate()
+            .for_each(|(img, dst)| {
+                IMAGE.with_borrow_mut(|x| {
+                    OUT_IMAGE.with_borrow_mut(|y| {
+                        // SAFETY: `fill_image` writes all `image_len()` elements, `compute` all `image_out`
+                        // (the caller's promise).
+                        let y_at = unsafe {
+                            let x_at =
+                                init_aligned(x, input.image_len(), |d| input.fill_image(img, d));
+                            init_aligned(y, image_out, |d| {
+                                compute(&x[x_at..], &SendPtr(d.as_mut_ptr().cast::<f32>()))
+                            })
+                        };
+                        let blocks = y[y_at..].chunks_exact(plane);
+                        for (src, dst) in blocks.zip(dst.chunks_exact_mut(plane)) {
+                            block_to_nchw(src, dst, lanes);
+                        }
+                    })
+                })
+            })
+    };
+    // SAFETY: every image's chunk is written whole.
+    unsafe { written_by(n * image_out, fill) }
 }
 
 /// What [`BlockedConv::compute`] made.

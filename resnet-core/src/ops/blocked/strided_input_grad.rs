@@ -11,24 +11,17 @@
 //! stride-2 input gradients at 20–46 % of the FMA peak (`bench --convs --train`, AMD EPYC Zen 4).
 
 use super::conv::{
-    lanes, max_columns, row_kernel, Row, SendPtr, CHUNK_CHANNELS, MIN_TASK_FLOPS,
-    PER_IMAGE_BATCHES, SEGMENT_TILES,
+    lanes, max_columns, nchw_image_by_image, row_kernel, Row, SendPtr, CHUNK_CHANNELS,
+    MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
 };
-use super::layout::{block_to_nchw, Blocked, Padded, Source};
-use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
+use super::layout::{Blocked, Padded, Source};
+use crate::ops::cpu_slice::{LineAligned, Scratch};
 use crate::ops::isa::Isa;
 use candle_core::Result;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 const STRIDE: usize = 2;
-
-thread_local! {
-    /// One image's padded output gradient, per thread (see `strided_input_grad_3x3_nchw`).
-    static IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// One image's blocked input gradient on its way to NCHW, per thread.
-    static OUT_IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Input planes from this width on: each class row then has 8 columns or more.
 const MIN_WIDTH: usize = 16;
@@ -215,33 +208,14 @@ pub fn strided_input_grad_3x3_nchw(
     let image_in = padded.image_len();
     let image_out = c_in * h * w;
     let Some(dy_padded) = padded.data() else {
-        let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(image_out)
-                .enumerate()
-                .for_each(|(img, dst)| {
-                    IMAGE.with_borrow_mut(|x| {
-                        OUT_IMAGE.with_borrow_mut(|y| {
-                            // SAFETY: `fill_image` writes all `image_len()` elements; the classes partition
-                            // the image's pixels, and each class's tasks write all of its pixels of every block.
-                            let y_at = unsafe {
-                                let x_at = init_aligned(x, image_in, |d| padded.fill_image(img, d));
-                                init_aligned(y, image_out, |d| {
-                                    let out = SendPtr(d.as_mut_ptr().cast::<f32>());
-                                    for t in 0..tasks_per_image {
-                                        run(t, &x[x_at..], &out);
-                                    }
-                                })
-                            };
-                            let blocks = y[y_at..].chunks_exact(h * w * b);
-                            for (src, dst) in blocks.zip(dst.chunks_exact_mut(h * w * b)) {
-                                block_to_nchw(src, dst, b);
-                            }
-                        })
-                    })
-                })
+        let compute = |x: &[f32], out: &SendPtr| {
+            for t in 0..tasks_per_image {
+                run(t, x, out);
+            }
         };
-        // SAFETY: every image's chunk is written whole.
-        return Ok(unsafe { written_by(n * image_out, fill) });
+        // SAFETY: the classes partition the image's pixels, and each class's tasks write all of its pixels of
+        // every block.
+        return Ok(unsafe { nchw_image_by_image(&padded, (n, image_out, h * w * b), b, compute) });
     };
     let fill = |buf: &mut [MaybeUninit<f32>]| {
         let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
