@@ -242,8 +242,9 @@ mod tests {
         Ok(())
     }
 
-    /// The sums run over fixed groups of images, whatever the threads: a batch of 40 images (14 groups) gives
-    /// the same bits on one thread as on all of them, statistics, output and every gradient.
+    /// The sums run over fixed groups of images (of 3 here), whatever the threads: a batch of 40 images (14
+    /// groups) gives the same bits on one thread as on all of them, statistics, output and every gradient, and
+    /// the statistics and gradients are candle's composed ops' (the other test's groups are single images).
     #[test]
     fn fused_training_op_is_the_same_on_any_thread_count() -> Result<()> {
         let dev = Device::Cpu;
@@ -265,7 +266,39 @@ mod tests {
             .num_threads(1)
             .build()
             .expect("a thread pool");
-        assert_eq!(one_thread.install(run)?, run()?);
+        let all = run()?;
+        assert_eq!(one_thread.install(run)?, all);
+        let (_, mean, var) = bn.forward_train_composed(x.as_tensor())?;
+        let stats = [
+            mean.flatten_all()?.to_vec1::<f32>()?,
+            var.flatten_all()?.to_vec1()?,
+        ]
+        .concat();
+        let worst = stats
+            .iter()
+            .zip(&all[0])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst < 1e-5,
+            "statistics differ from the composed ops' by {worst}"
+        );
+        // The fused op ran with its ReLU.
+        let composed = bn.forward_train_composed(x.as_tensor())?.0.relu()?;
+        let grads = (composed * &upstream)?.sum_all()?.backward()?;
+        for (t, ours) in [x.as_tensor(), &bn.weight, &bn.bias]
+            .into_iter()
+            .zip(&all[2..])
+        {
+            let want: Vec<f32> = grads.get(t).expect("a gradient").flatten_all()?.to_vec1()?;
+            let worst = want
+                .iter()
+                .zip(ours)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst < 1e-4,
+                "gradient differs from the composed ops' by {worst}"
+            );
+        }
         Ok(())
     }
 

@@ -109,8 +109,8 @@ impl BlockedResNet {
         }
         // The passes run side by side, one per thread: each layer's tasks then come from the thread's own pass,
         // and no thread waits for the other at the end of every layer (rayon's sleeps and wake-ups between the
-        // short layers of a pass were ~4 % of the time). ResNet-56 at b500, 5 alternated rounds (AMD EPYC Zen 4):
-        // 742–820 img/s one pass at a time, 700–853 side by side (faster in 4 of 5).
+        // short layers of a pass were ~4 % of the time in `perf`, 0.04 % after). ResNet-56 at b500 against one pass
+        // at a time, 8 alternated rounds (AMD EPYC Zen 4 only): a median 1.05× (1.02–1.09×, faster in 8).
         let firsts: Vec<usize> = (0..n).step_by(chunk).collect();
         let logits = firsts
             .into_par_iter()

@@ -30,7 +30,8 @@ const MIN_GROUPS: usize = 16;
 /// larger), then into f64; the groups' sums are added in group order. So the sums do not depend on the thread
 /// count, and each thread streams whole images:
 /// going channel by channel instead read one plane per image (4 KB at 32×32, one page, which the hardware
-/// prefetchers do not run past) and ran at ~16 GB/s.
+/// prefetchers do not run past) and ran at ~16 GB/s (statistics of `[128, 16, 32, 32]` 0.51 → 0.20 ms, AMD EPYC
+/// Zen 4).
 fn channel_sums(
     (x, g, y): (&[f32], &[f32], &[f32]),
     (n, c, plane): (usize, usize, usize),

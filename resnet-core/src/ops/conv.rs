@@ -652,7 +652,7 @@ impl Conv2dOp {
             ((Algorithm::Blocked, isa), (Algorithm::Blocked, same))
                 if isa == same && g.stride == 1 && blocked::weights_stay(g.c_in * g.c_out * 9) =>
             {
-                let dy = Blocked::from_nchw_slice(dy, g.dy_dims(), blocked::lanes(isa));
+                let dy = Blocked::from_nchw_slice(dy, g.dy_dims(), blocked::lanes(isa))?;
                 let dx = blocked::input_grad_3x3_nchw(isa, Source::Blocked(&dy), w, g.c_in)?;
                 Ok((dx, g.blocked_weight_grad(isa, x, Source::Blocked(&dy))?))
             }

@@ -39,7 +39,7 @@ thread_local! {
 }
 
 /// Weights small enough to stay in L2 beside the input rows (512 KB on Zen 3, 1–2 MB on Xeons).
-pub(super) const L2_WEIGHT_BYTES: usize = 256 * 1024;
+const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Whether `values` f32 weights stay in L2 beside the input rows ([`L2_WEIGHT_BYTES`]).
 pub fn weights_stay(values: usize) -> bool {

@@ -24,51 +24,34 @@ pub struct Blocked {
 impl Blocked {
     /// The layout of a contiguous `[N, C, H, W]` CPU tensor, `C` a multiple of `lanes`.
     pub fn from_nchw(x: &Tensor, lanes: usize) -> Result<Blocked> {
-        let (n, c, h, w) = x.dims4()?;
-        if !c.is_multiple_of(lanes) {
-            candle_core::bail!("blocked layout: {c} channels are not blocks of {lanes}");
-        }
-        let src = x.flatten_all()?.to_vec1::<f32>()?;
-        let plane = h * w;
-        let mut data = Scratch::zeroed(src.len());
-        data.par_chunks_mut(plane * lanes)
-            .enumerate()
-            .for_each(|(block, dst)| {
-                let (img, cb) = (block / (c / lanes), block % (c / lanes));
-                for lane in 0..lanes {
-                    let s = &src[(img * c + cb * lanes + lane) * plane..][..plane];
-                    for (p, v) in s.iter().enumerate() {
-                        dst[p * lanes + lane] = *v;
-                    }
-                }
-            });
-        Ok(Blocked {
-            data,
-            n,
-            c,
-            h,
-            w,
-            lanes,
-        })
+        let dims = x.dims4()?;
+        Self::from_nchw_slice(&x.flatten_all()?.to_vec1::<f32>()?, dims, lanes)
     }
 
-    /// The layout of `[N, C, H, W]` values of `dims`, `C` in whole blocks of `lanes`: by 8×8 transposes where the
-    /// kernel set has them (as a convolution's padded copy, which this is without a border).
+    /// The layout of `[N, C, H, W]` values of `dims`, `C` a multiple of `lanes`: by 8×8 transposes where the
+    /// kernel set has them (a convolution's padded copy, without the border).
     pub fn from_nchw_slice(
         data: &[f32],
         dims: (usize, usize, usize, usize),
         lanes: usize,
-    ) -> Blocked {
+    ) -> Result<Blocked> {
         let (n, c, h, w) = dims;
+        if lanes == 0 || !c.is_multiple_of(lanes) || data.len() != n * c * h * w {
+            candle_core::bail!(
+                "blocked layout: {} values as [{n}, {c}, {h}, {w}] in blocks of {lanes}: expected that many \
+                 values and whole blocks",
+                data.len()
+            );
+        }
         match Padded::batch(Source::nchw(data, dims), 0, lanes).data {
-            Data::Copied(data) => Blocked {
+            Data::Copied(data) => Ok(Blocked {
                 data,
                 n,
                 c,
                 h,
                 w,
                 lanes,
-            },
+            }),
             _ => unreachable!("an NCHW source is copied"),
         }
     }
@@ -351,28 +334,30 @@ unsafe fn transpose(
 mod tests {
     use super::*;
 
-    /// The conversions by 8×8 transposes (with the kernel set this CPU runs by default) against the
-    /// element-by-element copy of `from_nchw`, on planes whose rows are whole transposes, have a tail, or are
-    /// shorter than one.
+    /// The conversions by 8×8 transposes (with the kernel set this CPU runs by default) against the layout's
+    /// definition (element `(img, ch, y, x)` at `(((img·C/B + ch/B)·h + y)·w + x)·B + ch % B`), on planes whose
+    /// rows are whole transposes, have a tail, or are shorter than one.
     #[test]
-    fn transposed_conversions_equal_the_element_copy() {
+    fn conversions_follow_the_layouts_definition() {
         for lanes in [8, 16] {
             for (h, w) in [(16, 16), (9, 9), (5, 17), (3, 7)] {
-                let dims = (3, 2 * lanes, h, w);
-                let values: Vec<f32> = (0..3 * 2 * lanes * h * w).map(|i| i as f32).collect();
-                let x = Tensor::from_vec(values.clone(), dims, &Device::Cpu).unwrap();
-                let by_element = Blocked::from_nchw(&x, lanes).unwrap();
-                let transposed = Blocked::from_nchw_slice(&values, dims, lanes);
-                assert_eq!(
-                    &*by_element.data, &*transposed.data,
-                    "{lanes} lanes, {h}×{w}"
-                );
-                assert_eq!(
-                    transposed.to_nchw_vec(),
-                    values,
-                    "{lanes} lanes, {h}×{w} back"
-                );
+                let (n, c) = (3, 2 * lanes);
+                let values: Vec<f32> = (0..n * c * h * w).map(|i| i as f32).collect();
+                let mut expected = vec![0f32; values.len()];
+                for (i, v) in values.iter().enumerate() {
+                    let (x, y, ch, img) = (i % w, i / w % h, i / (w * h) % c, i / (w * h * c));
+                    expected
+                        [(((img * c / lanes + ch / lanes) * h + y) * w + x) * lanes + ch % lanes] =
+                        *v;
+                }
+                let tensor = Tensor::from_vec(values.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+                let blocked = Blocked::from_nchw(&tensor, lanes).unwrap();
+                assert_eq!(&*blocked.data, &expected[..], "{lanes} lanes, {h}×{w}");
+                assert_eq!(blocked.to_nchw_vec(), values, "{lanes} lanes, {h}×{w} back");
             }
         }
+        // Channels not in whole blocks, or too few values: an error, not a panic.
+        assert!(Blocked::from_nchw_slice(&[0.0; 24], (1, 12, 1, 2), 8).is_err());
+        assert!(Blocked::from_nchw_slice(&[0.0; 15], (1, 8, 1, 2), 8).is_err());
     }
 }

@@ -438,7 +438,7 @@ mod tests {
                     2,
                 )?;
                 // The output gradient already blocked (as training's shared conversion hands it): the same bits.
-                let blocked_dy = Blocked::from_nchw_slice(&dy, (n, c_out, oh, ow), b);
+                let blocked_dy = Blocked::from_nchw_slice(&dy, (n, c_out, oh, ow), b)?;
                 let from_blocked = weight_grad_nchw(
                     isa,
                     &x,
