@@ -635,12 +635,10 @@ impl Conv2dOp {
         Ok(dx)
     }
 
-    /// `(dx, dw)`. Where both come from the blocked kernels of a stride-1 layer whose weights stay in L2, `dy`
-    /// goes to the blocked layout once for both (each converted it on its own: the 8×8 transposes of one more
-    /// pass over `dy`), and the input gradient pads the blocked `dy` image by image with plain copies: ResNet-20
-    /// training b128 1.026× (8 alternated rounds, faster in 6; AMD EPYC Zen 4). With larger weights a blocked
-    /// input is padded image by image while each image streams the weights again, which lost in training
-    /// (ResNet-18 b16: 0.91×, slower in 4 of 4).
+    /// `(dx, dw)`. Where both come from the blocked kernels of a stride-1 layer, `dy` goes to the blocked layout
+    /// once for both (each converted it on its own: the 8×8 transposes of one more pass over `dy`), and the input
+    /// gradient pads the blocked `dy` with plain copies: ResNet-20 training b128 1.026× and 1.016× (two runs of 8
+    /// alternated rounds; AMD EPYC Zen 4 only). How a blocked input is padded is `BlockedConv::compute`'s choice.
     fn gradient_slices(
         &self,
         g: &Geometry,
@@ -650,7 +648,7 @@ impl Conv2dOp {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         match (g.dispatch(Pass::InputGrad), g.dispatch(Pass::WeightGrad)) {
             ((Algorithm::Blocked, isa), (Algorithm::Blocked, same))
-                if isa == same && g.stride == 1 && blocked::weights_stay(g.c_in * g.c_out * 9) =>
+                if isa == same && g.stride == 1 =>
             {
                 let dy = Blocked::from_nchw_slice(dy, g.dy_dims(), blocked::lanes(isa))?;
                 let dx = blocked::input_grad_3x3_nchw(isa, Source::Blocked(&dy), w, g.c_in)?;

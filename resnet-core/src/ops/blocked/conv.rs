@@ -42,7 +42,7 @@ thread_local! {
 const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Whether `values` f32 weights stay in L2 beside the input rows ([`L2_WEIGHT_BYTES`]).
-pub fn weights_stay(values: usize) -> bool {
+fn weights_stay(values: usize) -> bool {
     values * std::mem::size_of::<f32>() <= L2_WEIGHT_BYTES
 }
 
@@ -330,9 +330,11 @@ impl BlockedConv {
         // L2, each image streams them again (a group at a time, see `run`): that pays on a blocked input
         // (ResNet-50 inference at batch 16: faster in 8 of 9 alternated rounds, 22.5–23.1 → 23.4–24.2 img/s
         // where neither run hit a slow VM minute, AMD EPYC Zen 4), not on an NCHW one, whose whole-batch copy is
-        // also its conversion (ResNet-18 training at batch 16: 14.5–15.4 img/s with it, 13.7–14.8 without).
+        // also its conversion (ResNet-18 training at batch 16: 14.5–15.4 img/s with it, 13.7–14.8 without), nor
+        // where the output goes to NCHW (training's input gradient of a blocked `dy`: ResNet-18 b16 0.91× padded
+        // image by image, 1.03× and 1.056× padded whole — 6 and 8 alternated rounds, faster in 9 of 14; Zen 4).
         let weights_stay = weights_stay(self.weights.len());
-        let per_image = (weights_stay || matches!(x, Source::Blocked(_)))
+        let per_image = (weights_stay || (matches!(x, Source::Blocked(_)) && !nchw))
             && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
         let input = Padded::new(x, self.padding, self.bi, per_image);
         let (b, f, k) = (self.lanes, self.group, self.kernel);

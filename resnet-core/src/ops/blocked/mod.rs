@@ -16,7 +16,7 @@ mod simd;
 mod strided_input_grad;
 mod weight_grad;
 
-pub use conv::{lanes, weights_stay, BlockedAlgorithm, BlockedConv};
+pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{Blocked, Source};
 pub use nchw::{conv_nchw, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
