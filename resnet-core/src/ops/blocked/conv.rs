@@ -46,6 +46,14 @@ fn weights_stay(values: usize) -> bool {
     values * std::mem::size_of::<f32>() <= L2_WEIGHT_BYTES
 }
 
+/// Output pixels per image (uses of each weight per image) from which an NCHW input is padded image by image
+/// even where the weights leave L2: the image's rows then stay in cache while the weights stream from L3.
+/// ResNet-18 training's strided forwards at batch 16, whole batch / image by image, GFLOP/s (`bench --convs`,
+/// 6 alternated rounds in a noisy VM, AMD EPYC Zen 4): 64→128 on 56×56 (784 pixels out) 133–170 / 165–202,
+/// 128→256 on 28×28 (196) 84–173 / 90–185 (faster in 4 of 6), 256→512 on 14×14 (49) 98–171 / 88–126 (3 rounds:
+/// slower in all).
+const PER_IMAGE_MIN_PIXELS: usize = 196;
+
 /// Register tiles per task at most.
 pub(super) const SEGMENT_TILES: usize = 8;
 
@@ -333,9 +341,13 @@ impl BlockedConv {
         // also its conversion (ResNet-18 training at batch 16: 14.5–15.4 img/s with it, 13.7–14.8 without), nor
         // where the output goes to NCHW (training's input gradient of a blocked `dy`: ResNet-18 b16 0.91× padded
         // image by image, 1.03× and 1.056× padded whole — 6 and 8 alternated rounds, faster in 9 of 14; Zen 4).
+        // An NCHW input is padded image by image where its image uses each weight often enough
+        // ([`PER_IMAGE_MIN_PIXELS`]).
         let weights_stay = weights_stay(self.weights.len());
-        let per_image = (weights_stay || (matches!(x, Source::Blocked(_)) && !nchw))
-            && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
+        let per_image = match x {
+            Source::Blocked(_) => weights_stay || !nchw,
+            Source::Nchw { .. } => weights_stay || oh * ow >= PER_IMAGE_MIN_PIXELS,
+        } && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
         let input = Padded::new(x, self.padding, self.bi, per_image);
         let (b, f, k) = (self.lanes, self.group, self.kernel);
         let groups = self.c_out / (f * b);

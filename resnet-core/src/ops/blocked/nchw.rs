@@ -45,3 +45,53 @@ pub fn input_grad_3x3_nchw(isa: Isa, dy: Source, weight: &[f32], c_in: usize) ->
         .collect();
     conv_nchw(isa, dy, &flipped, (c_in, 3), (1, 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// An NCHW input padded the three ways `BlockedConv::compute` chooses from, on every kernel set, against
+    /// candle's `conv2d`: image by image (weights that stay in L2; weights that leave it with an output plane
+    /// of at least `PER_IMAGE_MIN_PIXELS`) and whole (weights that leave it on a smaller plane); on two threads
+    /// (five images) and on one, where every batch of two images or more runs image by image.
+    #[test]
+    fn forward_equals_candle_however_the_input_is_padded() -> Result<()> {
+        forward_equals_candle()?;
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a thread pool");
+        one_thread.install(forward_equals_candle)
+    }
+
+    fn forward_equals_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // (c_in, c_out, side, stride): 16→16 weights stay; 96→96 weights (324 KB) leave L2, with 14×14 and
+        // 7×7 output planes.
+        for (c_in, c_out, side, stride) in [(16, 16, 12, 1), (96, 96, 28, 2), (96, 96, 14, 2)] {
+            let x = Tensor::randn(0f32, 1.0, (5, c_in, side, side), &dev)?;
+            let w = Tensor::randn(0f32, 0.1, (c_out, c_in, 3, 3), &dev)?;
+            let expected = x.conv2d(&w, 1, stride, 1, 1)?;
+            let pixels = x.flatten_all()?.to_vec1::<f32>()?;
+            let weights = w.flatten_all()?.to_vec1::<f32>()?;
+            for isa in Isa::available() {
+                assert!(BlockedConv::applies(isa, c_out), "{isa}");
+                let ours = conv_nchw(
+                    isa,
+                    Source::nchw(&pixels, (5, c_in, side, side)),
+                    &weights,
+                    (c_out, 3),
+                    (stride, 1),
+                )?;
+                let ours = Tensor::from_vec(ours, expected.shape(), &dev)?;
+                let diff = (ours - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4,
+                    "{isa} {c_in}→{c_out} on {side}×{side}/{stride}: max |diff| {diff}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
