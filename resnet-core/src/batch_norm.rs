@@ -2,7 +2,7 @@
 //! estimate updated with momentum 0.1 from the *unbiased* variance; running statistics in evaluation.
 
 use crate::ops::add_relu::add_relu;
-use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormTrain, ChannelStats};
+use crate::ops::batch_norm::{BatchNormAddRelu, BatchNormTrain, ChannelStats, Channels};
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -109,8 +109,8 @@ impl BatchNorm {
 
     /// Values per channel in a training-mode pass over `x`; BN needs at least two.
     fn train_count(x: &Tensor) -> Result<f64> {
-        let (n, _c, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
+        // NCHW, or channel-blocked in training on the CPU (`ops::conv`).
+        let count = Channels::of(x.shape())?.count() as f64;
         if count < 2.0 {
             candle_core::bail!(
                 "BatchNorm in training needs more than one value per channel, got input {:?}",
@@ -170,7 +170,13 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if x.dim(1)? != self.channels() || x.rank() != 4 {
+        // Channel-blocked tensors come in training on the CPU (see `ops::channel_blocks`).
+        let channels = match x.rank() {
+            4 => x.dim(1)?,
+            5 if train && Self::fuses(x) => Channels::of(x.shape())?.c,
+            _ => 0,
+        };
+        if channels != self.channels() {
             candle_core::bail!(
                 "BatchNorm over {} channels got input {:?} (expected [N, {}, H, W])",
                 self.channels(),

@@ -166,11 +166,11 @@ impl BlockedResNet {
                     before,
                     after,
                 }) => {
-                    made = zero_pad_shortcut(&y, stride, before, after)?;
+                    made = zero_pad_shortcut(y.slice(), stride, before, after)?;
                     Some(&made)
                 }
                 Some(BlockedShortcut::Projection(c)) => {
-                    made = c.forward(Source::Blocked(&y), None)?;
+                    made = c.forward(y.source(), None)?;
                     Some(&made)
                 }
             };
@@ -179,9 +179,9 @@ impl BlockedResNet {
             };
             let mut b = None::<Blocked>;
             for c in first {
-                b = Some(c.forward(Source::Blocked(b.as_ref().unwrap_or(&y)), None)?);
+                b = Some(c.forward(b.as_ref().unwrap_or(&y).source(), None)?);
             }
-            let next = last.forward(Source::Blocked(b.as_ref().unwrap_or(&y)), shortcut)?;
+            let next = last.forward(b.as_ref().unwrap_or(&y).source(), shortcut)?;
             y = next;
         }
         self.head.forward(&y.mean_pool()?)

@@ -12,7 +12,7 @@
 
 use crate::batch_norm::BatchNorm;
 use crate::conv::Conv2d;
-use crate::ops::batch_norm::BatchNormTrain;
+use crate::ops::batch_norm::{BatchNormTrain, Channels};
 use crate::ops::conv::Conv2dOp;
 use crate::ops::cpu_slice::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
@@ -67,7 +67,7 @@ impl BnReluConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(xs, xl, "bn-relu-conv input")?;
         let pack = contiguous_f32(ps, pl, "bn-relu-conv parameters")?;
-        let c = xl.shape().dims4()?.1;
+        let c = Channels::of(xl.shape())?.c;
         let wn = self.weight_shape.elem_count();
         if pack.len() != wn + 2 * c {
             candle_core::bail!(
@@ -90,8 +90,8 @@ impl BnReluConvOp {
     /// `(dx, d[W; γ; β])` from the output gradient: the activation is recomputed, then the convolution's two
     /// gradients and BN's closed-form backward run as in the separate ops.
     fn backward(&self, x: &Tensor, pack: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let c = x.dim(1)?;
         let wn = self.weight_shape.elem_count();
+        let c = (pack.dim(0)? - wn) / 2;
         let w = pack.narrow(0, 0, wn)?.reshape(&self.weight_shape)?;
         let gamma = pack.narrow(0, wn, c)?;
         let beta = pack.narrow(0, wn + c, c)?;

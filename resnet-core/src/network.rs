@@ -4,10 +4,14 @@ use crate::batch_norm::{batch_norm, BatchNorm};
 use crate::combine::DropoutDraws;
 use crate::conv::Conv2d;
 use crate::conv::{conv, conv_macs, ConvShape};
+use crate::ops::blocked;
+use crate::ops::channel_blocks;
+use crate::ops::conv::Conv2dOp;
+use crate::ops::isa::Isa;
 use crate::ops::max_pool::MaxPool2d;
 use crate::residual_unit::ResidualUnit;
 use crate::{Family, ResNetConfig, Unit, WeightLayout};
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use std::ops::Range;
 use std::sync::Arc;
@@ -186,6 +190,9 @@ impl ResNet {
             candle_core::bail!("ResNet input must be [N, 3, H, W], got {:?}", x.shape());
         }
         let mut y = self.stem_conv.forward(x)?;
+        if let Some(lanes) = self.trains_blocked(x, train) {
+            y = channel_blocks::to_blocked(&y, lanes)?;
+        }
         if let Some(norm) = &self.stem_norm {
             y = match self.config.unit.stem_relu() {
                 true => norm.forward_relu(&y, train)?,
@@ -196,6 +203,31 @@ impl ResNet {
             y = pool.forward(&y)?;
         }
         Ok(y)
+    }
+
+    /// The blocks `B` in which a training pass on `x` keeps its activations from the stem's output to the head's
+    /// input (`[N, C/B, H, W, B]`, see `ops::channel_blocks`), if it does: on the CPU, with a kernel set whose
+    /// blocked kernels run every pass of every unit's convolution, in nets of units that read nothing else
+    /// (original units, identity or option-A shortcuts; the CIFAR nets of the first paper), without a
+    /// max-pool. The blocked kernels then read and write each activation in place, where NCHW tensors were
+    /// converted on the way into and out of every convolution pass.
+    pub fn trains_blocked(&self, x: &Tensor, train: bool) -> Option<usize> {
+        let isa = Isa::current();
+        let (_, _, h, w) = x.dims4().ok()?;
+        let applies = train
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.stem_pool.is_none()
+            && self.final_norm.is_none()
+            && self.units.iter().all(|u| u.keeps_channel_blocks(train))
+            && self.conv_shapes((h, w)).iter().skip(1).all(|s| {
+                let op = Conv2dOp {
+                    stride: s.stride,
+                    padding: s.padding,
+                };
+                op.trains_blocked((s.in_channels, s.out_channels, s.kernel), s.input, isa)
+            });
+        applies.then(|| blocked::lanes(isa))
     }
 
     /// The residual units `range`, in order.
@@ -219,6 +251,14 @@ impl ResNet {
 
     /// (The final BN-ReLU or ReLU,) global average pooling: the classifier's input from the last unit's output.
     pub(crate) fn pooled_t(&self, y: &Tensor, train: bool) -> Result<Tensor> {
+        let nchw;
+        let y = match y.rank() {
+            5 => {
+                nchw = channel_blocks::from_blocked(y)?;
+                &nchw
+            }
+            _ => y,
+        };
         match (&self.final_norm, self.config.unit) {
             (Some(norm), _) => norm.forward_relu(y, train)?.mean((2, 3)),
             (None, Unit::ReluOnlyPreActivation) => y.relu()?.mean((2, 3)),

@@ -156,6 +156,17 @@ impl ResidualUnit {
             .map_or(0, |c| c.weight().dim(0).unwrap_or(0))
     }
 
+    /// Whether a training pass through this unit reads and writes nothing but its convolutions, BNs, option-A
+    /// or identity shortcut and plain sum: what the channel-blocked layout covers (`ops::channel_blocks`).
+    pub(crate) fn keeps_channel_blocks(&self, train: bool) -> bool {
+        self.unit == Unit::Original
+            && match &self.shortcut {
+                None => true,
+                Some(ShortcutPath::Projection { .. }) => false,
+                Some(_) => self.join.is_sum(train),
+            }
+    }
+
     // In training on the CPU, each BN-ReLU-conv runs as one op that keeps only its input for backward
     // (`bn_relu_conv`), and an original unit's last BN, the addition and the ReLU as another
     // (`BatchNorm::forward_add_relu`): a unit saves one tensor per convolution, plus its output.

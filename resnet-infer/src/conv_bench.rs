@@ -64,7 +64,7 @@ fn time_blocked(
     let (n, c, h, w) = x.dims4()?;
     let timed = if c.is_multiple_of(lanes(isa)) {
         let blocked = Blocked::from_nchw(x, lanes(isa))?;
-        let source = Source::Blocked(&blocked);
+        let source = blocked.source();
         let seconds = seconds_per_call(iterations, || Ok(conv.forward(source, None)?))?;
         (seconds, conv.algorithm(source))
     } else {

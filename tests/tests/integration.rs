@@ -1,5 +1,6 @@
 //! All cross-crate tests in one binary (see Cargo.toml); one module per concern.
 
+mod channel_blocks;
 mod datasets_hub;
 mod datasets_sources;
 mod datasets_transforms;

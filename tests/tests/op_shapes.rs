@@ -294,7 +294,7 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
                 let blocked_x;
                 let source = if c_in % l == 0 {
                     blocked_x = Blocked::from_nchw(&x, l)?;
-                    Source::Blocked(&blocked_x)
+                    blocked_x.source()
                 } else {
                     let (n, c, h, w) = x.dims4()?;
                     Source::nchw(&pixels, (n, c, h, w))

@@ -2,18 +2,27 @@
 //! logits and loss ≤ 1e-4 relative, every gradient ‖a−b‖ ≤ 1e-3‖b‖, BN running stats after one forward ≤ 1e-5.
 
 use candle_core::{DType, Device};
+use resnet_core::ops::blocked::lanes;
+use resnet_core::ops::isa::Isa;
 use resnet_core::Model;
 use tests::{for_each_isa, load_fixture, max_abs, max_abs_diff, rel_norm_diff, strip_prefix};
 
+/// With AVX2 and AVX-512 the step runs on channel-blocked tensors (`ops::channel_blocks`), with the portable
+/// kernels on NCHW ones: both against PyTorch.
 #[test]
 fn resnet20_train_step_matches_pytorch() -> anyhow::Result<()> {
-    for_each_isa(|_| train_step_matches())
+    for_each_isa(train_step_matches)
 }
 
-fn train_step_matches() -> anyhow::Result<()> {
+fn train_step_matches(isa: Isa) -> anyhow::Result<()> {
     let f = load_fixture("fixtures/cifar-resnet20-train.safetensors")?;
     let model = Model::by_name("resnet20", 0, &Device::Cpu)?;
     model.load_tensors(&strip_prefix(&f, "init."), "fixture init.*".as_ref())?;
+    assert_eq!(
+        model.net.trains_blocked(&f["x"], true),
+        (isa != Isa::Generic).then(|| lanes(isa)),
+        "{isa}"
+    );
 
     let logits = model.forward_t(&f["x"], true)?;
     let y = f["y"].to_dtype(DType::U32)?;

@@ -22,7 +22,61 @@ const TERMS_PER_LANE: usize = 1024;
 /// Image groups of a batch at least (where it has that many images): the work the threads share.
 const MIN_GROUPS: usize = 16;
 
-/// Per channel `(Σ a, Σ b)` over NCHW `(n, c, plane)` data with `(a, b) = terms(params[ch], x[i], g[i], y[i])`
+/// Where each element's channel is: NCHW `[N, C, H, W]` (`lanes` 1) or channel-blocked `[N, C/B, H, W, B]`
+/// (`lanes` B, training on blocked tensors: see `ops::conv`). The elements run in chunks of `plane · lanes`, one
+/// per image and block of `lanes` channels; element `j` of chunk `i` is channel `(i mod C/lanes)·lanes + j mod
+/// lanes`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Channels {
+    pub n: usize,
+    pub c: usize,
+    pub plane: usize,
+    pub lanes: usize,
+}
+
+impl Channels {
+    pub fn of(shape: &Shape) -> Result<Self> {
+        Ok(match *shape.dims() {
+            [n, blocks, h, w, lanes @ (8 | 16)] => Channels {
+                n,
+                c: blocks * lanes,
+                plane: h * w,
+                lanes,
+            },
+            _ => {
+                let (n, c, h, w) = shape.dims4()?;
+                Channels {
+                    n,
+                    c,
+                    plane: h * w,
+                    lanes: 1,
+                }
+            }
+        })
+    }
+
+    fn chunk(&self) -> usize {
+        self.plane * self.lanes
+    }
+
+    /// The first of the `lanes` channels of chunk `i`.
+    fn first_channel(&self, i: usize) -> usize {
+        i % (self.c / self.lanes) * self.lanes
+    }
+
+    /// Values per channel.
+    pub fn count(&self) -> usize {
+        self.n * self.plane
+    }
+
+    /// `per_channel[ch]` for the `lanes` channels of chunk `i`, at the front of a lane array.
+    fn lane_values(&self, i: usize, per_channel: &[f32]) -> [f32; LANES] {
+        let first = self.first_channel(i);
+        std::array::from_fn(|l| per_channel[first + l % self.lanes])
+    }
+}
+
+/// Per channel `(Σ a, Σ b)` over data laid out as `dims` with `(a, b) = terms(params[ch], x[i], g[i], y[i])`
 /// (equally long slices).
 ///
 /// The batch is read in order, in fixed groups of images, each group summing every channel into `LANES` f32
@@ -34,24 +88,38 @@ const MIN_GROUPS: usize = 16;
 /// Zen 4).
 fn channel_sums(
     (x, g, y): (&[f32], &[f32], &[f32]),
-    (n, c, plane): (usize, usize, usize),
+    dims: Channels,
     params: &[f32],
     terms: impl Fn(f32, f32, f32, f32) -> (f32, f32) + Sync,
 ) -> Vec<(f64, f64)> {
+    let (n, c, chunk) = (dims.n, dims.c, dims.chunk());
+    let blocks = c / dims.lanes;
     let (g, y) = (&g[..x.len()], &y[..x.len()]);
-    let per_group = (TERMS_PER_LANE * LANES / plane.max(1)).clamp(1, n.div_ceil(MIN_GROUPS).max(1));
+    let per_group = (TERMS_PER_LANE * LANES / chunk.max(1)).clamp(1, n.div_ceil(MIN_GROUPS).max(1));
     let group_sums = |group: usize| {
-        let mut lanes = vec![([0f32; LANES], [0f32; LANES]); c];
+        // Per block: lane `l` sums channel `block·lanes + l mod lanes`.
+        let mut lanes = vec![([0f32; LANES], [0f32; LANES]); blocks];
         for img in group * per_group..((group + 1) * per_group).min(n) {
-            for (ch, ((a, b), &param)) in lanes.iter_mut().zip(&params[..c]).enumerate() {
-                let span = (img * c + ch) * plane..(img * c + ch + 1) * plane;
+            for (block, (a, b)) in lanes.iter_mut().enumerate() {
+                let i = img * blocks + block;
+                let span = i * chunk..(i + 1) * chunk;
                 let (xs, gs, ys) = (&x[span.clone()], &g[span.clone()], &y[span]);
-                let terms = |xv, gv, yv| terms(param, xv, gv, yv);
-                lane_accumulate((xs, gs, ys), (a, b), terms);
+                lane_accumulate((xs, gs, ys), (a, b), &dims.lane_values(i, params), &terms);
             }
         }
-        let total = |v: &[f32; LANES]| v.iter().map(|&s| s as f64).sum::<f64>();
-        lanes.iter().map(|(a, b)| (total(a), total(b))).collect()
+        let total = |v: &[f32; LANES], lane: usize| {
+            v.iter()
+                .skip(lane)
+                .step_by(dims.lanes)
+                .map(|&s| s as f64)
+                .sum::<f64>()
+        };
+        (0..c)
+            .map(|ch| {
+                let (a, b) = &lanes[ch / dims.lanes];
+                (total(a, ch % dims.lanes), total(b, ch % dims.lanes))
+            })
+            .collect::<Vec<_>>()
     };
     let groups: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(per_group))
         .into_par_iter()
@@ -66,13 +134,14 @@ fn channel_sums(
     sums
 }
 
-/// Adds `terms(x[i], g[i], y[i])` of one plane into the partial sums `(a, b)`, element `i` into lane
-/// `i % LANES`. Fixed-size chunks let the compiler drop bounds checks and vectorise.
+/// Adds `terms(params[l], x[i], g[i], y[i])` of one chunk into the partial sums `(a, b)`, element `i` into lane
+/// `l = i % LANES`. Fixed-size chunks let the compiler drop bounds checks and vectorise.
 #[inline(always)]
 fn lane_accumulate(
     (x, g, y): (&[f32], &[f32], &[f32]),
     (a, b): (&mut [f32; LANES], &mut [f32; LANES]),
-    terms: impl Fn(f32, f32, f32) -> (f32, f32),
+    params: &[f32; LANES],
+    terms: impl Fn(f32, f32, f32, f32) -> (f32, f32),
 ) {
     let (g, y) = (&g[..x.len()], &y[..x.len()]);
     let ((xc, xt), (gc, gt), (yc, yt)) = (
@@ -84,17 +153,54 @@ fn lane_accumulate(
     let (mut sa, mut sb) = (*a, *b);
     for ((xs, gs), ys) in xc.iter().zip(gc).zip(yc) {
         for l in 0..LANES {
-            let (ta, tb) = terms(xs[l], gs[l], ys[l]);
+            let (ta, tb) = terms(params[l], xs[l], gs[l], ys[l]);
             sa[l] += ta;
             sb[l] += tb;
         }
     }
     for (l, ((&xv, &gv), &yv)) in xt.iter().zip(gt).zip(yt).enumerate() {
-        let (ta, tb) = terms(xv, gv, yv);
+        let (ta, tb) = terms(params[l], xv, gv, yv);
         sa[l] += ta;
         sb[l] += tb;
     }
     (*a, *b) = (sa, sb);
+}
+
+/// `out[j] = f(l, a[j], b[j], c[j])` over one chunk of [`Channels`], `l = j mod lanes`: which of the chunk's
+/// channels element `j` is (always 0 in NCHW, whose loop stays a plain one over the plane).
+#[inline(always)]
+fn by_lane(
+    lanes: usize,
+    out: &mut [MaybeUninit<f32>],
+    (a, b, c): (&[f32], &[f32], &[f32]),
+    f: impl Fn(usize, f32, f32, f32) -> f32,
+) {
+    match lanes {
+        1 => {
+            for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+                o.write(f(0, a, b, c));
+            }
+        }
+        8 => by_lanes::<8>(out, (a, b, c), f),
+        16 => by_lanes::<16>(out, (a, b, c), f),
+        _ => unreachable!("blocks of {lanes} channels"),
+    }
+}
+
+/// [`by_lane`] for blocks of `L`: a fixed-size inner loop, which the compiler vectorises.
+#[inline(always)]
+fn by_lanes<const L: usize>(
+    out: &mut [MaybeUninit<f32>],
+    (a, b, c): (&[f32], &[f32], &[f32]),
+    f: impl Fn(usize, f32, f32, f32) -> f32,
+) {
+    let (out, _) = out.as_chunks_mut::<L>();
+    let ((a, _), (b, _), (c, _)) = (a.as_chunks::<L>(), b.as_chunks::<L>(), c.as_chunks::<L>());
+    for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
+        for l in 0..L {
+            o[l].write(f(l, a[l], b[l], c[l]));
+        }
+    }
 }
 
 /// Per-channel mean and biased variance of an NCHW tensor, as `[2, C]`, accumulated in f64 (no gradient).
@@ -107,13 +213,15 @@ impl CustomOp1 for ChannelStats {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "batch-norm statistics")?;
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let dims = (n, c, h * w);
-        let count = (n * h * w) as f64;
+        let dims = Channels::of(layout.shape())?;
+        let (c, count) = (dims.c, dims.count() as f64);
         // One pass over x − s, s = the channel's first value (a shift near the mean keeps Σ(x−s)²/M − (mean−s)²
         // free of cancellation).
         let shifts: Vec<f32> = (0..c)
-            .map(|ch| x.get(ch * h * w).copied().unwrap_or(0.0))
+            .map(|ch| {
+                let (block, lane) = (ch / dims.lanes, ch % dims.lanes);
+                x.get(block * dims.chunk() + lane).copied().unwrap_or(0.0)
+            })
             .collect();
         let sums = channel_sums((x, x, x), dims, &shifts, |shift, v, _, _| {
             let d = v - shift;
@@ -193,7 +301,8 @@ impl BatchNormTrain {
         beta: &[f32],
         residual: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        let (_, c, h, w) = shape.dims4()?;
+        let dims = Channels::of(shape)?;
+        let c = dims.c;
         if gamma.len() != c || beta.len() != c || residual.is_some_and(|r| r.len() != x.len()) {
             candle_core::bail!(
                 "batch-norm over {} channels got input {shape:?} (residual of {:?} values)",
@@ -201,25 +310,28 @@ impl BatchNormTrain {
                 residual.map(<[f32]>::len)
             );
         }
-        let plane = h * w;
+        let chunk = dims.chunk();
         let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+        let scales: Vec<f32> = (0..c).map(|ch| gamma[ch] * self.inv_std[ch]).collect();
+        let shifts: Vec<f32> = (0..c)
+            .map(|ch| beta[ch] - self.mean[ch] * scales[ch])
+            .collect();
         let fill = |y: &mut [MaybeUninit<f32>]| {
-            y.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane))
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
                 .enumerate()
                 .for_each(|(i, (out, inp))| {
-                    let ch = i % c;
-                    let scale = gamma[ch] * self.inv_std[ch];
-                    let shift = beta[ch] - self.mean[ch] * scale;
+                    let (scale, shift) =
+                        (dims.lane_values(i, &scales), dims.lane_values(i, &shifts));
                     match residual {
                         Some(r) => {
-                            let r = &r[i * plane..(i + 1) * plane];
-                            out.iter_mut().zip(inp).zip(r).for_each(|((o, &v), &s)| {
-                                o.write(((v * scale + shift) + s).max(floor));
-                            });
+                            let r = &r[i * chunk..(i + 1) * chunk];
+                            by_lane(dims.lanes, out, (inp, r, r), |l, v, s, _| {
+                                ((v * scale[l] + shift[l]) + s).max(floor)
+                            })
                         }
-                        None => out.iter_mut().zip(inp).for_each(|(o, &v)| {
-                            o.write((v * scale + shift).max(floor));
+                        None => by_lane(dims.lanes, out, (inp, inp, inp), |l, v, _, _| {
+                            (v * scale[l] + shift[l]).max(floor)
                         }),
                     }
                 });
@@ -348,10 +460,8 @@ impl CustomOp3 for BatchNormTrainGrad {
         let x = contiguous_f32(s1, l1, "batch-norm backward input")?;
         let dy = contiguous_f32(s2, l2, "batch-norm backward gradient")?;
         let y = contiguous_f32(s3, l3, "batch-norm backward output")?;
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let plane = h * w;
-        let dims = (n, c, plane);
-        let count = (n * plane) as f64;
+        let dims = Channels::of(l1.shape())?;
+        let (c, chunk, count) = (dims.c, dims.chunk(), dims.count() as f64);
         // (Σ g·(x − mean), Σ g), then dγ = inv_std · the first.
         let sums = channel_sums((x, dy, y), dims, &self.mean, |mean, x, g, y| {
             let g = self.masked(g, y);
@@ -362,23 +472,22 @@ impl CustomOp3 for BatchNormTrainGrad {
             .zip(&self.inv_std)
             .map(|(&(gx, g), &inv)| (gx * inv as f64, g))
             .collect();
+        let per_channel = |f: &dyn Fn(usize) -> f32| (0..c).map(f).collect::<Vec<f32>>();
+        let k = per_channel(&|ch| self.gamma[ch] * self.inv_std[ch]);
+        let mean_dgamma = per_channel(&|ch| (sums[ch].0 / count) as f32);
+        let mean_dbeta = per_channel(&|ch| (sums[ch].1 / count) as f32);
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(plane).enumerate().for_each(|(i, d)| {
-                let ch = i % c;
-                let inv = self.inv_std[ch];
-                let k = self.gamma[ch] * inv;
-                let mean_dgamma = (sums[ch].0 / count) as f32;
-                let mean_dbeta = (sums[ch].1 / count) as f32;
-                let m = self.mean[ch];
-                let span = i * plane..(i + 1) * plane;
-                for (((d, &xv), &gv), &yv) in d
-                    .iter_mut()
-                    .zip(&x[span.clone()])
-                    .zip(&dy[span.clone()])
-                    .zip(&y[span])
-                {
-                    d.write(k * (self.masked(gv, yv) - mean_dbeta - (xv - m) * inv * mean_dgamma));
-                }
+            dx.par_chunks_mut(chunk).enumerate().for_each(|(i, d)| {
+                let lanes = |v: &[f32]| dims.lane_values(i, v);
+                let (k, inv, m) = (lanes(&k), lanes(&self.inv_std), lanes(&self.mean));
+                let (mean_dgamma, mean_dbeta) = (lanes(&mean_dgamma), lanes(&mean_dbeta));
+                let span = i * chunk..(i + 1) * chunk;
+                let inputs = (&x[span.clone()], &dy[span.clone()], &y[span]);
+                by_lane(dims.lanes, d, inputs, |l, xv, gv, yv| {
+                    k[l] * (self.masked(gv, yv)
+                        - mean_dbeta[l]
+                        - (xv - m[l]) * inv[l] * mean_dgamma[l])
+                });
             });
         };
         // SAFETY: the planes cover dx.

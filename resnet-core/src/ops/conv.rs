@@ -5,6 +5,10 @@
 //! and the weight gradient of every 3×3 one to the channel-blocked kernels (`ops::blocked`).
 //! [`Algorithm::choose`] decides, per shape and pass, for the kernel set in use ([`Isa::current`]).
 //!
+//! A rank-5 input `[N, C/B, H, W, B]` is channel-blocked (`ops::channel_blocks`): the blocked kernels read it
+//! and write the output and the input gradient in that layout, without converting (see
+//! [`Conv2dOp::trains_blocked`]).
+//!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
 //! with a direct `conv_transpose2d` loop and the weight gradient as a convolution with an image-sized kernel;
 //! a ResNet-20 training step ran at 12.8 img/s through it.
@@ -15,7 +19,7 @@
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ              (summed in a fixed order: deterministic; computed
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
-use crate::ops::blocked::{self, Blocked, BlockedConv, Source};
+use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, Source};
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
@@ -108,11 +112,19 @@ struct Geometry {
     pad: usize,
     oh: usize,
     ow: usize,
+    /// `Some(B)` for a channel-blocked training tensor `[N, C/B, H, W, B]` (see [`Conv2dOp`]).
+    lanes: Option<usize>,
 }
 
 impl Geometry {
     fn new(x: &Shape, w: &Shape, op: &Conv2dOp) -> Result<Self> {
-        let (n, c_in, h, wd) = x.dims4()?;
+        let (n, c_in, h, wd, lanes) = match *x.dims() {
+            [n, blocks, h, w, lanes] => (n, blocks * lanes, h, w, Some(lanes)),
+            _ => {
+                let (n, c, h, w) = x.dims4()?;
+                (n, c, h, w, None)
+            }
+        };
         let (c_out, c_in_w, kh, kw) = w.dims4()?;
         if c_in != c_in_w {
             candle_core::bail!("conv2d: input has {c_in} channels, weight {w:?} expects {c_in_w}");
@@ -135,7 +147,53 @@ impl Geometry {
             pad: op.padding,
             oh: (h + 2 * op.padding - kh) / op.stride + 1,
             ow: (wd + 2 * op.padding - kw) / op.stride + 1,
+            lanes,
         })
+    }
+
+    /// The output's shape: `[N, C_out, H', W']`, or `[N, C_out/B, H', W', B]` for a blocked input.
+    fn out_shape(&self) -> Shape {
+        match self.lanes {
+            Some(b) => Shape::from((self.n, self.c_out / b, self.oh, self.ow, b)),
+            None => Shape::from((self.n, self.c_out, self.oh, self.ow)),
+        }
+    }
+
+    /// Whether all three passes run on blocked tensors with kernel set `isa` (see [`Conv2dOp`]): the blocked
+    /// kernels compute the forward and the weight gradient, and the input gradient of a stride-1 layer.
+    fn trains_blocked(&self, isa: Isa) -> bool {
+        self.c_in.is_multiple_of(blocked::lanes(isa))
+            && self.blocked_applies(Pass::Forward, isa)
+            && self.blocked_applies(Pass::WeightGrad, isa)
+            && (self.stride > 1 || self.blocked_applies(Pass::InputGrad, isa))
+    }
+
+    /// The kernel set that computes this blocked convolution, or an error naming why none does.
+    fn blocked_isa(&self) -> Result<(Isa, usize)> {
+        let isa = Isa::current();
+        match self.lanes {
+            Some(b) if b == blocked::lanes(isa) && self.trains_blocked(isa) => Ok((isa, b)),
+            lanes => candle_core::bail!(
+                "conv2d: a channel-blocked input (blocks of {lanes:?}) for a {}×{} stride-{} convolution from {} \
+                 to {} channels, which the {isa} kernel set does not train blocked (it needs blocks of {}, \
+                 a 3×3 kernel and whole blocks of channels)",
+                self.kh,
+                self.kw,
+                self.stride,
+                self.c_in,
+                self.c_out,
+                blocked::lanes(isa)
+            ),
+        }
+    }
+
+    /// `data`, `(n, c, h, w)`, as blocked in `lanes`.
+    fn blocked<'a>(
+        data: &'a [f32],
+        dims: (usize, usize, usize, usize),
+        lanes: usize,
+    ) -> Result<Source<'a>> {
+        Ok(Source::Blocked(BlockedSlice::new(data, dims, lanes)?))
     }
 
     fn k(&self) -> usize {
@@ -189,7 +247,7 @@ impl Geometry {
     /// output channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
     /// too; or a 3×3 stride-2 one on a plane wide enough, by its sub-pixel classes, see
     /// `blocked::strided_input_grad_applies`; for the weight gradient, a 3×3 layer of either stride or the 7×7
-    /// stem, see `blocked::weight_grad_nchw`).
+    /// stem, see `blocked::weight_grad`).
     ///
     /// With AVX2 it runs ResNet-20's 3×3 stride-1 layers, the conversions included, at 1.2–1.4× the speed of an
     /// NCHW direct kernel for AVX2, and the strided ones and ResNet-18's 7×7 stem faster than im2col + GEMM
@@ -238,10 +296,9 @@ impl Geometry {
 
     /// The blocked kernel's weight gradient from the NCHW input `x` and the output gradient `dy`.
     fn blocked_weight_grad(&self, isa: Isa, x: &[f32], dy: Source) -> Result<Vec<f32>> {
-        blocked::weight_grad_nchw(
+        blocked::weight_grad(
             isa,
-            x,
-            (self.n, self.c_in, self.h, self.w),
+            Source::nchw(x, (self.n, self.c_in, self.h, self.w)),
             dy,
             (self.c_out, self.oh, self.ow),
             (self.kh, self.stride),
@@ -408,10 +465,28 @@ impl Conv2dOp {
         residual: Option<&[f32]>,
     ) -> Result<(Vec<f32>, Shape)> {
         let g = Geometry::new(x_shape, w_shape, self)?;
-        let shape = Shape::from((g.n, g.c_out, g.oh, g.ow));
+        let shape = g.out_shape();
+        if residual.is_some_and(|r| r.len() != shape.elem_count()) {
+            candle_core::bail!(
+                "residual of {:?} values added to a convolution output of shape {shape:?}",
+                residual.map(<[f32]>::len)
+            );
+        }
+        if let Some(lanes) = g.lanes {
+            let (isa, _) = g.blocked_isa()?;
+            ran(Pass::Forward, Algorithm::Blocked);
+            let source = Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?;
+            let mut y = blocked::conv_blocked(isa, source, w, (g.c_out, g.kh), (g.stride, g.pad))?;
+            if let Some(r) = residual {
+                y.par_chunks_mut(1 << 14)
+                    .zip(r.par_chunks(1 << 14))
+                    .for_each(|(y, r)| y.iter_mut().zip(r).for_each(|(v, s)| *v += s));
+            }
+            return Ok((y, shape));
+        }
         let out = match residual {
             None => conv_forward(&g, x, w, None, None)?,
-            Some(r) if r.len() == shape.elem_count() => {
+            Some(r) => {
                 // Bias 0: (v + 0) + s is v + s, the rounding of a separate add.
                 let add = Epilogue {
                     bias: vec![0.0; g.c_out],
@@ -419,10 +494,6 @@ impl Conv2dOp {
                 };
                 conv_forward(&g, x, w, Some(&add), Some(r))?
             }
-            Some(r) => candle_core::bail!(
-                "residual of {} values added to a convolution output of shape {shape:?}",
-                r.len()
-            ),
         };
         Ok((out, shape))
     }
@@ -607,6 +678,9 @@ impl FoldedConv2dOp {
 
 impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f32>> {
+        if g.lanes.is_some() {
+            candle_core::bail!("conv2d: one gradient of a channel-blocked tensor alone (`Conv2dOp::gradients` takes both)");
+        }
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::InputGrad) {
             (Algorithm::Winograd, _) => return Ok(winograd::input_grad(dy, w, g.dims())),
@@ -646,19 +720,65 @@ impl Conv2dOp {
         dy: &[f32],
         w: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if g.lanes.is_some() {
+            return self.blocked_gradients(g, x, dy, w);
+        }
         match (g.dispatch(Pass::InputGrad), g.dispatch(Pass::WeightGrad)) {
             ((Algorithm::Blocked, isa), (Algorithm::Blocked, same))
                 if isa == same && g.stride == 1 =>
             {
                 let dy = Blocked::from_nchw_slice(dy, g.dy_dims(), blocked::lanes(isa))?;
-                let dx = blocked::input_grad_3x3_nchw(isa, Source::Blocked(&dy), w, g.c_in)?;
-                Ok((dx, g.blocked_weight_grad(isa, x, Source::Blocked(&dy))?))
+                let dx = blocked::input_grad_3x3_nchw(isa, dy.source(), w, g.c_in)?;
+                Ok((dx, g.blocked_weight_grad(isa, x, dy.source())?))
             }
             _ => Ok((self.input_grad(g, dy, w)?, self.weight_grad(g, x, dy)?)),
         }
     }
 
+    /// `(dx, dw)` of blocked `x` and `dy`, `dx` blocked: the blocked kernels read both in place. A strided
+    /// layer's input gradient that they do not compute goes through NCHW.
+    fn blocked_gradients(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        dy: &[f32],
+        w: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (isa, lanes) = g.blocked_isa()?;
+        let x_dims = (g.n, g.c_in, g.h, g.w);
+        let dy_blocked = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
+        let dx = match g.stride {
+            1 => {
+                ran(Pass::InputGrad, Algorithm::Blocked);
+                blocked::input_grad_3x3_blocked(isa, Source::Blocked(dy_blocked), w, g.c_in)?
+            }
+            s if g.blocked_applies(Pass::InputGrad, isa) => {
+                debug_assert_eq!(s, 2);
+                ran(Pass::InputGrad, Algorithm::Blocked);
+                blocked::strided_input_grad_3x3_blocked(isa, dy_blocked, w, (g.c_in, g.h, g.w))?
+            }
+            _ => {
+                let nchw = Geometry { lanes: None, ..*g };
+                let dx = self.input_grad(&nchw, &dy_blocked.to_nchw_vec(), w)?;
+                blocked::blocked_values(&dx, x_dims, lanes)?
+            }
+        };
+        ran(Pass::WeightGrad, Algorithm::Blocked);
+        let dw = blocked::weight_grad(
+            isa,
+            Geometry::blocked(x, x_dims, lanes)?,
+            Source::Blocked(dy_blocked),
+            (g.c_out, g.oh, g.ow),
+            (g.kh, g.stride),
+            WEIGHT_GRAD_GROUP,
+        )?;
+        Ok((dx, dw))
+    }
+
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        if g.lanes.is_some() {
+            candle_core::bail!("conv2d: one gradient of a channel-blocked tensor alone (`Conv2dOp::gradients` takes both)");
+        }
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
             (Algorithm::Winograd, _) => return Ok(winograd::weight_grad(x, dy, g.dims())),
@@ -751,8 +871,9 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        // No input gradient for an input that needs none (the images entering the stem).
-        if !x.track_op() {
+        // No input gradient for an input that needs none (the images entering the stem; blocked tensors take
+        // both gradients in one op).
+        if !x.track_op() && x.rank() == 4 {
             return Ok((None, Some(self.weight_gradient(x, &dy, w.shape())?)));
         }
         let (dx, dw) = self.gradients(x, &dy, w)?;
@@ -761,6 +882,23 @@ impl CustomOp2 for Conv2dOp {
 }
 
 impl Conv2dOp {
+    /// Whether every pass of this convolution (`c_in` → `c_out` channels, k×k, on an `h`×`w` input) runs on
+    /// channel-blocked tensors `[N, C/B, H, W, B]` with kernel set `isa` (`ops::channel_blocks`): the blocked
+    /// kernels compute its forward and weight gradient, and the input gradient of a stride-1 layer; the others
+    /// go through NCHW for it. Such tensors come in and go out of [`Conv2dOp`] as they are.
+    pub fn trains_blocked(
+        &self,
+        (c_in, c_out, k): (usize, usize, usize),
+        (h, w): (usize, usize),
+        isa: Isa,
+    ) -> bool {
+        let (x, weight) = (
+            Shape::from((1, c_in, h, w)),
+            Shape::from((c_out, c_in, k, k)),
+        );
+        Geometry::new(&x, &weight, self).is_ok_and(|g| g.trains_blocked(isa))
+    }
+
     /// The gradient of the input (of shape `x_shape`) from the output gradient `dy`, on the CPU.
     pub fn input_gradient(&self, dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
         dy.apply_op2_no_bwd(
@@ -857,14 +995,11 @@ impl CustomOp3 for BothGrads {
             );
         }
         let g = Geometry::new(xl.shape(), wl.shape(), &self.op)?;
-        if dyl.shape().dims() != [g.n, g.c_out, g.oh, g.ow] {
+        if dyl.shape() != &g.out_shape() {
             candle_core::bail!(
-                "conv2d gradients: output gradient {:?}, expected [{}, {}, {}, {}]",
+                "conv2d gradients: output gradient {:?}, expected {:?}",
                 dyl.shape(),
-                g.n,
-                g.c_out,
-                g.oh,
-                g.ow
+                g.out_shape()
             );
         }
         let (dx, dw) = self.op.gradient_slices(

@@ -7,10 +7,13 @@
 //!
 //! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`,
 //! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
+//! A CIFAR net of the first paper trains on channel-blocked tensors between its stem and its head
+//! (`channel_blocks`), which `conv`, `batch_norm` and `zero_pad_shortcut` read as they are.
 
 pub(crate) mod add_relu;
 pub mod batch_norm;
 pub mod blocked;
+pub mod channel_blocks;
 pub mod conv;
 pub(crate) mod cpu_slice;
 pub mod dropout_mask;

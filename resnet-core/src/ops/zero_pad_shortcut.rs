@@ -3,6 +3,7 @@
 //! cost 12 ms forward and backward on ResNet-20's first stride-2 unit, where the op itself moves a quarter of
 //! the input.
 
+use crate::ops::blocked::{self, BlockedSlice};
 use crate::ops::cpu_slice::{contiguous_f32, written_by};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -59,6 +60,13 @@ impl CustomOp1 for ZeroPadShortcut {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "option-A shortcut input")?;
+        if let [n, blocks, h, w, lanes] = *layout.shape().dims() {
+            // Channel-blocked (training on blocked tensors, `ops::conv`): the inference kernel's.
+            let x = BlockedSlice::new(x, (n, blocks * lanes, h, w), lanes)?;
+            let y = blocked::zero_pad_shortcut(x, self.stride, self.before, self.after)?;
+            let shape = Shape::from((n, y.c / lanes, y.h, y.w, lanes));
+            return Ok((CpuStorage::F32(y.slice().data.to_vec()), shape));
+        }
         let (n, c, h, w) = layout.shape().dims4()?;
         let [_, oc, oh, ow] = self.output_dims((n, c, h, w));
         let s = self.stride;
@@ -91,7 +99,7 @@ impl CustomOp1 for ZeroPadShortcut {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = ZeroPadShortcutGrad {
             forward: *self,
-            input: x.dims4()?,
+            input: x.shape().clone(),
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
@@ -100,7 +108,8 @@ impl CustomOp1 for ZeroPadShortcut {
 /// The gradient: each sampled input cell gets its output cell's gradient, every other cell 0.
 struct ZeroPadShortcutGrad {
     forward: ZeroPadShortcut,
-    input: (usize, usize, usize, usize),
+    /// `[N, C, H, W]`, or `[N, C/B, H, W, B]` channel-blocked.
+    input: Shape,
 }
 
 impl CustomOp1 for ZeroPadShortcutGrad {
@@ -110,14 +119,25 @@ impl CustomOp1 for ZeroPadShortcutGrad {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dy = contiguous_f32(storage, layout, "option-A shortcut gradient")?;
-        let (n, c, h, w) = self.input;
-        let [_, oc, oh, ow] = self.forward.output_dims(self.input);
-        if layout.shape().dims() != [n, oc, oh, ow] {
+        let (dims, lanes) = match *self.input.dims() {
+            [n, blocks, h, w, lanes] => ((n, blocks * lanes, h, w), lanes),
+            _ => (self.input.dims4()?, 1),
+        };
+        let (n, c, h, w) = dims;
+        let [_, oc, oh, ow] = self.forward.output_dims(dims);
+        if layout.shape().elem_count() != n * oc * oh * ow
+            || layout.shape().rank() != self.input.rank()
+            || !oc.is_multiple_of(lanes)
+        {
             candle_core::bail!(
-                "option-A shortcut gradient: expected shape {:?}, got {:?}",
+                "option-A shortcut gradient: expected shape {:?} (blocks of {lanes}), got {:?}",
                 [n, oc, oh, ow],
                 layout.shape()
             );
+        }
+        if lanes > 1 {
+            let dx = self.blocked(dy, dims, lanes);
+            return Ok((CpuStorage::F32(dx), self.input.clone()));
         }
         let (s, before) = (self.forward.stride, self.forward.before);
         let fill = |dx: &mut [MaybeUninit<f32>]| {
@@ -142,6 +162,38 @@ impl CustomOp1 for ZeroPadShortcutGrad {
         // SAFETY: the planes cover dx and every element of each is written.
         let dx = unsafe { written_by(n * c * h * w, fill) };
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+}
+
+impl ZeroPadShortcutGrad {
+    /// The gradient in blocks of `lanes`: input cell `(ch, y, x)` takes output cell `(ch + before, y/s, x/s)`
+    /// where `y` and `x` are multiples of `s`, else 0.
+    fn blocked(
+        &self,
+        dy: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        lanes: usize,
+    ) -> Vec<f32> {
+        let (s, before) = (self.forward.stride, self.forward.before);
+        let [_, oc, oh, ow] = self.forward.output_dims((n, c, h, w));
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(h * w * lanes)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    let (img, block) = (chunk / (c / lanes), chunk % (c / lanes));
+                    for (p, pixel) in out.chunks_exact_mut(lanes).enumerate() {
+                        let (y, x) = (p / w, p % w);
+                        let sampled = y % s == 0 && x % s == 0;
+                        for (lane, d) in pixel.iter_mut().enumerate() {
+                            let o = block * lanes + lane + before;
+                            let at = (((img * oc + o) / lanes * oh + y / s) * ow + x / s) * lanes;
+                            d.write(if sampled { dy[at + o % lanes] } else { 0.0 });
+                        }
+                    }
+                });
+        };
+        // SAFETY: the chunks cover dx and every element of each is written.
+        unsafe { written_by(n * c * h * w, fill) }
     }
 }
 

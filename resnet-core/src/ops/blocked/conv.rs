@@ -7,7 +7,7 @@
 //! channel blocks, the kernel rows and, contiguous in both the padded input and the packed weights, the
 //! kernel columns × the channels of a block. A task is one output row of one group of `F` blocks of one image.
 
-use super::layout::{block_to_nchw, Blocked, Padded, Source};
+use super::layout::{block_to_nchw, Blocked, BlockedSlice, Padded, Source};
 use super::simd::{Portable, Simd};
 use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
@@ -219,35 +219,50 @@ impl BlockedConv {
 
     /// `ReLU?(conv(x) + bias (+ residual))` in the blocked layout.
     pub fn forward(&self, x: Source, residual: Option<&Blocked>) -> Result<Blocked> {
+        match self.run(x, residual, Dest::Blocked)? {
+            Output::Blocked(b) => Ok(b),
+            _ => unreachable!("a blocked output was asked for"),
+        }
+    }
+
+    /// `ReLU?(conv(x) + bias)` in the blocked layout, in a plain vector: the storage of a training tensor
+    /// (`ops::conv`), which outlives the call.
+    pub fn forward_values(&self, x: Source) -> Result<Vec<f32>> {
+        Ok(match self.run(x, None, Dest::Values)? {
+            Output::Values(v) => v,
+            Output::Blocked(b) => b.data.to_vec(),
+            Output::Nchw(_) => unreachable!("blocked values were asked for"),
+        })
+    }
+
+    fn run(&self, x: Source, residual: Option<&Blocked>, dest: Dest) -> Result<Output> {
         self.check(x, residual)?;
         if let (Source::Blocked(b), BlockedAlgorithm::Winograd) = (x, self.algorithm(x)) {
-            return Ok(self.winograd(b, residual));
+            return Ok(Output::Blocked(self.winograd(b, residual)));
         }
         if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
             // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
             // lines and runs as a stride-1 one over the plane.
             if let Source::Blocked(b) = x {
                 let sub = super::pool::zero_pad_shortcut(b, self.stride, 0, 0)?;
-                return Ok(self
-                    .compute(Source::Blocked(&sub), residual, 1, false)
-                    .blocked());
+                return Ok(self.compute(sub.source(), residual, 1, dest));
             }
         }
-        Ok(self.compute(x, residual, self.stride, false).blocked())
+        Ok(self.compute(x, residual, self.stride, dest))
     }
 
     /// `ReLU?(conv(x) + bias)` as `[N, C_out, H', W']`: where the batch is padded image by image, each image's
     /// output goes to NCHW while it is in the thread's cache, instead of in a pass over the whole batch after.
     pub fn forward_nchw(&self, x: Source) -> Result<Vec<f32>> {
         self.check(x, None)?;
-        Ok(match self.compute(x, None, self.stride, true) {
-            Output::Nchw(v) => v,
+        Ok(match self.compute(x, None, self.stride, Dest::Nchw) {
+            Output::Nchw(v) | Output::Values(v) => v,
             Output::Blocked(b) => b.to_nchw_vec(),
         })
     }
 
     /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size).
-    fn winograd(&self, x: &Blocked, residual: Option<&Blocked>) -> Blocked {
+    fn winograd(&self, x: BlockedSlice, residual: Option<&Blocked>) -> Blocked {
         let tile = winograd::Tile::for_plane((x.h, x.w));
         let u = self.winograd[tile as usize].get_or_init(|| {
             winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in), tile)
@@ -262,7 +277,7 @@ impl BlockedConv {
         // SAFETY: `forward_blocked` writes every value of its output.
         let data = unsafe {
             Scratch::written_by(len, |y| {
-                winograd::forward_blocked(&x.data, (u, tile, self.isa), dims, self.lanes, finish, y)
+                winograd::forward_blocked(x.data, (u, tile, self.isa), dims, self.lanes, finish, y)
             })
         };
         Blocked {
@@ -327,9 +342,11 @@ impl BlockedConv {
         Ok(())
     }
 
-    /// The convolution at `stride` (the layer's own, or 1 on a plane already subsampled), operands checked;
-    /// `nchw`: in `[N, C, H, W]` where the batch is padded image by image (then without a residual).
-    fn compute(&self, x: Source, residual: Option<&Blocked>, stride: usize, nchw: bool) -> Output {
+    /// The convolution at `stride` (the layer's own, or 1 on a plane already subsampled), operands checked,
+    /// into `dest` (`Dest::Nchw`: in `[N, C, H, W]` where the batch is padded image by image, then without a
+    /// residual; blocked otherwise).
+    fn compute(&self, x: Source, residual: Option<&Blocked>, stride: usize, dest: Dest) -> Output {
+        let nchw = dest == Dest::Nchw;
         let (n, _, h, w) = x.dims();
         let out = |side: usize| (side + 2 * self.padding - self.kernel) / stride + 1;
         let (oh, ow) = (out(h), out(w));
@@ -471,6 +488,10 @@ impl BlockedConv {
             }
         };
         // SAFETY: the tasks write every element: each (image, block, row) once, all columns.
+        if dest == Dest::Values {
+            return Output::Values(unsafe { written_by(n * image_out, fill) });
+        }
+        // SAFETY: as above.
         let data = unsafe { Scratch::written_by(n * image_out, fill) };
         Output::Blocked(Blocked {
             data,
@@ -522,19 +543,23 @@ pub(super) unsafe fn nchw_image_by_image(
     unsafe { written_by(n * image_out, fill) }
 }
 
+/// Where [`BlockedConv::compute`] writes its output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    /// A pooled [`Blocked`] (inference: freed by the next layers).
+    Blocked,
+    /// Blocked, in a plain vector (a training tensor's storage).
+    Values,
+    /// `[N, C, H, W]` where the batch is padded image by image, else a pooled [`Blocked`].
+    Nchw,
+}
+
 /// What [`BlockedConv::compute`] made.
 enum Output {
     Blocked(Blocked),
+    /// Blocked values.
+    Values(Vec<f32>),
     Nchw(Vec<f32>),
-}
-
-impl Output {
-    fn blocked(self) -> Blocked {
-        match self {
-            Output::Blocked(b) => b,
-            Output::Nchw(_) => unreachable!("an NCHW output is asked for by `forward_nchw` alone"),
-        }
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -36,13 +36,8 @@ impl Blocked {
         lanes: usize,
     ) -> Result<Blocked> {
         let (n, c, h, w) = dims;
-        if lanes == 0 || !c.is_multiple_of(lanes) || data.len() != n * c * h * w {
-            candle_core::bail!(
-                "blocked layout: {} values as [{n}, {c}, {h}, {w}] in blocks of {lanes}: expected that many \
-                 values and whole blocks",
-                data.len()
-            );
-        }
+        // The same count and whole blocks as the blocked values will have.
+        BlockedSlice::new(data, dims, lanes)?;
         match Padded::batch(Source::nchw(data, dims), 0, lanes).data {
             Data::Copied(data) => Ok(Blocked {
                 data,
@@ -67,14 +62,7 @@ impl Blocked {
 
     /// The elements in `[N, C, H, W]` order.
     pub fn to_nchw_vec(&self) -> Vec<f32> {
-        let (plane, lanes) = (self.h * self.w, self.lanes);
-        let fill = |out: &mut [MaybeUninit<f32>]| {
-            out.par_chunks_mut(plane * lanes)
-                .zip(self.data.par_chunks(plane * lanes))
-                .for_each(|(dst, src)| block_to_nchw(src, dst, lanes))
-        };
-        // SAFETY: the chunks cover the output, and each writes all of its plane.
-        unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) }
+        self.slice().to_nchw_vec()
     }
 
     /// The global average pool: `[N, C]`, each mean summed over the plane in order.
@@ -91,6 +79,94 @@ impl Blocked {
                 dst.iter_mut().for_each(|d| *d /= plane as f32);
             });
         Tensor::from_vec(out, (self.n, self.c), &Device::Cpu)
+    }
+}
+
+/// Blocked values borrowed, with their shape: a [`Blocked`] activation, or a training tensor's storage in that
+/// layout (`[N, C/B, H, W, B]`, see `ops::conv`).
+#[derive(Clone, Copy)]
+pub struct BlockedSlice<'a> {
+    pub data: &'a [f32],
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub lanes: usize,
+}
+
+impl<'a> BlockedSlice<'a> {
+    /// `data` as `(n, c, h, w)` in blocks of `lanes`, checked.
+    pub fn new(
+        data: &'a [f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        lanes: usize,
+    ) -> Result<Self> {
+        if lanes == 0 || !c.is_multiple_of(lanes) || data.len() != n * c * h * w {
+            candle_core::bail!(
+                "blocked layout: {} values as [{n}, {c}, {h}, {w}] in blocks of {lanes}: expected that many \
+                 values and whole blocks",
+                data.len()
+            );
+        }
+        Ok(Self {
+            data,
+            n,
+            c,
+            h,
+            w,
+            lanes,
+        })
+    }
+
+    /// The elements in `[N, C, H, W]` order.
+    pub fn to_nchw_vec(&self) -> Vec<f32> {
+        let (plane, lanes) = (self.h * self.w, self.lanes);
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(plane * lanes)
+                .zip(self.data.par_chunks(plane * lanes))
+                .for_each(|(dst, src)| block_to_nchw(src, dst, lanes))
+        };
+        // SAFETY: the chunks cover the output, and each writes all of its plane.
+        unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) }
+    }
+}
+
+/// `[N, C, H, W]` values of `dims` in blocks of `lanes`, in a plain vector (a training tensor's storage): as
+/// [`Blocked::from_nchw_slice`].
+pub fn blocked_values(
+    data: &[f32],
+    dims: (usize, usize, usize, usize),
+    lanes: usize,
+) -> Result<Vec<f32>> {
+    BlockedSlice::new(data, dims, lanes)?;
+    // Left to the caller image by image: no copy is made here.
+    let padded = Padded::new(Source::nchw(data, dims), 0, lanes, true);
+    let plane = padded.plane();
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(block, dst)| padded.fill_plane(block, dst))
+    };
+    // SAFETY: `fill_plane` writes every element of a plane, and the planes cover the output.
+    Ok(unsafe { crate::ops::cpu_slice::written_by(data.len(), fill) })
+}
+
+impl Blocked {
+    /// The values borrowed.
+    pub fn slice(&self) -> BlockedSlice<'_> {
+        BlockedSlice {
+            data: &self.data,
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            lanes: self.lanes,
+        }
+    }
+
+    /// What a convolution reads from these values.
+    pub fn source(&self) -> Source<'_> {
+        Source::Blocked(self.slice())
     }
 }
 
@@ -123,7 +199,7 @@ pub(super) fn block_to_nchw(src: &[f32], dst: &mut [MaybeUninit<f32>], lanes: us
 /// What a convolution reads: the blocked output of a layer, or the network's `[N, C, H, W]` input.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
-    Blocked(&'a Blocked),
+    Blocked(BlockedSlice<'a>),
     Nchw {
         data: &'a [f32],
         n: usize,
@@ -186,7 +262,7 @@ impl<'a> Padded<'a> {
             bi,
         };
         match src {
-            Source::Blocked(b) if pad == 0 && b.lanes == bi => padded.data = Data::InPlace(&b.data),
+            Source::Blocked(b) if pad == 0 && b.lanes == bi => padded.data = Data::InPlace(b.data),
             _ if per_image => {}
             _ => {
                 let plane = padded.plane();

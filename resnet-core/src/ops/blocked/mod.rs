@@ -5,8 +5,9 @@
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
 //! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`],
-//! [`strided_input_grad_3x3_nchw`] and [`weight_grad_nchw`]; the vector operations per kernel set are in
-//! `simd`.
+//! [`strided_input_grad_3x3_nchw`] and [`weight_grad`] on NCHW tensors, and [`conv_blocked`],
+//! [`input_grad_3x3_blocked`] and [`weight_grad`] on channel-blocked ones (`ops::channel_blocks`: the same
+//! layout, read through [`BlockedSlice`]); the vector operations per kernel set are in `simd`.
 
 mod conv;
 mod layout;
@@ -17,8 +18,10 @@ mod strided_input_grad;
 mod weight_grad;
 
 pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
-pub use layout::{Blocked, Source};
-pub use nchw::{conv_nchw, input_grad_3x3_nchw};
+pub use layout::{blocked_values, Blocked, BlockedSlice, Source};
+pub use nchw::{conv_blocked, conv_nchw, input_grad_3x3_blocked, input_grad_3x3_nchw};
 pub use pool::{max_pool, zero_pad_shortcut};
-pub use strided_input_grad::{strided_input_grad_3x3_nchw, strided_input_grad_applies};
-pub use weight_grad::{weight_grad_applies, weight_grad_nchw};
+pub use strided_input_grad::{
+    strided_input_grad_3x3_blocked, strided_input_grad_3x3_nchw, strided_input_grad_applies,
+};
+pub use weight_grad::{weight_grad, weight_grad_applies};

@@ -22,28 +22,61 @@ pub fn conv_nchw(
     (c_out, k): (usize, usize),
     geometry: (usize, usize),
 ) -> Result<Vec<f32>> {
+    packed(isa, x, weight, (c_out, k), geometry)?.forward_nchw(x)
+}
+
+/// [`conv_nchw`] with the output in `isa`'s blocks (`[N, C_out/B, H', W', B]`): training on blocked tensors.
+pub fn conv_blocked(
+    isa: Isa,
+    x: Source,
+    weight: &[f32],
+    (c_out, k): (usize, usize),
+    geometry: (usize, usize),
+) -> Result<Vec<f32>> {
+    packed(isa, x, weight, (c_out, k), geometry)?.forward_values(x)
+}
+
+fn packed(
+    isa: Isa,
+    x: Source,
+    weight: &[f32],
+    (c_out, k): (usize, usize),
+    geometry: (usize, usize),
+) -> Result<BlockedConv> {
     let (_, c_in, _, _) = x.dims();
-    let conv = BlockedConv::from_slice(
+    BlockedConv::from_slice(
         isa,
         weight,
         (c_out, c_in, k),
         &vec![0.0; c_out],
         geometry,
         false,
-    )?;
-    conv.forward_nchw(x)
+    )
 }
 
 /// The input gradient of a 3×3, stride-1, padding-1 convolution: the convolution of `dy` `[N, C_out, H, W]`
 /// (NCHW, or already in `isa`'s blocks) with the kernel flipped and its channel axes swapped, as NCHW
 /// `[N, C_in, H, W]`. Call where [`BlockedConv::applies`]`(isa, c_in)`.
 pub fn input_grad_3x3_nchw(isa: Isa, dy: Source, weight: &[f32], c_in: usize) -> Result<Vec<f32>> {
+    conv_nchw(isa, dy, &flipped(dy, weight, c_in), (c_in, 3), (1, 1))
+}
+
+/// [`input_grad_3x3_nchw`] with the output in `isa`'s blocks.
+pub fn input_grad_3x3_blocked(
+    isa: Isa,
+    dy: Source,
+    weight: &[f32],
+    c_in: usize,
+) -> Result<Vec<f32>> {
+    conv_blocked(isa, dy, &flipped(dy, weight, c_in), (c_in, 3), (1, 1))
+}
+
+/// `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
+fn flipped(dy: Source, weight: &[f32], c_in: usize) -> Vec<f32> {
     let (_, c_out, _, _) = dy.dims();
-    // `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
-    let flipped: Vec<f32> = (0..c_in * c_out)
+    (0..c_in * c_out)
         .flat_map(|k| kernel_3x3(weight, c_in, true, (k / c_out, k % c_out)))
-        .collect();
-    conv_nchw(isa, dy, &flipped, (c_in, 3), (1, 1))
+        .collect()
 }
 
 #[cfg(test)]

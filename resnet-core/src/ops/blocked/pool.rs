@@ -1,6 +1,6 @@
 //! The blocked layout's max pool (the ImageNet stem's) and option-A shortcut (subsample, zero channels).
 
-use super::layout::Blocked;
+use super::layout::{Blocked, BlockedSlice};
 use crate::ops::cpu_slice::Scratch;
 use crate::ops::max_pool::MaxPool2d;
 use candle_core::Result;
@@ -66,7 +66,7 @@ fn max_plane<const L: usize>(
 
 /// `x[:, :, ::stride, ::stride]` with `before` zero channels in front and `after` behind (option A).
 pub fn zero_pad_shortcut(
-    x: &Blocked,
+    x: BlockedSlice,
     stride: usize,
     before: usize,
     after: usize,
@@ -156,7 +156,7 @@ mod tests {
                 .forward(&x)
                 .unwrap();
                 assert_same(
-                    &zero_pad_shortcut(&b, 2, before, after).unwrap(),
+                    &zero_pad_shortcut(b.slice(), 2, before, after).unwrap(),
                     &reference,
                 );
             }

@@ -14,8 +14,8 @@ use super::conv::{
     lanes, max_columns, nchw_image_by_image, row_kernel, Row, SendPtr, CHUNK_CHANNELS,
     MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
 };
-use super::layout::{Blocked, Padded, Source};
-use crate::ops::cpu_slice::{LineAligned, Scratch};
+use super::layout::{Blocked, BlockedSlice, Padded, Source};
+use crate::ops::cpu_slice::{written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
 use candle_core::Result;
 use rayon::prelude::*;
@@ -70,25 +70,52 @@ struct Class {
 pub fn strided_input_grad_3x3_nchw(
     isa: Isa,
     dy: &[f32],
-    (n, c_out, oh, ow): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
+    weight: &[f32],
+    input: (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    if dy.len() != dims.0 * dims.1 * dims.2 * dims.3 {
+        candle_core::bail!(
+            "blocked strided input gradient: {} values for an output gradient {dims:?}",
+            dy.len()
+        );
+    }
+    strided_input_grad(isa, Source::nchw(dy, dims), weight, input, false)
+}
+
+/// [`strided_input_grad_3x3_nchw`] of a blocked `dy` (training on blocked tensors), `dX` blocked too.
+pub fn strided_input_grad_3x3_blocked(
+    isa: Isa,
+    dy: BlockedSlice,
+    weight: &[f32],
+    input: (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    strided_input_grad(isa, Source::Blocked(dy), weight, input, true)
+}
+
+/// `dX` in `isa`'s blocks where `blocked`, else NCHW.
+fn strided_input_grad(
+    isa: Isa,
+    dy: Source,
     weight: &[f32],
     (c_in, h, w): (usize, usize, usize),
+    blocked: bool,
 ) -> Result<Vec<f32>> {
     let b = lanes(isa);
+    let (n, c_out, oh, ow) = dy.dims();
     if isa > Isa::best_available()
         || !c_in.is_multiple_of(b)
         || c_out == 0
         || h == 0
         || w == 0
         || (oh, ow) != ((h - 1) / STRIDE + 1, (w - 1) / STRIDE + 1)
-        || dy.len() != n * c_out * oh * ow
+        || matches!(dy, Source::Blocked(d) if d.lanes != b)
         || weight.len() != c_out * c_in * 9
     {
         candle_core::bail!(
-            "blocked strided input gradient: output gradient [{n}, {c_out}, {oh}, {ow}] ({} values), weight \
-             [{c_out}, {c_in}, 3, 3] ({} values), input {h}×{w}: expected the input channels in blocks of {b}, \
-             the output of a stride-2 3×3 layer and a CPU that runs {isa}",
-            dy.len(),
+            "blocked strided input gradient: output gradient [{n}, {c_out}, {oh}, {ow}], weight \
+             [{c_out}, {c_in}, 3, 3] ({} values), input {h}×{w}: expected the input channels (and a blocked \
+             output gradient) in blocks of {b}, the output of a stride-2 3×3 layer and a CPU that runs {isa}",
             weight.len()
         );
     }
@@ -135,8 +162,9 @@ pub fn strided_input_grad_3x3_nchw(
     // A large batch runs image by image: each image's `dY` padded, its classes computed and its `dX` turned to
     // NCHW in the thread's cache. Through memory, the two conversions were 30 % of the call; ResNet-20's 16→32
     // layer at batch 128 (9 alternated runs of a probe, AMD EPYC Zen 4) went from 65–102 to 91–133 GFLOP/s.
-    let per_image = n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
-    let padded = Padded::new(Source::nchw(dy, (n, c_out, oh, ow)), 1, bi, per_image);
+    // (A blocked `dX` needs no conversion: the batch is padded whole.)
+    let per_image = !blocked && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
+    let padded = Padded::new(dy, 1, bi, per_image);
     let bias = vec![0f32; f * b];
     let job = Row {
         x: std::ptr::null(),
@@ -229,8 +257,12 @@ pub fn strided_input_grad_3x3_nchw(
                 run(task % tasks_per_image, &dy_padded[img * image_in..], &image)
             });
     };
-    // SAFETY: the classes partition every image's pixels, and each class's tasks write all of its pixels of
-    // every block.
+    if blocked {
+        // SAFETY: the classes partition every image's pixels, and each class's tasks write all of its pixels
+        // of every block.
+        return Ok(unsafe { written_by(n * image_out, fill) });
+    }
+    // SAFETY: as above.
     let data = unsafe { Scratch::written_by(n * image_out, fill) };
     let dx = Blocked {
         data,
@@ -308,6 +340,18 @@ mod tests {
                     &weight,
                     (c_in, h, w),
                 )?;
+                // From a blocked output gradient into a blocked `dX` (training on blocked tensors): the same bits.
+                if c_out % b == 0 {
+                    let dy_blocked = Blocked::from_nchw_slice(&dy, (n, c_out, oh, ow), b)?;
+                    let dx = strided_input_grad_3x3_blocked(
+                        isa,
+                        dy_blocked.slice(),
+                        &weight,
+                        (c_in, h, w),
+                    )?;
+                    let dx = BlockedSlice::new(&dx, (n, c_in, h, w), b)?.to_nchw_vec();
+                    assert!(dx == ours, "{isa} {n}×{c_out}→{c_in} on {h}×{w}, blocked");
+                }
                 let expected = reference(&dy, (n, c_out, oh, ow), &weight, (c_in, h, w));
                 let diff = ours
                     .iter()

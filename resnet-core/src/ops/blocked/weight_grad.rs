@@ -3,8 +3,9 @@
 //!
 //!   dW[o, c, ky, kx] = Σ_n Σ_{oy, ox} dY[n, o, oy, ox] · X_pad[n, c, oy·s + ky, ox·s + kx]
 //!
-//! The output gradient is copied once into the blocked layout `[N, C_out/B, H', W', B]`, so that `B` output
-//! channels of a pixel are one vector; the input is read in place, NCHW, broadcast one value at a time (with a
+//! The output gradient is copied once into the blocked layout `[N, C_out/B, H', W', B]` (or read in place where
+//! it is already blocked), so that `B` output channels of a pixel are one vector; the input is read in place,
+//! NCHW or blocked (training on blocked tensors, `ops::channel_blocks`), broadcast one value at a time (with a
 //! zero-bordered copy of it instead, ResNet-20's weight gradients took 68–87 ms per batch of 128 against
 //! 59–72, 3 alternated rounds, AMD EPYC Zen 4). A register tile is `F` output blocks × `CI` input channels ×
 //! the k kernel columns of one kernel row; for 3×3, 2 × 2 × 3 or 1 × 4 × 3 = 12 accumulators: per output pixel `F`
@@ -35,7 +36,7 @@ const MIN_TASK_FLOPS: usize = 2_000_000;
 /// Kernel sizes with a kernel here, each with padding k/2: 3×3 and the 7×7 stem.
 pub const KERNELS: [usize; 2] = [3, 7];
 
-/// Whether [`weight_grad_nchw`] computes the weight gradient of a `kernel`×`kernel` convolution with padding
+/// Whether [`weight_grad`] computes the weight gradient of a `kernel`×`kernel` convolution with padding
 /// `padding` from `c_in` to `c_out` channels on `isa`: a size of [`KERNELS`] padded by half of it, output
 /// channels in whole blocks.
 pub fn weight_grad_applies(
@@ -76,8 +77,12 @@ fn tile_shape(isa: Isa, kernel: usize, c_in: usize, c_out: usize) -> (usize, usi
 /// group `cg`), summed over the images of one group.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// The NCHW input at the group's first image, the channel group's first channel.
+    /// The input at the group's first image, the channel group's first channel.
     x: *const f32,
+    /// Elements between the input's neighbouring channels and rows: `(h·w, w)` in NCHW, `(1, w·B)` in
+    /// blocks of `B` (a tile's channels lie in one block; the columns are the kernel's `XL` apart).
+    x_channel: usize,
+    x_row: usize,
     /// The blocked output gradient at the group's first image, the tile's first block.
     dy: *const f32,
     /// `[CI][3][3][F][B]`: the tile's sums, written once.
@@ -97,14 +102,12 @@ struct Tile {
 type TileKernel = unsafe fn(&Tile);
 
 /// `dW` `[C_out, C_in, k, k]` of the k×k convolution (padding k/2, stride `stride`) of `x` `[N, C_in, H, W]`
-/// whose output gradient is `dy` `[N, C_out, H', W']` (NCHW, or already in `isa`'s blocks: read in place),
+/// whose output gradient is `dy` `[N, C_out, H', W']`, each NCHW or already in `isa`'s blocks (read in place),
 /// images summed in groups of `group`. Call where
 /// [`weight_grad_applies`]`(isa, (k, k / 2), c_in, c_out)`.
-#[allow(clippy::too_many_arguments)]
-pub fn weight_grad_nchw(
+pub fn weight_grad(
     isa: Isa,
-    x: &[f32],
-    (n, c_in, h, w): (usize, usize, usize, usize),
+    x: Source,
     dy: Source,
     (c_out, oh, ow): (usize, usize, usize),
     (k, stride): (usize, usize),
@@ -117,20 +120,21 @@ pub fn weight_grad_nchw(
             .checked_sub(k)
             .map(|d| d / stride.max(1) + 1)
     };
+    let (n, c_in, h, w) = x.dims();
     if isa > Isa::best_available()
         || !weight_grad_applies(isa, (k, pad), c_in, c_out)
-        || x.len() != n * c_in * h * w
         || dy.dims() != (n, c_out, oh, ow)
         || matches!(dy, Source::Blocked(d) if d.lanes != b)
+        || matches!(x, Source::Blocked(d) if d.lanes != b)
         || stride == 0
         || group == 0
         || (Some(oh), Some(ow)) != (out(h), out(w))
     {
         candle_core::bail!(
-            "blocked weight gradient: input [{n}, {c_in}, {h}, {w}] ({} values), output gradient {:?} \
+            "blocked weight gradient: input [{n}, {c_in}, {h}, {w}], output gradient {:?} \
              for [{n}, {c_out}, {oh}, {ow}], {k}×{k} kernel, stride {stride}: expected a kernel of \
-             {KERNELS:?} padded by half, the output channels in blocks of {b} and a CPU that runs {isa}",
-            x.len(),
+             {KERNELS:?} padded by half, the output channels and blocked operands in blocks of {b} and a \
+             CPU that runs {isa}",
             dy.dims()
         );
     }
@@ -140,10 +144,20 @@ pub fn weight_grad_nchw(
     let (tiles, channel_groups, groups) = (c_out / (f * b), c_in / channels, n.div_ceil(group));
     let taps = k * k;
     let tile_len = f * channels * taps * b;
-    let kernel = tile_kernel(isa, k, (f, channels));
     // Partial sums `[groups][tiles][c_in / channels][tile]`: task (group, tile, channels) writes one chunk.
     let task_flops = 2 * group * oh * ow * tile_len;
     let x_plane = h * w;
+    // Where the first image's channel `ch` starts, and the strides of `Tile`.
+    let (x, x_lanes) = match x {
+        Source::Nchw { data, .. } => (data, 1),
+        Source::Blocked(d) => (d.data, b),
+    };
+    let x_at = |ch: usize| ch / x_lanes * x_plane * x_lanes + ch % x_lanes;
+    let kernel = tile_kernel(isa, k, (f, channels), x_lanes);
+    let (x_channel, x_row) = match x_lanes {
+        1 => (x_plane, w),
+        _ => (1, w * x_lanes),
+    };
     let fill = |partials: &mut [MaybeUninit<f32>]| {
         partials
             .par_chunks_mut(tile_len)
@@ -157,7 +171,9 @@ pub fn weight_grad_nchw(
                 );
                 let first = grp * group;
                 let tile = Tile {
-                    x: x[(first * c_in + cg * channels) * x_plane..].as_ptr(),
+                    x: x[first * c_in * x_plane + x_at(cg * channels)..].as_ptr(),
+                    x_channel,
+                    x_row,
                     dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
                     out: out.as_mut_ptr().cast::<f32>(),
                     images: group.min(n - first),
@@ -199,34 +215,47 @@ pub fn weight_grad_nchw(
     Ok(unsafe { written_by(c_out * c_in * taps, gather) })
 }
 
-/// The tile kernel of `isa` for a `kernel`×`kernel` convolution and a tile shape of `tile_shape`.
-fn tile_kernel(isa: Isa, kernel: usize, shape: (usize, usize)) -> TileKernel {
+/// The tile kernel of `isa` for a `kernel`×`kernel` convolution, a tile shape of `tile_shape` and an input
+/// in blocks of `x_lanes` channels (1: NCHW).
+fn tile_kernel(isa: Isa, kernel: usize, shape: (usize, usize), x_lanes: usize) -> TileKernel {
     macro_rules! pick {
-        ($tile:ident) => {
+        ($tile:ident, $xl:literal) => {
             match (kernel, shape) {
-                (7, (2, 1)) => $tile::<2, 1, 7>,
-                (7, _) => $tile::<1, 1, 7>,
-                (_, (2, 2)) => $tile::<2, 2, 3>,
-                (_, (1, 4)) => $tile::<1, 4, 3>,
-                (_, (1, 3)) => $tile::<1, 3, 3>,
-                (_, (2, 1)) => $tile::<2, 1, 3>,
-                (_, (1, 2)) => $tile::<1, 2, 3>,
-                _ => $tile::<1, 1, 3>,
+                (7, (2, 1)) => $tile::<2, 1, 7, $xl>,
+                (7, _) => $tile::<1, 1, 7, $xl>,
+                (_, (2, 2)) => $tile::<2, 2, 3, $xl>,
+                (_, (1, 4)) => $tile::<1, 4, 3, $xl>,
+                (_, (1, 3)) => $tile::<1, 3, 3, $xl>,
+                (_, (2, 1)) => $tile::<2, 1, 3, $xl>,
+                (_, (1, 2)) => $tile::<1, 2, 3, $xl>,
+                _ => $tile::<1, 1, 3, $xl>,
+            }
+        };
+    }
+    // The input's column step a compile-time constant: the taps' offsets are immediates.
+    macro_rules! by_layout {
+        ($tile:ident) => {
+            match x_lanes {
+                16 => pick!($tile, 16),
+                8 => pick!($tile, 8),
+                _ => pick!($tile, 1),
             }
         };
     }
     #[cfg(target_arch = "x86_64")]
     match isa {
-        Isa::Avx512 => return pick!(avx512_tile),
-        Isa::Avx2 => return pick!(avx2_tile),
+        Isa::Avx512 => return by_layout!(avx512_tile),
+        Isa::Avx2 => return by_layout!(avx2_tile),
         Isa::Generic => {}
     }
     let _ = isa;
-    pick!(portable_tile)
+    by_layout!(portable_tile)
 }
 
-unsafe fn portable_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
-    unsafe { sum_tile::<Portable, F, CI, K>(tile) }
+unsafe fn portable_tile<const F: usize, const CI: usize, const K: usize, const XL: usize>(
+    tile: &Tile,
+) {
+    unsafe { sum_tile::<Portable, F, CI, K, XL>(tile) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -238,13 +267,27 @@ mod x86 {
     use crate::ops::blocked::simd::{Avx2, Avx512};
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
-        unsafe { sum_tile::<Avx2, F, CI, K>(tile) }
+    pub(super) unsafe fn avx2_tile<
+        const F: usize,
+        const CI: usize,
+        const K: usize,
+        const XL: usize,
+    >(
+        tile: &Tile,
+    ) {
+        unsafe { sum_tile::<Avx2, F, CI, K, XL>(tile) }
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512_tile<const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
-        unsafe { sum_tile::<Avx512, F, CI, K>(tile) }
+    pub(super) unsafe fn avx512_tile<
+        const F: usize,
+        const CI: usize,
+        const K: usize,
+        const XL: usize,
+    >(
+        tile: &Tile,
+    ) {
+        unsafe { sum_tile::<Avx512, F, CI, K, XL>(tile) }
     }
 }
 
@@ -252,7 +295,9 @@ mod x86 {
 /// then join the tile's sums in memory. The input is read in place: a tap in the zero border adds nothing, so
 /// rows in it are skipped, and the columns at the plane's edges take their taps one by one.
 #[inline(always)]
-unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize>(tile: &Tile) {
+unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize, const XL: usize>(
+    tile: &Tile,
+) {
     let (w, s, pad) = (tile.w, tile.stride, K / 2);
     // Output columns `first..inner` have all K taps (columns `ox·s − pad ..= ox·s − pad + K − 1`) inside the
     // plane; the others take theirs one by one.
@@ -270,17 +315,17 @@ unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize>(til
                     let Some(iy) = (oy * s + ky).checked_sub(pad).filter(|&r| r < tile.h) else {
                         continue;
                     };
-                    let row = x.add(iy * tile.w);
+                    let row = x.add(iy * tile.x_row);
                     let d = dy.add(oy * tile.ow * S::LANES);
                     let row = Row { x: row, dy: d };
                     for ox in 0..first {
-                        pixel::<S, F, CI, K, true>(&mut acc, row, tile, ox);
+                        pixel::<S, F, CI, K, XL, true>(&mut acc, row, tile, ox);
                     }
                     for ox in first..inner {
-                        pixel::<S, F, CI, K, false>(&mut acc, row, tile, ox);
+                        pixel::<S, F, CI, K, XL, false>(&mut acc, row, tile, ox);
                     }
                     for ox in inner..tile.ow {
-                        pixel::<S, F, CI, K, true>(&mut acc, row, tile, ox);
+                        pixel::<S, F, CI, K, XL, true>(&mut acc, row, tile, ox);
                     }
                 }
                 for (sum, acc) in sums.iter_mut().zip(&acc) {
@@ -311,7 +356,14 @@ struct Row {
 /// taps broadcast. `EDGE`: some taps may fall outside the row, and those add nothing. (A function, not a
 /// closure: a closure does not take its caller's `target_feature`.)
 #[inline(always)]
-unsafe fn pixel<S: Simd, const F: usize, const CI: usize, const K: usize, const EDGE: bool>(
+unsafe fn pixel<
+    S: Simd,
+    const F: usize,
+    const CI: usize,
+    const K: usize,
+    const XL: usize,
+    const EDGE: bool,
+>(
     acc: &mut [[[S; F]; K]; CI],
     row: Row,
     tile: &Tile,
@@ -322,12 +374,14 @@ unsafe fn pixel<S: Simd, const F: usize, const CI: usize, const K: usize, const 
         let dv: [S; F] =
             std::array::from_fn(|f| S::load(row.dy.add(f * tile.dy_plane + ox * S::LANES)));
         // Column `ox·s − pad` (before the row's start at the left edge, not read there).
-        let at = row.x.wrapping_offset(ox as isize * s - pad);
+        let at = row.x.wrapping_offset((ox as isize * s - pad) * XL as isize);
+        // A blocked input's channels are neighbours.
+        let x_channel = if XL == 1 { tile.x_channel } else { 1 };
         for (c, acc) in acc.iter_mut().enumerate() {
             for (kx, acc) in acc.iter_mut().enumerate() {
                 let col = ox as isize * s + kx as isize - pad;
                 let v = match !EDGE || (0..w).contains(&col) {
-                    true => S::splat(at.wrapping_add(c * tile.h * tile.w + kx)),
+                    true => S::splat(at.wrapping_add(c * x_channel + kx * XL)),
                     false => S::zero(),
                 };
                 for (a, g) in acc.iter_mut().zip(&dv) {
@@ -390,14 +444,16 @@ mod tests {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
         for isa in Isa::available() {
             let b = lanes(isa);
+            let mut blocked_inputs = 0;
             // (images, c_in, h, w, c_out, kernel, stride)
             let shapes = [
                 (3, 4, 5, 7, b, 3, 1),
                 (5, 6, 9, 6, 2 * b, 3, 2),
                 (1, 8, 1, 1, 2 * b, 3, 1),
                 (2, 12, 4, 4, 3 * b, 3, 2),
-                // Many tiles and channel groups.
+                // Many tiles and channel groups; input channels in blocks, both strides.
                 (2, 64, 24, 24, 10 * b, 3, 1),
+                (3, 2 * b, 9, 10, b, 3, 2),
                 // Input channels in threes (a stem), odd, in pairs only, prime.
                 (3, 3, 12, 12, b, 3, 1),
                 (2, 5, 6, 6, 2 * b, 3, 2),
@@ -428,27 +484,42 @@ mod tests {
                 let x: Vec<f32> = (0..n * c_in * h * w).map(value).collect();
                 let dy: Vec<f32> = (0..n * c_out * oh * ow).map(|i| value(i + 3)).collect();
                 let dims = (n, c_in, h, w);
-                let ours = weight_grad_nchw(
+                let ours = weight_grad(
                     isa,
-                    &x,
-                    dims,
+                    Source::nchw(&x, dims),
                     Source::nchw(&dy, (n, c_out, oh, ow)),
                     (c_out, oh, ow),
                     (k, s),
                     2,
                 )?;
-                // The output gradient already blocked (as training's shared conversion hands it): the same bits.
+                // The output gradient already blocked (as training's shared conversion hands it), and the
+                // input too where its channels are whole blocks (training on blocked tensors): the same bits.
                 let blocked_dy = Blocked::from_nchw_slice(&dy, (n, c_out, oh, ow), b)?;
-                let from_blocked = weight_grad_nchw(
+                let from_blocked = weight_grad(
                     isa,
-                    &x,
-                    dims,
-                    Source::Blocked(&blocked_dy),
+                    Source::nchw(&x, dims),
+                    blocked_dy.source(),
                     (c_out, oh, ow),
                     (k, s),
                     2,
                 )?;
                 assert_eq!(ours, from_blocked, "{isa}: {c_in}→{c_out} {k}×{k}/{s}");
+                if c_in % b == 0 {
+                    let blocked_x = Blocked::from_nchw_slice(&x, dims, b)?;
+                    let both_blocked = weight_grad(
+                        isa,
+                        blocked_x.source(),
+                        blocked_dy.source(),
+                        (c_out, oh, ow),
+                        (k, s),
+                        2,
+                    )?;
+                    assert_eq!(
+                        ours, both_blocked,
+                        "{isa}: {c_in}→{c_out} {k}×{k}/{s}, x blocked"
+                    );
+                    blocked_inputs += 1;
+                }
                 let exact = reference(&x, dims, &dy, (c_out, oh, ow), (k, s));
                 assert_eq!(ours.len(), exact.len());
                 for (i, (a, e)) in ours.iter().zip(&exact).enumerate() {
@@ -459,6 +530,10 @@ mod tests {
                     );
                 }
             }
+            assert!(
+                blocked_inputs >= 2,
+                "{isa}: {blocked_inputs} shapes with blocked input channels"
+            );
         }
         Ok(())
     }
