@@ -19,7 +19,7 @@
 //!   weight grad   dW = Σ_n dY_n · col(X_n)ᵀ              (summed in a fixed order: deterministic; computed
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
-use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, Source};
+use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, OutputLayout, Source};
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
@@ -476,7 +476,15 @@ impl Conv2dOp {
             let (isa, _) = g.blocked_isa()?;
             ran(Pass::Forward, Algorithm::Blocked);
             let source = Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?;
-            let mut y = blocked::conv_blocked(isa, source, w, (g.c_out, g.kh), (g.stride, g.pad))?;
+            let geometry = (g.stride, g.pad);
+            let mut y = blocked::conv(
+                isa,
+                source,
+                w,
+                (g.c_out, g.kh),
+                geometry,
+                OutputLayout::Blocked,
+            )?;
             if let Some(r) = residual {
                 y.par_chunks_mut(1 << 14)
                     .zip(r.par_chunks(1 << 14))
@@ -513,12 +521,13 @@ fn conv_forward(
     let (k, p) = (g.k(), g.p());
     let fast = match g.dispatch(Pass::Forward) {
         (Algorithm::Winograd, _) => Some(winograd::forward(x, w, g.dims())),
-        (Algorithm::Blocked, isa) => Some(blocked::conv_nchw(
+        (Algorithm::Blocked, isa) => Some(blocked::conv(
             isa,
             Source::nchw(x, (g.n, g.c_in, g.h, g.w)),
             w,
             (g.c_out, g.kh),
             (g.stride, g.pad),
+            OutputLayout::Nchw,
         )?),
         (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => None,
     };
@@ -687,7 +696,13 @@ impl Conv2dOp {
             (Algorithm::Blocked, isa) => {
                 let dims = (g.n, g.c_out, g.oh, g.ow);
                 return match g.stride {
-                    1 => blocked::input_grad_3x3_nchw(isa, Source::nchw(dy, dims), w, g.c_in),
+                    1 => blocked::input_grad_3x3(
+                        isa,
+                        Source::nchw(dy, dims),
+                        w,
+                        g.c_in,
+                        OutputLayout::Nchw,
+                    ),
                     _ => blocked::strided_input_grad_3x3_nchw(isa, dy, dims, w, (g.c_in, g.h, g.w)),
                 };
             }
@@ -721,14 +736,14 @@ impl Conv2dOp {
         w: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         if g.lanes.is_some() {
-            return self.blocked_gradients(g, x, dy, w);
+            return self.blocked_gradients(g, g.blocked_isa()?, (x, dy), w);
         }
         match (g.dispatch(Pass::InputGrad), g.dispatch(Pass::WeightGrad)) {
             ((Algorithm::Blocked, isa), (Algorithm::Blocked, same))
                 if isa == same && g.stride == 1 =>
             {
                 let dy = Blocked::from_nchw_slice(dy, g.dy_dims(), blocked::lanes(isa))?;
-                let dx = blocked::input_grad_3x3_nchw(isa, dy.source(), w, g.c_in)?;
+                let dx = blocked::input_grad_3x3(isa, dy.source(), w, g.c_in, OutputLayout::Nchw)?;
                 Ok((dx, g.blocked_weight_grad(isa, x, dy.source())?))
             }
             _ => Ok((self.input_grad(g, dy, w)?, self.weight_grad(g, x, dy)?)),
@@ -740,17 +755,17 @@ impl Conv2dOp {
     fn blocked_gradients(
         &self,
         g: &Geometry,
-        x: &[f32],
-        dy: &[f32],
+        (isa, lanes): (Isa, usize),
+        (x, dy): (&[f32], &[f32]),
         w: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (isa, lanes) = g.blocked_isa()?;
         let x_dims = (g.n, g.c_in, g.h, g.w);
         let dy_blocked = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
         let dx = match g.stride {
             1 => {
                 ran(Pass::InputGrad, Algorithm::Blocked);
-                blocked::input_grad_3x3_blocked(isa, Source::Blocked(dy_blocked), w, g.c_in)?
+                let dy = Source::Blocked(dy_blocked);
+                blocked::input_grad_3x3(isa, dy, w, g.c_in, OutputLayout::Blocked)?
             }
             s if g.blocked_applies(Pass::InputGrad, isa) => {
                 debug_assert_eq!(s, 2);

@@ -4,10 +4,10 @@
 //! and the folded BatchNorm's bias, the residual and the ReLU are applied as each output is stored.
 //!
 //! The model code (`blocked_net`) calls [`BlockedConv`], [`max_pool`], [`zero_pad_shortcut`] and
-//! [`Blocked::mean_pool`]; the training convolution calls [`conv_nchw`], [`input_grad_3x3_nchw`],
-//! [`strided_input_grad_3x3_nchw`] and [`weight_grad`] on NCHW tensors, and [`conv_blocked`],
-//! [`input_grad_3x3_blocked`] and [`weight_grad`] on channel-blocked ones (`ops::channel_blocks`: the same
-//! layout, read through [`BlockedSlice`]); the vector operations per kernel set are in `simd`.
+//! [`Blocked::mean_pool`]; the training convolution calls [`conv`], [`input_grad_3x3`],
+//! [`strided_input_grad_3x3_nchw`] and [`weight_grad`] on NCHW tensors, and the same with
+//! [`strided_input_grad_3x3_blocked`] on channel-blocked ones (`ops::channel_blocks`: the same layout, read
+//! through [`BlockedSlice`]); the vector operations per kernel set are in `simd`.
 
 mod conv;
 mod layout;
@@ -19,7 +19,7 @@ mod weight_grad;
 
 pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{blocked_values, Blocked, BlockedSlice, Source};
-pub use nchw::{conv_blocked, conv_nchw, input_grad_3x3_blocked, input_grad_3x3_nchw};
+pub use nchw::{conv, input_grad_3x3, OutputLayout};
 pub use pool::{max_pool, zero_pad_shortcut};
 pub use strided_input_grad::{
     strided_input_grad_3x3_blocked, strided_input_grad_3x3_nchw, strided_input_grad_applies,

@@ -1,7 +1,8 @@
-//! The blocked convolution on NCHW data, for the training ops (`ops::conv`), whose tensors stay NCHW: the
-//! padded copy the kernel makes anyway gathers the input's channels into blocks, and the output goes back to
-//! NCHW image by image from the thread's cache where the batch is padded image by image, else in one pass
-//! after (`BlockedConv::forward_nchw`). The weight gradient is in `weight_grad`.
+//! The blocked convolution for the training ops (`ops::conv`): on NCHW tensors the padded copy the kernel makes
+//! anyway gathers the input's channels into blocks, and the output goes back to NCHW image by image from the
+//! thread's cache where the batch is padded image by image, else in one pass after
+//! (`BlockedConv::forward_nchw`); on channel-blocked tensors (`ops::channel_blocks`) input and output stay
+//! blocked. The weight gradient is in `weight_grad`.
 //!
 //! With AVX2 the blocked kernel ran ResNet-20's 3×3 stride-1 layers at 163–189 GFLOP/s where the NCHW direct
 //! kernel for AVX2 ran at 82–97 (`bench --convs`, AMD EPYC Zen 4, batch 128); with the conversions 1.2–1.4×
@@ -13,62 +14,58 @@ use crate::ops::isa::Isa;
 use crate::ops::taps::kernel_3x3;
 use candle_core::Result;
 
+/// The layout a training convolution writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputLayout {
+    /// `[N, C, H', W']`.
+    Nchw,
+    /// `[N, C/B, H', W', B]` in `isa`'s blocks: training on blocked tensors (`ops::channel_blocks`).
+    Blocked,
+}
+
 /// `conv(x, w)` of `x` `[N, C_in, H, W]` (NCHW, or already in `isa`'s blocks) and `w` `[C_out, C_in, k, k]`,
-/// no bias, as NCHW `[N, C_out, H', W']`. Call where [`BlockedConv::applies`]`(isa, c_out)`.
-pub fn conv_nchw(
+/// no bias, in `layout`. Call where [`BlockedConv::applies`]`(isa, c_out)`.
+pub fn conv(
     isa: Isa,
     x: Source,
     weight: &[f32],
     (c_out, k): (usize, usize),
     geometry: (usize, usize),
+    layout: OutputLayout,
 ) -> Result<Vec<f32>> {
-    packed(isa, x, weight, (c_out, k), geometry)?.forward_nchw(x)
-}
-
-/// [`conv_nchw`] with the output in `isa`'s blocks (`[N, C_out/B, H', W', B]`): training on blocked tensors.
-pub fn conv_blocked(
-    isa: Isa,
-    x: Source,
-    weight: &[f32],
-    (c_out, k): (usize, usize),
-    geometry: (usize, usize),
-) -> Result<Vec<f32>> {
-    packed(isa, x, weight, (c_out, k), geometry)?.forward_values(x)
-}
-
-fn packed(
-    isa: Isa,
-    x: Source,
-    weight: &[f32],
-    (c_out, k): (usize, usize),
-    geometry: (usize, usize),
-) -> Result<BlockedConv> {
     let (_, c_in, _, _) = x.dims();
-    BlockedConv::from_slice(
+    let conv = BlockedConv::from_slice(
         isa,
         weight,
         (c_out, c_in, k),
         &vec![0.0; c_out],
         geometry,
         false,
-    )
+    )?;
+    match layout {
+        OutputLayout::Nchw => conv.forward_nchw(x),
+        OutputLayout::Blocked => conv.forward_values(x),
+    }
 }
 
 /// The input gradient of a 3×3, stride-1, padding-1 convolution: the convolution of `dy` `[N, C_out, H, W]`
-/// (NCHW, or already in `isa`'s blocks) with the kernel flipped and its channel axes swapped, as NCHW
-/// `[N, C_in, H, W]`. Call where [`BlockedConv::applies`]`(isa, c_in)`.
-pub fn input_grad_3x3_nchw(isa: Isa, dy: Source, weight: &[f32], c_in: usize) -> Result<Vec<f32>> {
-    conv_nchw(isa, dy, &flipped(dy, weight, c_in), (c_in, 3), (1, 1))
-}
-
-/// [`input_grad_3x3_nchw`] with the output in `isa`'s blocks.
-pub fn input_grad_3x3_blocked(
+/// (NCHW, or already in `isa`'s blocks) with the kernel flipped and its channel axes swapped, `[N, C_in, H, W]`
+/// in `layout`. Call where [`BlockedConv::applies`]`(isa, c_in)`.
+pub fn input_grad_3x3(
     isa: Isa,
     dy: Source,
     weight: &[f32],
     c_in: usize,
+    layout: OutputLayout,
 ) -> Result<Vec<f32>> {
-    conv_blocked(isa, dy, &flipped(dy, weight, c_in), (c_in, 3), (1, 1))
+    conv(
+        isa,
+        dy,
+        &flipped(dy, weight, c_in),
+        (c_in, 3),
+        (1, 1),
+        layout,
+    )
 }
 
 /// `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
@@ -110,12 +107,13 @@ mod tests {
             let weights = w.flatten_all()?.to_vec1::<f32>()?;
             for isa in Isa::available() {
                 assert!(BlockedConv::applies(isa, c_out), "{isa}");
-                let ours = conv_nchw(
+                let ours = conv(
                     isa,
                     Source::nchw(&pixels, (5, c_in, side, side)),
                     &weights,
                     (c_out, 3),
                     (stride, 1),
+                    OutputLayout::Nchw,
                 )?;
                 let ours = Tensor::from_vec(ours, expected.shape(), &dev)?;
                 let diff = (ours - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
