@@ -24,6 +24,16 @@ impl Conv2d {
     pub fn padding(&self) -> usize {
         self.padding
     }
+
+    /// The convolution with its output in blocks of `lanes` (CPU training of the nets of
+    /// `ResNet::trains_blocked`, whose stem this is; see `Conv2dOp::forward_into_blocks`).
+    pub fn forward_into_blocks(&self, x: &Tensor, lanes: usize) -> Result<Tensor> {
+        let op = Conv2dOp {
+            stride: self.stride,
+            padding: self.padding,
+        };
+        op.forward_into_blocks(x, &self.weight, lanes)
+    }
 }
 
 impl Module for Conv2d {

@@ -189,10 +189,10 @@ impl ResNet {
         if c != 3 {
             candle_core::bail!("ResNet input must be [N, 3, H, W], got {:?}", x.shape());
         }
-        let mut y = self.stem_conv.forward(x)?;
-        if let Some(lanes) = self.trains_blocked(x, train) {
-            y = channel_blocks::to_blocked(&y, lanes)?;
-        }
+        let mut y = match self.trains_blocked(x, train) {
+            Some(lanes) => self.stem_conv.forward_into_blocks(x, lanes)?,
+            None => self.stem_conv.forward(x)?,
+        };
         if let Some(norm) = &self.stem_norm {
             y = match self.config.unit.stem_relu() {
                 true => norm.forward_relu(&y, train)?,
@@ -220,12 +220,17 @@ impl ResNet {
             && self.stem_pool.is_none()
             && self.final_norm.is_none()
             && self.units.iter().all(|u| u.keeps_channel_blocks(train))
-            && self.conv_shapes((h, w)).iter().skip(1).all(|s| {
+            && self.conv_shapes((h, w)).iter().enumerate().all(|(i, s)| {
                 let op = Conv2dOp {
                     stride: s.stride,
                     padding: s.padding,
                 };
-                op.trains_blocked((s.in_channels, s.out_channels, s.kernel), s.input, isa)
+                let conv = (s.in_channels, s.out_channels, s.kernel);
+                match i {
+                    // The stem reads the NCHW images and writes blocks.
+                    0 => op.writes_blocks(conv, s.input, isa),
+                    _ => op.trains_blocked(conv, s.input, isa),
+                }
             });
         applies.then(|| blocked::lanes(isa))
     }

@@ -1,7 +1,9 @@
-//! Where a CPU training pass enters and leaves the channel-blocked layout `[N, C/B, H, W, B]` (B = 16 with
-//! AVX-512, 8 with AVX2: `blocked::lanes`): two differentiable conversions. Between them the convolutions
-//! (`ops::conv`), BatchNorm (`ops::batch_norm`), the option-A shortcut and the element-wise ops read and write
-//! that layout as it is, so the blocked kernels need no conversion per layer (see `ResNet::trains_blocked`).
+//! The channel-blocked layout `[N, C/B, H, W, B]` of CPU training tensors (B = 16 with AVX-512, 8 with AVX2:
+//! `blocked::lanes`), in which the CIFAR nets of the first paper train (`ResNet::trains_blocked`): the stem's
+//! convolution writes its output in blocks (`Conv2dOp::forward_into_blocks`), the convolutions (`ops::conv`),
+//! BatchNorm (`ops::batch_norm`), the option-A shortcut and the element-wise ops read and write that layout as
+//! it is, and the head's input goes back to NCHW ([`from_blocked`]): the blocked kernels need no conversion per
+//! layer. [`to_blocked`] converts an NCHW tensor (the gradient of [`from_blocked`]).
 
 use crate::ops::blocked::{blocked_values, BlockedSlice};
 use crate::ops::cpu_slice::contiguous_f32;

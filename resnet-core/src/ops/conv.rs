@@ -20,6 +20,7 @@
 //!                                                          as dWᵀ = Σ_n col(X_n) · dY_nᵀ for few channels)
 
 use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, OutputLayout, Source};
+use crate::ops::channel_blocks::from_blocked;
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
@@ -914,6 +915,32 @@ impl Conv2dOp {
         Geometry::new(&x, &weight, self).is_ok_and(|g| g.trains_blocked(isa))
     }
 
+    /// Whether this convolution of an NCHW input (`c_in` → `c_out` channels, k×k, on `h`×`w`) can write its output
+    /// in blocks with kernel set `isa` ([`Conv2dOp::forward_into_blocks`]): the blocked kernels compute its
+    /// forward and weight gradient.
+    pub fn writes_blocks(
+        &self,
+        (c_in, c_out, k): (usize, usize, usize),
+        (h, w): (usize, usize),
+        isa: Isa,
+    ) -> bool {
+        let (x, weight) = (
+            Shape::from((1, c_in, h, w)),
+            Shape::from((c_out, c_in, k, k)),
+        );
+        Geometry::new(&x, &weight, self).is_ok_and(|g| {
+            g.blocked_applies(Pass::Forward, isa) && g.blocked_applies(Pass::WeightGrad, isa)
+        })
+    }
+
+    /// `conv(x, w)` of an NCHW `x`, the output in blocks of `lanes` (`[N, C_out/B, H', W', B]`): where a training
+    /// pass enters the channel-blocked layout (the stem of the nets of `ResNet::trains_blocked`), without a
+    /// conversion of its own. Call where [`Conv2dOp::writes_blocks`].
+    pub fn forward_into_blocks(&self, x: &Tensor, w: &Tensor, lanes: usize) -> Result<Tensor> {
+        let op = IntoBlocks { op: *self, lanes };
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    }
+
     /// The gradient of the input (of shape `x_shape`) from the output gradient `dy`, on the CPU.
     pub fn input_gradient(&self, dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
         dy.apply_op2_no_bwd(
@@ -950,6 +977,75 @@ impl Conv2dOp {
                 w_shape: w_shape.clone(),
             },
         )
+    }
+}
+
+/// `(x, w) → conv(x, w)` of an NCHW `x`, written in blocks (see [`Conv2dOp::forward_into_blocks`]).
+struct IntoBlocks {
+    op: Conv2dOp,
+    lanes: usize,
+}
+
+impl CustomOp2 for IntoBlocks {
+    fn name(&self) -> &'static str {
+        "conv2d-into-blocks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.shape(), wl.shape(), &self.op)?;
+        let (isa, l) = (Isa::current(), self.lanes);
+        if g.lanes.is_some()
+            || blocked::lanes(isa) != l
+            || !g.blocked_applies(Pass::Forward, isa)
+            || !g.blocked_applies(Pass::WeightGrad, isa)
+        {
+            candle_core::bail!(
+                "conv2d into blocks of {l}: input {:?}, weight {:?}: the {isa} kernel set writes blocks of {} \
+                 where its blocked kernels compute the forward and the weight gradient",
+                xl.shape(),
+                wl.shape(),
+                blocked::lanes(isa)
+            );
+        }
+        ran(Pass::Forward, Algorithm::Blocked);
+        let y = blocked::conv(
+            isa,
+            Source::nchw(
+                contiguous_f32(xs, xl, "conv2d input")?,
+                (g.n, g.c_in, g.h, g.w),
+            ),
+            contiguous_f32(ws, wl, "conv2d weight")?,
+            (g.c_out, g.kh),
+            (g.stride, g.pad),
+            OutputLayout::Blocked,
+        )?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((g.n, g.c_out / l, g.oh, g.ow, l)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dw = self.op.weight_gradient(x, &dy, w.shape())?;
+        // The images entering the stem need no gradient; another input gets it through NCHW.
+        let dx = match x.track_op() {
+            true => Some(self.op.input_gradient(&from_blocked(&dy)?, w, x.shape())?),
+            false => None,
+        };
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -1047,11 +1143,25 @@ impl CustomOp2 for WeightGrad {
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(xl.shape(), &self.w_shape, &self.op)?;
-        let dw = self.op.weight_grad(
-            &g,
+        let (x, dy) = (
             contiguous_f32(xs, xl, "conv2d input")?,
             contiguous_f32(ds, dl, "conv2d gradient")?,
-        )?;
+        );
+        // An NCHW input's output gradient in blocks (`Conv2dOp::forward_into_blocks`).
+        if let (&[_, _, _, _, lanes], None) = (dl.shape().dims(), g.lanes) {
+            let isa = Isa::current();
+            if blocked::lanes(isa) != lanes || !g.blocked_applies(Pass::WeightGrad, isa) {
+                candle_core::bail!(
+                    "conv2d weight gradient: output gradient {:?} in blocks the {isa} kernel set does not read",
+                    dl.shape()
+                );
+            }
+            ran(Pass::WeightGrad, Algorithm::Blocked);
+            let dy = Source::Blocked(BlockedSlice::new(dy, g.dy_dims(), lanes)?);
+            let dw = g.blocked_weight_grad(isa, x, dy)?;
+            return Ok((CpuStorage::F32(dw), self.w_shape.clone()));
+        }
+        let dw = self.op.weight_grad(&g, x, dy)?;
         Ok((CpuStorage::F32(dw), self.w_shape.clone()))
     }
 }
