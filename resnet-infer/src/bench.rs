@@ -51,6 +51,9 @@ pub struct BenchReport {
     pub device: String,
     /// The CPU kernel set that ran (`RESNET_CPU_ISA`): avx512, avx2 or generic.
     pub isa: &'static str,
+    /// Training: the layout of the activations between the stem and the head, `channel-blocked` where the net
+    /// trains on blocked tensors (`ResNet::trains_blocked`), else `NCHW`.
+    pub activations: Option<&'static str>,
     /// This machine's f32 FMA peak for that kernel set, all threads, in GFLOP/s (with `--peak` or `--convs`).
     pub peak_gflops: Option<f64>,
     /// Training: mean milliseconds per step of forward (with the loss), backward and update.
@@ -173,6 +176,12 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         live_heap_mb,
         device: resnet_core::device_name(device),
         isa: isa.name(),
+        activations: options
+            .train
+            .then(|| match model.net.trains_blocked(&x, true) {
+                Some(_) => "channel-blocked",
+                None => "NCHW",
+            }),
         peak_gflops: peak.map(|p| p.gflops),
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),

@@ -553,8 +553,12 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         }
     };
     let r = bench(&options)?;
+    let layout = r
+        .activations
+        .map(|a| format!(" on {a} tensors"))
+        .unwrap_or_default();
     println!(
-        "{} {}, batch {}, {}×{}, {} kernels: {:.1} img/s, peak RSS {:.0} MB",
+        "{} {}{layout}, batch {}, {}×{}, {} kernels: {:.1} img/s, peak RSS {:.0} MB",
         r.model, r.mode, r.batch_size, r.input, r.input, r.isa, r.images_per_second, r.peak_rss_mb
     );
     if let Some(p) = r.peak_gflops {

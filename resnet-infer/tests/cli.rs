@@ -550,8 +550,21 @@ fn bench_flags_reach_the_measurement() {
     let (j, _) = bench(&["--no-fold"]);
     assert_eq!(j["mode"], "inference");
 
-    let (j, _) = bench(&["--train"]);
+    let (j, stdout) = bench(&["--train"]);
     assert_eq!(j["mode"], "train step");
+    // A CIFAR net of the first paper trains on channel-blocked tensors with the AVX2 and AVX-512 kernels.
+    let blocked = j["isa"] != "generic";
+    assert_eq!(
+        j["activations"],
+        if blocked { "channel-blocked" } else { "NCHW" },
+        "{j}"
+    );
+    if blocked {
+        assert!(
+            stdout.contains("train step on channel-blocked tensors"),
+            "{stdout}"
+        );
+    }
     let phases: Vec<f64> = ["forward_ms", "backward_ms", "update_ms"]
         .iter()
         .map(|k| j[k].as_f64().unwrap())
