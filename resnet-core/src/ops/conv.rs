@@ -904,15 +904,25 @@ impl Conv2dOp {
     /// go through NCHW for it. Such tensors come in and go out of [`Conv2dOp`] as they are.
     pub fn trains_blocked(
         &self,
-        (c_in, c_out, k): (usize, usize, usize),
-        (h, w): (usize, usize),
+        conv: (usize, usize, usize),
+        input: (usize, usize),
         isa: Isa,
     ) -> bool {
+        self.one_image(conv, input)
+            .is_some_and(|g| g.trains_blocked(isa))
+    }
+
+    /// The shapes of this convolution (`c_in` → `c_out` channels, k×k) on one `h`×`w` image.
+    fn one_image(
+        &self,
+        (c_in, c_out, k): (usize, usize, usize),
+        (h, w): (usize, usize),
+    ) -> Option<Geometry> {
         let (x, weight) = (
             Shape::from((1, c_in, h, w)),
             Shape::from((c_out, c_in, k, k)),
         );
-        Geometry::new(&x, &weight, self).is_ok_and(|g| g.trains_blocked(isa))
+        Geometry::new(&x, &weight, self).ok()
     }
 
     /// Whether this convolution of an NCHW input (`c_in` → `c_out` channels, k×k, on `h`×`w`) can write its output
@@ -920,15 +930,11 @@ impl Conv2dOp {
     /// forward and weight gradient.
     pub fn writes_blocks(
         &self,
-        (c_in, c_out, k): (usize, usize, usize),
-        (h, w): (usize, usize),
+        conv: (usize, usize, usize),
+        input: (usize, usize),
         isa: Isa,
     ) -> bool {
-        let (x, weight) = (
-            Shape::from((1, c_in, h, w)),
-            Shape::from((c_out, c_in, k, k)),
-        );
-        Geometry::new(&x, &weight, self).is_ok_and(|g| {
+        self.one_image(conv, input).is_some_and(|g| {
             g.blocked_applies(Pass::Forward, isa) && g.blocked_applies(Pass::WeightGrad, isa)
         })
     }
