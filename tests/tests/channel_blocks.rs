@@ -1,5 +1,6 @@
 //! Training on channel-blocked tensors `[N, C/B, H, W, B]` (`ops::channel_blocks`): which registered nets take
-//! it, each op on blocked tensors against candle's NCHW ops (values and gradients), and a whole training step
+//! it, each op on blocked tensors against NCHW (the convolution against candle's `conv2d` and autograd; BN and
+//! option A against the NCHW ops, which `op_shapes` checks against candle's), and a whole training step
 //! the same bits on one thread and on two. (`train_parity` checks the step against PyTorch on every kernel set.)
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
@@ -127,7 +128,11 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
                 &[&w],
                 l,
                 1e-4,
-                |x| x.apply_op2(w.as_tensor(), op),
+                // Candle's own convolution and autograd as the NCHW reference, not our NCHW path.
+                |x| match x.rank() {
+                    5 => x.apply_op2(w.as_tensor(), op),
+                    _ => x.conv2d(w.as_tensor(), 1, stride, 1, 1),
+                },
             )?;
             // BN(+ReLU), and BN + shortcut + ReLU, γ and β away from 1 and 0.
             let varmap = VarMap::new();

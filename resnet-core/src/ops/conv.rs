@@ -164,9 +164,14 @@ impl Geometry {
     /// kernels compute the forward and the weight gradient, and the input gradient of a stride-1 layer.
     fn trains_blocked(&self, isa: Isa) -> bool {
         self.c_in.is_multiple_of(blocked::lanes(isa))
-            && self.blocked_applies(Pass::Forward, isa)
-            && self.blocked_applies(Pass::WeightGrad, isa)
+            && self.writes_blocks(isa)
             && (self.stride > 1 || self.blocked_applies(Pass::InputGrad, isa))
+    }
+
+    /// Whether the blocked kernels of `isa` compute the forward and the weight gradient: what a convolution of
+    /// an NCHW input needs to write its output in blocks ([`Conv2dOp::forward_into_blocks`]).
+    fn writes_blocks(&self, isa: Isa) -> bool {
+        self.blocked_applies(Pass::Forward, isa) && self.blocked_applies(Pass::WeightGrad, isa)
     }
 
     /// The kernel set that computes this blocked convolution, or an error naming why none does.
@@ -934,9 +939,8 @@ impl Conv2dOp {
         input: (usize, usize),
         isa: Isa,
     ) -> bool {
-        self.one_image(conv, input).is_some_and(|g| {
-            g.blocked_applies(Pass::Forward, isa) && g.blocked_applies(Pass::WeightGrad, isa)
-        })
+        self.one_image(conv, input)
+            .is_some_and(|g| g.writes_blocks(isa))
     }
 
     /// `conv(x, w)` of an NCHW `x`, the output in blocks of `lanes` (`[N, C_out/B, H', W', B]`): where a training
@@ -1006,11 +1010,7 @@ impl CustomOp2 for IntoBlocks {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(xl.shape(), wl.shape(), &self.op)?;
         let (isa, l) = (Isa::current(), self.lanes);
-        if g.lanes.is_some()
-            || blocked::lanes(isa) != l
-            || !g.blocked_applies(Pass::Forward, isa)
-            || !g.blocked_applies(Pass::WeightGrad, isa)
-        {
+        if g.lanes.is_some() || blocked::lanes(isa) != l || !g.writes_blocks(isa) {
             candle_core::bail!(
                 "conv2d into blocks of {l}: input {:?}, weight {:?}: the {isa} kernel set writes blocks of {} \
                  where its blocked kernels compute the forward and the weight gradient",

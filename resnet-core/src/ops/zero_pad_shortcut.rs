@@ -63,9 +63,9 @@ impl CustomOp1 for ZeroPadShortcut {
         if let [n, blocks, h, w, lanes] = *layout.shape().dims() {
             // Channel-blocked (training on blocked tensors, `ops::conv`): the inference kernel's.
             let x = BlockedSlice::new(x, (n, blocks * lanes, h, w), lanes)?;
-            let y = blocked::zero_pad_shortcut(x, self.stride, self.before, self.after)?;
-            let shape = Shape::from((n, y.c / lanes, y.h, y.w, lanes));
-            return Ok((CpuStorage::F32(y.slice().data.to_vec()), shape));
+            let (y, (c, h, w)) =
+                blocked::zero_pad_shortcut_values(x, self.stride, self.before, self.after)?;
+            return Ok((CpuStorage::F32(y), Shape::from((n, c / lanes, h, w, lanes))));
         }
         let (n, c, h, w) = layout.shape().dims4()?;
         let [_, oc, oh, ow] = self.output_dims((n, c, h, w));

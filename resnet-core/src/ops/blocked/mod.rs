@@ -20,7 +20,7 @@ mod weight_grad;
 pub use conv::{lanes, BlockedAlgorithm, BlockedConv};
 pub use layout::{blocked_values, Blocked, BlockedSlice, Source};
 pub use nchw::{conv, input_grad_3x3, OutputLayout};
-pub use pool::{max_pool, zero_pad_shortcut};
+pub use pool::{max_pool, zero_pad_shortcut, zero_pad_shortcut_values};
 pub use strided_input_grad::{
     strided_input_grad_3x3_blocked, strided_input_grad_3x3_nchw, strided_input_grad_applies,
 };

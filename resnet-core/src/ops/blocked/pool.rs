@@ -71,12 +71,50 @@ pub fn zero_pad_shortcut(
     before: usize,
     after: usize,
 ) -> Result<Blocked> {
+    let (c, (oh, ow)) = zero_pad_dims(x, stride, before, after)?;
+    let mut data = Scratch::zeroed(x.n * c * oh * ow);
+    zero_pad_into(x, stride, before, c, &mut data);
+    Ok(Blocked {
+        data,
+        n: x.n,
+        c,
+        h: oh,
+        w: ow,
+        lanes: x.lanes,
+    })
+}
+
+/// [`zero_pad_shortcut`] into a plain vector (a training tensor's storage), with its `(c, h, w)`.
+pub fn zero_pad_shortcut_values(
+    x: BlockedSlice,
+    stride: usize,
+    before: usize,
+    after: usize,
+) -> Result<(Vec<f32>, (usize, usize, usize))> {
+    let (c, (oh, ow)) = zero_pad_dims(x, stride, before, after)?;
+    let mut data = vec![0f32; x.n * c * oh * ow];
+    zero_pad_into(x, stride, before, c, &mut data);
+    Ok((data, (c, oh, ow)))
+}
+
+/// The output's channels and plane, checked.
+fn zero_pad_dims(
+    x: BlockedSlice,
+    stride: usize,
+    before: usize,
+    after: usize,
+) -> Result<(usize, (usize, usize))> {
     let (l, c) = (x.lanes, x.c + before + after);
     if !c.is_multiple_of(l) || stride == 0 {
         candle_core::bail!("option-A shortcut to {c} channels: not blocks of {l}");
     }
+    Ok((c, (x.h.div_ceil(stride), x.w.div_ceil(stride))))
+}
+
+/// Fills the zeroed output `data` (`c` channels) of [`zero_pad_shortcut`].
+fn zero_pad_into(x: BlockedSlice, stride: usize, before: usize, c: usize, data: &mut [f32]) {
+    let l = x.lanes;
     let (oh, ow) = (x.h.div_ceil(stride), x.w.div_ceil(stride));
-    let mut data = Scratch::zeroed(x.n * c * oh * ow);
     data.par_chunks_mut(oh * ow * l)
         .enumerate()
         .for_each(|(block, dst)| {
@@ -104,14 +142,6 @@ pub fn zero_pad_shortcut(
                 }
             }
         });
-    Ok(Blocked {
-        data,
-        n: x.n,
-        c,
-        h: oh,
-        w: ow,
-        lanes: l,
-    })
 }
 
 #[cfg(test)]
