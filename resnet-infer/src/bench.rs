@@ -154,11 +154,13 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     };
     let isa = Isa::current();
     let peak = (options.peak || options.convs).then(|| fma_peak(isa, PEAK_TIME));
+    let blocked = model.net.trains_blocked(&x, options.train);
     let convs = if options.convs {
         time_convs(
             &model.conv_shapes((side, side)),
             options.batch_size,
             options.iterations,
+            blocked,
         )?
     } else {
         Vec::new()
@@ -176,12 +178,10 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         live_heap_mb,
         device: resnet_core::device_name(device),
         isa: isa.name(),
-        activations: options
-            .train
-            .then(|| match model.net.trains_blocked(&x, true) {
-                Some(_) => "channel-blocked",
-                None => "NCHW",
-            }),
+        activations: options.train.then_some(match blocked {
+            Some(_) => "channel-blocked",
+            None => "NCHW",
+        }),
         peak_gflops: peak.map(|p| p.gflops),
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),

@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use resnet_core::conv::ConvShape;
 use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv, Source};
+use resnet_core::ops::channel_blocks::to_blocked;
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
 use std::time::Instant;
@@ -33,54 +34,170 @@ pub struct ConvTiming {
     pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
 }
 
-/// Seconds per call of `f`: the median of `iterations` timed calls (at least one), after one warm-up call. The
-/// median rather than the mean, so that a slow moment of a shared machine moves a layer's figure less.
-fn seconds_per_call<T>(iterations: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?;
-    let mut times = Vec::with_capacity(iterations.max(1));
-    for _ in 0..iterations.max(1) {
-        let start = Instant::now();
-        f()?;
-        times.push(start.elapsed().as_secs_f64());
+/// One timed call: a pass of one shape, or its blocked inference forward.
+type Call<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
+/// Seconds per call of each of `calls`: the median of `rounds` (at least one), after one warm-up call of each.
+/// The calls take turns, round after round, so that a slow moment of a shared machine spreads over every layer
+/// instead of falling on one; the median rather than the mean, so that it moves a layer's figure less.
+fn seconds_per_call(calls: &[Call], rounds: usize) -> Result<Vec<f64>> {
+    for call in calls {
+        call()?;
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let mut times = vec![Vec::with_capacity(rounds.max(1)); calls.len()];
+    for _ in 0..rounds.max(1) {
+        for (call, times) in calls.iter().zip(&mut times) {
+            let start = Instant::now();
+            call()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
 }
 
-/// The blocked forward of `weight` on `x` as folded inference runs it: a blocked input, or the NCHW image where
-/// the input channels are not whole blocks (the stem).
-fn time_blocked(
-    x: &Tensor,
-    weight: &Tensor,
-    shape: &ConvShape,
-    iterations: usize,
-) -> Result<Option<(f64, BlockedAlgorithm)>> {
-    let isa = Isa::current();
-    if !BlockedConv::applies(isa, shape.out_channels) {
-        return Ok(None);
-    }
-    let bias = vec![0.01f32; shape.out_channels];
-    let conv = BlockedConv::new(isa, weight, &bias, (shape.stride, shape.padding), true)?;
-    let (n, c, h, w) = x.dims4()?;
-    let timed = if c.is_multiple_of(lanes(isa)) {
-        let blocked = Blocked::from_nchw(x, lanes(isa))?;
-        let source = blocked.source();
-        let seconds = seconds_per_call(iterations, || Ok(conv.forward(source, None)?))?;
-        (seconds, conv.algorithm(source))
-    } else {
-        let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let image = Source::nchw(&data, (n, c, h, w));
-        let seconds = seconds_per_call(iterations, || Ok(conv.forward(image, None)?))?;
-        (seconds, conv.algorithm(image))
-    };
-    Ok(Some(timed))
+/// The tensors of one distinct shape, in the layout training gives them.
+struct ShapeData {
+    shape: ConvShape,
+    count: usize,
+    /// Whether a layer past the first has the shape (else training computes no input gradient for it).
+    input_grad_in_training: bool,
+    op: Conv2dOp,
+    /// The input and the output gradient as training passes them: NCHW, or in blocks of `lanes`.
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    /// The blocked inference forward's kernel (bias and ReLU in its epilogue) and input, where the kernel set
+    /// has one for the shape.
+    inference: Option<(BlockedConv, InferenceInput)>,
 }
 
-/// Times each distinct shape of `shapes` at `batch` images, `iterations` calls per pass after one warm-up.
+enum InferenceInput {
+    Blocked(Blocked),
+    /// The NCHW image where the input channels are not whole blocks (the stem).
+    Nchw(Vec<f32>, (usize, usize, usize, usize)),
+}
+
+impl InferenceInput {
+    fn source(&self) -> Source<'_> {
+        match self {
+            InferenceInput::Blocked(b) => b.source(),
+            InferenceInput::Nchw(data, dims) => Source::nchw(data, *dims),
+        }
+    }
+}
+
+impl ShapeData {
+    /// Random tensors for `shape` at `batch` images; `blocked`: the blocks training uses (`ResNet::trains_blocked`).
+    fn new(
+        (shape, count, input_grad_in_training): (ConvShape, usize, bool),
+        batch: usize,
+        blocked: Option<usize>,
+    ) -> Result<Self> {
+        let dev = Device::Cpu;
+        let (h, w) = shape.input;
+        let (oh, ow) = shape.output();
+        let k = shape.kernel;
+        let x_nchw = Tensor::randn(0f32, 1.0, (batch, shape.in_channels, h, w), &dev)?;
+        let weight = Tensor::randn(
+            0f32,
+            0.1,
+            (shape.out_channels, shape.in_channels, k, k),
+            &dev,
+        )?;
+        let dy = Tensor::randn(0f32, 1.0, (batch, shape.out_channels, oh, ow), &dev)?;
+        let (x, dy) = match blocked {
+            // The stem reads the NCHW images and writes blocks.
+            Some(lanes) if !shape.in_channels.is_multiple_of(lanes) => {
+                (x_nchw.clone(), to_blocked(&dy, lanes)?)
+            }
+            Some(lanes) => (to_blocked(&x_nchw, lanes)?, to_blocked(&dy, lanes)?),
+            None => (x_nchw.clone(), dy),
+        };
+        let isa = Isa::current();
+        let inference = match BlockedConv::applies(isa, shape.out_channels) {
+            true => {
+                let bias = vec![0.01f32; shape.out_channels];
+                let conv =
+                    BlockedConv::new(isa, &weight, &bias, (shape.stride, shape.padding), true)?;
+                let input = match shape.in_channels.is_multiple_of(lanes(isa)) {
+                    true => InferenceInput::Blocked(Blocked::from_nchw(&x_nchw, lanes(isa))?),
+                    false => InferenceInput::Nchw(
+                        x_nchw.flatten_all()?.to_vec1::<f32>()?,
+                        x_nchw.dims4()?,
+                    ),
+                };
+                Some((conv, input))
+            }
+            false => None,
+        };
+        let op = Conv2dOp {
+            stride: shape.stride,
+            padding: shape.padding,
+        };
+        Ok(Self {
+            shape,
+            count,
+            input_grad_in_training,
+            op,
+            x,
+            dy,
+            weight,
+            inference,
+        })
+    }
+
+    /// The three training passes (`None` for an input gradient training never computes).
+    fn passes(&self) -> [Option<Call<'_>>; 3] {
+        let Self {
+            op, x, dy, weight, ..
+        } = self;
+        let forward: Call = match (x.rank(), dy.rank()) {
+            (4, 5) => Box::new(move || {
+                op.forward_into_blocks(x, weight, dy.dim(4)?)?;
+                Ok(())
+            }),
+            _ => Box::new(move || {
+                x.apply_op2_no_bwd(weight, op)?;
+                Ok(())
+            }),
+        };
+        let input_grad: Option<Call> = self.input_grad_in_training.then(|| {
+            Box::new(move || {
+                op.input_gradient(dy, weight, x.shape())?;
+                Ok(())
+            }) as Call
+        });
+        let weight_grad: Call = Box::new(move || {
+            op.weight_gradient(x, dy, weight.shape())?;
+            Ok(())
+        });
+        [Some(forward), input_grad, Some(weight_grad)]
+    }
+
+    fn inference_call(&self) -> Option<Call<'_>> {
+        self.inference.as_ref().map(|(conv, input)| {
+            Box::new(move || {
+                conv.forward(input.source(), None)?;
+                Ok(())
+            }) as Call
+        })
+    }
+}
+
+/// Times each distinct shape of `shapes` at `batch` images, `rounds` calls per pass after one warm-up, on the
+/// layout training runs on: NCHW, or blocks of `blocked` channels (`ResNet::trains_blocked`; the stem then reads
+/// the NCHW images and writes blocks). The algorithm of each pass is the one its last call ran.
 pub fn time_convs(
     shapes: &[ConvShape],
     batch: usize,
-    iterations: usize,
+    rounds: usize,
+    blocked: Option<usize>,
 ) -> Result<Vec<ConvTiming>> {
     // (shape, count, whether a layer past the first has it)
     let mut distinct: Vec<(ConvShape, usize, bool)> = Vec::new();
@@ -93,59 +210,67 @@ pub fn time_convs(
             None => distinct.push((*s, 1, i > 0)),
         }
     }
-    let dev = Device::Cpu;
-    distinct
+    let data = distinct
         .into_iter()
-        .map(|(shape, count, input_grad_in_training)| {
-            let (h, w) = shape.input;
-            let (oh, ow) = shape.output();
-            let x = Tensor::randn(0f32, 1.0, (batch, shape.in_channels, h, w), &dev)?;
-            let k = shape.kernel;
-            let weight = Tensor::randn(
-                0f32,
-                0.1,
-                (shape.out_channels, shape.in_channels, k, k),
-                &dev,
-            )?;
-            let dy = Tensor::randn(0f32, 1.0, (batch, shape.out_channels, oh, ow), &dev)?;
-            let op = Conv2dOp {
-                stride: shape.stride,
-                padding: shape.padding,
-            };
-            let passes: [&dyn Fn() -> candle_core::Result<Tensor>; 3] = [
-                &|| x.apply_op2_no_bwd(&weight, &op),
-                &|| op.input_gradient(&dy, &weight, x.shape()),
-                &|| op.weight_gradient(&x, &dy, weight.shape()),
-            ];
-            let flops = 2.0 * shape.macs() as f64 * batch as f64;
-            let mut timed = [None; 3];
-            for ((pass, p), t) in passes.iter().zip(Pass::ALL).zip(&mut timed) {
-                if p == Pass::InputGrad && !input_grad_in_training {
-                    continue;
-                }
-                let seconds = seconds_per_call(iterations, || Ok(pass()?))?;
-                *t = Some(PassTiming {
-                    seconds,
-                    gflops: flops / seconds / 1e9,
+        .map(|d| ShapeData::new(d, batch, blocked))
+        .collect::<Result<Vec<_>>>()?;
+    // Every call of every shape, with where its time goes: (shape, Some(pass) or None for the inference forward).
+    let mut calls: Vec<Call> = Vec::new();
+    let mut slots = Vec::new();
+    for (i, d) in data.iter().enumerate() {
+        for (call, pass) in d.passes().into_iter().zip(Pass::ALL) {
+            if let Some(call) = call {
+                calls.push(call);
+                slots.push((i, Some(pass)));
+            }
+        }
+        if let Some(call) = d.inference_call() {
+            calls.push(call);
+            slots.push((i, None));
+        }
+    }
+    let seconds = seconds_per_call(&calls, rounds)?;
+    // The algorithms: one more call of each pass, alone, so `last_algorithm` is its own.
+    let mut timings: Vec<ConvTiming> = data
+        .iter()
+        .map(|d| ConvTiming {
+            shape: d.shape,
+            count: d.count,
+            passes: [None; 3],
+            blocked: None,
+        })
+        .collect();
+    let flops = |d: &ShapeData| 2.0 * d.shape.macs() as f64 * batch as f64;
+    for ((&(i, pass), s), call) in slots.iter().zip(seconds).zip(&calls) {
+        let (d, t) = (&data[i], &mut timings[i]);
+        let gflops = flops(d) / s / 1e9;
+        match pass {
+            Some(p) => {
+                call()?;
+                t.passes[p as usize] = Some(PassTiming {
+                    seconds: s,
+                    gflops,
                     algorithm: last_algorithm(p),
                 });
             }
-            let blocked = time_blocked(&x, &weight, &shape, iterations)?;
-            Ok(ConvTiming {
-                shape,
-                count,
-                passes: timed,
-                blocked: blocked.map(|(s, a)| (s, flops / s / 1e9, a)),
-            })
-        })
-        .collect()
+            None => {
+                let (conv, input) = d
+                    .inference
+                    .as_ref()
+                    .expect("an inference call has a kernel");
+                t.blocked = Some((s, gflops, conv.algorithm(input.source())));
+            }
+        }
+    }
+    Ok(timings)
 }
 
 /// A markdown table of the timings, with the total time of all the net's convolutions per pass; with a peak
 /// (GFLOP/s), each pass's share of it.
-pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>) -> String {
+/// `layout`: the training tensors' (`channel-blocked` or `NCHW`).
+pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>, layout: &str) -> String {
     let mut out = format!(
-        "| conv (batch {batch}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time | blocked inference forward GFLOP/s |\n|---|---|---|---|---|---|---|---|\n"
+        "| conv (batch {batch}, {layout}) | × | forward GFLOP/s | input-grad GFLOP/s | weight-grad GFLOP/s | algorithms | share of conv time | blocked inference forward GFLOP/s |\n|---|---|---|---|---|---|---|---|\n"
     );
     // Seconds per batch of all the layers of one shape: in one pass, or in all.
     let pass_seconds =

@@ -573,7 +573,12 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     if !r.convs.is_empty() {
         print!(
             "{}",
-            resnet_infer::conv_bench::table(&r.convs, options.batch_size, r.peak_gflops)
+            resnet_infer::conv_bench::table(
+                &r.convs,
+                options.batch_size,
+                r.peak_gflops,
+                r.activations.unwrap_or("NCHW")
+            )
         );
     }
     // Last, as the `--json` contract says.

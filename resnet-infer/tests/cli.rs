@@ -615,6 +615,28 @@ fn bench_flags_reach_the_measurement() {
             .any(|a| stdout.contains(&format!("| {a}"))),
         "{stdout}"
     );
+    // Without --train the passes are timed on NCHW tensors; with it, on the layout the training step ran on
+    // (channel-blocked for ResNet-20 wherever a vector kernel set runs), the stem writing blocks.
+    assert!(stdout.contains("| conv (batch 3, NCHW) |"), "{stdout}");
+    let (j, stdout) = bench(&["--train", "--convs"]);
+    let layout = j["activations"].as_str().unwrap();
+    let expected = match j["isa"].as_str().unwrap() {
+        "generic" => "NCHW",
+        _ => "channel-blocked",
+    };
+    assert_eq!(layout, expected);
+    assert!(
+        stdout.contains(&format!("| conv (batch 3, {layout}) |")),
+        "{stdout}"
+    );
+    if layout == "channel-blocked" {
+        assert_eq!(
+            stdout.matches("| Blocked, Blocked, Blocked |").count(),
+            5,
+            "{stdout}"
+        );
+        assert!(stdout.contains("| Blocked, –, Blocked |"), "{stdout}");
+    }
     let (j, stdout) = bench(&["--peak"]);
     assert!(j["peak_gflops"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("f32 FMA peak"), "{stdout}");

@@ -1,7 +1,8 @@
 //! Training on channel-blocked tensors `[N, C/B, H, W, B]` (`ops::channel_blocks`): which registered nets take
-//! it, each op on blocked tensors against NCHW (the convolution against candle's `conv2d` and autograd; BN and
-//! option A against the NCHW ops, which `op_shapes` checks against candle's), and a whole training step
-//! the same bits on one thread and on two. (`train_parity` checks the step against PyTorch on every kernel set.)
+//! it, each op on blocked tensors against NCHW (the convolution and each of its gradients alone against
+//! candle's `conv2d` and autograd; BN and option A against the NCHW ops, which `op_shapes` checks against
+//! candle's), and a whole training step the same bits on one thread and on two. (`train_parity` checks the
+//! step against PyTorch on every kernel set.)
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -134,6 +135,17 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
                     _ => x.conv2d(w.as_tensor(), 1, stride, 1, 1),
                 },
             )?;
+            // Each gradient alone on blocked tensors (as `bench --convs` times them) against candle's autograd.
+            let up = Tensor::randn(0f32, 1.0, (n, c_out, side / stride, side / stride), &dev)?;
+            let grads = (x.conv2d(w.as_tensor(), 1, stride, 1, 1)? * &up)?
+                .sum_all()?
+                .backward()?;
+            let (xb, dyb) = (to_blocked(x.as_tensor(), l)?, to_blocked(&up, l)?);
+            let what = format!("{isa} {c_in}→{c_out}/{stride} on {side}×{side}, alone:");
+            let dx = from_blocked(&op.input_gradient(&dyb, w.as_tensor(), xb.shape())?)?;
+            close(&format!("{what} dx"), &dx, grads.get(&x).unwrap(), 1e-4);
+            let dw = op.weight_gradient(&xb, &dyb, w.shape())?;
+            close(&format!("{what} dw"), &dw, grads.get(&w).unwrap(), 1e-4);
             // BN(+ReLU), and BN + shortcut + ReLU, γ and β away from 1 and 0.
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);

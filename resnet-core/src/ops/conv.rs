@@ -694,7 +694,7 @@ impl FoldedConv2dOp {
 impl Conv2dOp {
     fn input_grad(&self, g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f32>> {
         if g.lanes.is_some() {
-            candle_core::bail!("conv2d: one gradient of a channel-blocked tensor alone (`Conv2dOp::gradients` takes both)");
+            return self.blocked_input_grad(g, g.blocked_isa()?, dy, w);
         }
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::InputGrad) {
@@ -742,7 +742,7 @@ impl Conv2dOp {
         w: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         if g.lanes.is_some() {
-            return self.blocked_gradients(g, g.blocked_isa()?, (x, dy), w);
+            return Ok((self.input_grad(g, dy, w)?, self.weight_grad(g, x, dy)?));
         }
         match (g.dispatch(Pass::InputGrad), g.dispatch(Pass::WeightGrad)) {
             ((Algorithm::Blocked, isa), (Algorithm::Blocked, same))
@@ -756,49 +756,46 @@ impl Conv2dOp {
         }
     }
 
-    /// `(dx, dw)` of blocked `x` and `dy`, `dx` blocked: the blocked kernels read both in place. A strided
-    /// layer's input gradient that they do not compute goes through NCHW.
-    fn blocked_gradients(
+    /// The blocked `dx` of a blocked `dy`: the blocked kernels read it in place. A strided layer's input gradient
+    /// that they do not compute goes through NCHW.
+    fn blocked_input_grad(
         &self,
         g: &Geometry,
         (isa, lanes): (Isa, usize),
-        (x, dy): (&[f32], &[f32]),
+        dy: &[f32],
         w: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let x_dims = (g.n, g.c_in, g.h, g.w);
-        let dy_blocked = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
-        let dx = match g.stride {
+    ) -> Result<Vec<f32>> {
+        let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
+        match g.stride {
             1 => {
                 ran(Pass::InputGrad, Algorithm::Blocked);
-                let dy = Source::Blocked(dy_blocked);
-                blocked::input_grad_3x3(isa, dy, w, g.c_in, OutputLayout::Blocked)?
+                blocked::input_grad_3x3(isa, Source::Blocked(dy), w, g.c_in, OutputLayout::Blocked)
             }
             s if g.blocked_applies(Pass::InputGrad, isa) => {
                 debug_assert_eq!(s, 2);
                 ran(Pass::InputGrad, Algorithm::Blocked);
-                blocked::strided_input_grad_3x3_blocked(isa, dy_blocked, w, (g.c_in, g.h, g.w))?
+                blocked::strided_input_grad_3x3_blocked(isa, dy, w, (g.c_in, g.h, g.w))
             }
             _ => {
                 let nchw = Geometry { lanes: None, ..*g };
-                let dx = self.input_grad(&nchw, &dy_blocked.to_nchw_vec(), w)?;
-                blocked::blocked_values(&dx, x_dims, lanes)?
+                let dx = self.input_grad(&nchw, &dy.to_nchw_vec(), w)?;
+                blocked::blocked_values(&dx, (g.n, g.c_in, g.h, g.w), lanes)
             }
-        };
-        ran(Pass::WeightGrad, Algorithm::Blocked);
-        let dw = blocked::weight_grad(
-            isa,
-            Geometry::blocked(x, x_dims, lanes)?,
-            Source::Blocked(dy_blocked),
-            (g.c_out, g.oh, g.ow),
-            (g.kh, g.stride),
-            WEIGHT_GRAD_GROUP,
-        )?;
-        Ok((dx, dw))
+        }
     }
 
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
-        if g.lanes.is_some() {
-            candle_core::bail!("conv2d: one gradient of a channel-blocked tensor alone (`Conv2dOp::gradients` takes both)");
+        if let Some(lanes) = g.lanes {
+            let (isa, _) = g.blocked_isa()?;
+            ran(Pass::WeightGrad, Algorithm::Blocked);
+            return blocked::weight_grad(
+                isa,
+                Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?,
+                Geometry::blocked(dy, g.dy_dims(), lanes)?,
+                (g.c_out, g.oh, g.ow),
+                (g.kh, g.stride),
+                WEIGHT_GRAD_GROUP,
+            );
         }
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
@@ -892,9 +889,8 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        // No input gradient for an input that needs none (the images entering the stem; blocked tensors take
-        // both gradients in one op).
-        if !x.track_op() && x.rank() == 4 {
+        // No input gradient for an input that needs none (the images entering the stem).
+        if !x.track_op() {
             return Ok((None, Some(self.weight_gradient(x, &dy, w.shape())?)));
         }
         let (dx, dw) = self.gradients(x, &dy, w)?;

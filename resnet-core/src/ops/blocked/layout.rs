@@ -370,13 +370,31 @@ impl<'a> Padded<'a> {
                         }
                         start = w / 8 * 8;
                     }
+                    let rest = &mut inside[start * bi..];
+                    if bi == 3 {
+                        // An RGB stem's: pixel by pixel, the three channel rows read side by side.
+                        let row = |i: usize| &data[at(i) + start..at(i) + w];
+                        interleave([row(0), row(1), row(2)], rest);
+                        continue;
+                    }
                     for i in 0..bi {
                         for (sx, v) in data[at(i) + start..at(i) + w].iter().enumerate() {
-                            inside[(start + sx) * bi + i].write(*v);
+                            rest[sx * bi + i].write(*v);
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// `dst` pixel by pixel, `B` values each, value `i` of pixel `x` from `rows[i][x]`.
+fn interleave<const B: usize>(rows: [&[f32]; B], dst: &mut [MaybeUninit<f32>]) {
+    let pixels = dst.len() / B;
+    let rows = rows.map(|r| &r[..pixels]);
+    for (x, pixel) in dst.chunks_exact_mut(B).enumerate() {
+        for (d, row) in pixel.iter_mut().zip(rows) {
+            d.write(row[x]);
         }
     }
 }
