@@ -8,7 +8,7 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use resnet_core::ops::blocked::lanes;
 use resnet_core::ops::channel_blocks::{from_blocked, to_blocked};
-use resnet_core::ops::conv::Conv2dOp;
+use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
 use resnet_core::shortcut::ShortcutPath;
 use resnet_core::{Block, Combine, Family, Model, Shortcut, Unit, REGISTERED};
@@ -118,6 +118,8 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
             (5, 32, 32, 1, 16),
             (3, 32, 64, 2, 16),
             (2, 64, 64, 1, 8),
+            // Wide enough for Winograd's algorithm on the blocked layout (F(4×4), 49 tiles per image).
+            (2, 64, 64, 1, 28),
         ] {
             let x = Var::randn(0f32, 1.0, (n, c_in, side, side), &dev)?;
             let w =
@@ -146,6 +148,19 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
             close(&format!("{what} dx"), &dx, grads.get(&x).unwrap(), 1e-4);
             let dw = op.weight_gradient(&xb, &dyb, w.shape())?;
             close(&format!("{what} dw"), &dw, grads.get(&w).unwrap(), 1e-4);
+            // Which algorithm ran, as `bench --convs` reports it: the blocked kernel's own choice.
+            let expected = match side {
+                28 => Algorithm::Winograd,
+                _ => Algorithm::Blocked,
+            };
+            xb.apply_op2_no_bwd(w.as_tensor(), &op)?;
+            assert_eq!(last_algorithm(Pass::Forward), Some(expected), "{what}");
+            op.input_gradient(&dyb, w.as_tensor(), xb.shape())?;
+            let input_grad = match stride {
+                1 => expected,
+                _ => Algorithm::Blocked,
+            };
+            assert_eq!(last_algorithm(Pass::InputGrad), Some(input_grad), "{what}");
             // BN(+ReLU), and BN + shortcut + ReLU, γ and β away from 1 and 0.
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);

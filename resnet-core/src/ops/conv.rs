@@ -480,7 +480,8 @@ impl Conv2dOp {
         }
         if let Some(lanes) = g.lanes {
             let (isa, _) = g.blocked_isa()?;
-            ran(Pass::Forward, Algorithm::Blocked);
+            // The blocked kernel's own choice: Winograd's on a blocked input where it applies.
+            ran(Pass::Forward, g.algorithm(Pass::Forward, isa));
             let source = Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?;
             let geometry = (g.stride, g.pad);
             let mut y = blocked::conv(
@@ -768,7 +769,7 @@ impl Conv2dOp {
         let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
         match g.stride {
             1 => {
-                ran(Pass::InputGrad, Algorithm::Blocked);
+                ran(Pass::InputGrad, g.algorithm(Pass::InputGrad, isa));
                 blocked::input_grad_3x3(isa, Source::Blocked(dy), w, g.c_in, OutputLayout::Blocked)
             }
             s if g.blocked_applies(Pass::InputGrad, isa) => {
