@@ -855,33 +855,94 @@ fn weight_grad_tiles<const A: usize>(
                 });
         }
     });
-    // dw[o][i] = Gᵀ dU[·][o][i] G, by output channel.
-    let mut dw = vec![0f32; c_out * c_in * 9];
-    dw.par_chunks_mut(c_in * 9)
-        .enumerate()
-        .for_each(|(o, dwo)| {
-            for (i, taps) in dwo.chunks_mut(9).enumerate() {
-                let du_at = |r: usize, c: usize| du[((r * A + c) * c_out + o) * c_in + i];
-                // Columns: (Gᵀ dU) is 3×A; then (Gᵀ dU) G is 3×3.
-                let mut cols = [[0f32; 3]; A];
-                for (c, col) in cols.iter_mut().enumerate() {
-                    let mut line = [0f32; A];
-                    for (r, value) in line.iter_mut().enumerate() {
-                        *value = du_at(r, c);
-                    }
-                    *col = g_transposed_times::<A>(line);
+    // dw[o][i] = Gᵀ dU[·][o][i] G, by output channel, LANES input channels at a time.
+    let fill = |dw: &mut [MaybeUninit<f32>]| {
+        dw.par_chunks_mut(c_in * 9)
+            .enumerate()
+            .for_each(|(o, dwo)| {
+                for i0 in (0..c_in).step_by(LANES) {
+                    let job = GradientLanes {
+                        du: &du,
+                        c_out,
+                        o,
+                        inputs: i0..c_in.min(i0 + LANES),
+                        c_in,
+                    };
+                    gradient_lanes::<A>(isa, job, dwo);
                 }
-                for ky in 0..3 {
-                    let mut line = [0f32; A];
-                    for (c, value) in line.iter_mut().enumerate() {
-                        *value = cols[c][ky];
-                    }
-                    let out = g_transposed_times::<A>(line);
-                    taps[ky * 3..ky * 3 + 3].copy_from_slice(&out);
-                }
+            })
+    };
+    // SAFETY: every tap of every (o, i) is written by `gradient_lanes`.
+    unsafe { written_by(c_out * c_in * 9, fill) }
+}
+
+/// The kernels from input channels `inputs` (at most LANES) to output channel `o` of dU, for
+/// [`weight_grad_tiles`].
+struct GradientLanes<'a> {
+    du: &'a [f32],
+    c_out: usize,
+    o: usize,
+    inputs: std::ops::Range<usize>,
+    c_in: usize,
+}
+
+/// `dw[o][i] = Gᵀ dU[·][o][i] G` for the kernels of `job` into `dwo` (output channel o's `C_in·9` taps), LANES
+/// kernels side by side, each lane the operations one kernel alone took (as [`weight_lanes_body`]).
+#[inline(always)]
+fn gradient_lanes_body<const A: usize>(job: GradientLanes, dwo: &mut [MaybeUninit<f32>]) {
+    let GradientLanes {
+        du,
+        c_out,
+        o,
+        inputs,
+        c_in,
+    } = job;
+    let len = inputs.len();
+    // block[r][c]: dU at ξ = r·A + c of the lanes' kernels, contiguous in i.
+    let mut block = [[[0f32; LANES]; A]; A];
+    for (r, row) in block.iter_mut().enumerate() {
+        for (c, lanes) in row.iter_mut().enumerate() {
+            let at = ((r * A + c) * c_out + o) * c_in + inputs.start;
+            lanes[..len].copy_from_slice(&du[at..][..len]);
+        }
+    }
+    // Columns: (Gᵀ dU) is 3×A; then (Gᵀ dU) G is 3×3.
+    let mut cols = [[[0f32; LANES]; 3]; A];
+    for (c, col) in cols.iter_mut().enumerate() {
+        for l in 0..LANES {
+            let g = g_transposed_times::<A>(std::array::from_fn(|r| block[r][c][l]));
+            for (k, v) in g.into_iter().enumerate() {
+                col[k][l] = v;
             }
-        });
-    dw
+        }
+    }
+    let mut taps = [[0f32; LANES]; 9];
+    for ky in 0..3 {
+        for l in 0..LANES {
+            let g = g_transposed_times::<A>(std::array::from_fn(|c| cols[c][ky][l]));
+            for (kx, v) in g.into_iter().enumerate() {
+                taps[ky * 3 + kx][l] = v;
+            }
+        }
+    }
+    for (l, i) in inputs.enumerate() {
+        for (t, d) in dwo[i * 9..][..9].iter_mut().enumerate() {
+            d.write(taps[t][l]);
+        }
+    }
+}
+
+/// [`gradient_lanes_body`] compiled for the kernel set `isa`, as [`tiles`].
+fn gradient_lanes<const A: usize>(isa: Isa, job: GradientLanes, dwo: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: the callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
+        Isa::Avx512 => return unsafe { x86::gradient_lanes_avx512::<A>(job, dwo) },
+        Isa::Avx2 => return unsafe { x86::gradient_lanes_avx2::<A>(job, dwo) },
+        Isa::Generic => {}
+    }
+    let _ = isa;
+    gradient_lanes_body::<A>(job, dwo)
 }
 
 /// Tiles (or pixels) the transforms take at a time: each step copies that many values of every line into a
@@ -1060,13 +1121,14 @@ fn output_tiles<const A: usize, S: FnMut(usize, f32)>(isa: Isa, job: Products, s
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        output_tiles_body, tiles_body, weight_lanes_body, KernelLanes, PlaneTiles, Products,
+        gradient_lanes_body, output_tiles_body, tiles_body, weight_lanes_body, GradientLanes,
+        KernelLanes, PlaneTiles, Products,
     };
     use std::mem::MaybeUninit;
 
     /// Entry points that compile the transforms with `$features`.
     macro_rules! entries {
-        ($input:ident, $output:ident, $weights:ident, $features:literal) => {
+        ($input:ident, $output:ident, $weights:ident, $gradients:ident, $features:literal) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $input<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(
                 job: PlaneTiles,
@@ -1090,13 +1152,28 @@ mod x86 {
             ) {
                 weight_lanes_body::<A>(job, uo)
             }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $gradients<const A: usize>(
+                job: GradientLanes,
+                dwo: &mut [MaybeUninit<f32>],
+            ) {
+                gradient_lanes_body::<A>(job, dwo)
+            }
         };
     }
-    entries!(tiles_avx2, output_tiles_avx2, weight_lanes_avx2, "avx2");
+    entries!(
+        tiles_avx2,
+        output_tiles_avx2,
+        weight_lanes_avx2,
+        gradient_lanes_avx2,
+        "avx2"
+    );
     entries!(
         tiles_avx512,
         output_tiles_avx512,
         weight_lanes_avx512,
+        gradient_lanes_avx512,
         "avx512f"
     );
 }
