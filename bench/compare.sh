@@ -12,6 +12,8 @@
 #     the median img/s of its rounds, and the ratio the median of the rounds' own ratios, with their range
 #     when there are several rounds: a shared VM whose speed drifts from minute to minute moves the two sides of
 #     one round together, not the medians of separate runs.
+#   COMPARE_CASES: the cases to run, separated by spaces (default all: train-cifar20 train-r18 infer-r50-b1
+#     infer-r50-b16 infer-cifar56-b500), to rerun a row that a disturbance of the machine spoiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ISA=""
@@ -23,6 +25,7 @@ PY=${1:-/tmp/torchenv/bin/python}
 REF=${RESNET_SHARED:-../shared}/reference/pytorch_bench.py
 SECONDS_PER_PEER=${COMPARE_SECONDS:-15}
 ROUNDS=${COMPARE_ROUNDS:-1}
+CASES=${COMPARE_CASES:-train-cifar20 train-r18 infer-r50-b1 infer-r50-b16 infer-cifar56-b500}
 cargo build -q --release -p resnet-infer
 BIN=target/release/resnet-infer
 PEERS="eager cl ort"
@@ -37,6 +40,7 @@ echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads; 
 $BIN bench --peak | head -1
 row() { # case, our bench args
   local rounds="" round variant out
+  if [[ " $CASES " != *" $1 "* ]]; then return; fi
   for ((r = 0; r < ROUNDS; r++)); do
     round=$($BIN bench $2 --json | tail -1)
     for variant in $PEERS; do

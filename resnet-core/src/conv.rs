@@ -78,7 +78,7 @@ pub fn conv(
 }
 
 /// One convolution as it is applied: channels, square kernel, stride, padding and input size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct ConvShape {
     pub in_channels: usize,
     pub out_channels: usize,

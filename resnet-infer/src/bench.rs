@@ -63,7 +63,10 @@ pub struct BenchReport {
     /// Training: what the forward pass keeps for backward (every tensor of the autograd graph but the
     /// parameters), in MB.
     pub saved_activations_mb: Option<f64>,
-    #[serde(skip)]
+    /// With `--convs`: each distinct convolution (shape, how often the net applies it, per pass of
+    /// `[forward, input gradient, weight gradient]` seconds, GFLOP/s and algorithm, and the blocked inference
+    /// forward's); left out of the JSON without it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub convs: Vec<ConvTiming>,
 }
 

@@ -9,17 +9,26 @@ use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv, S
 use resnet_core::ops::channel_blocks::to_blocked;
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
+use serde::Serialize;
 use std::time::Instant;
 
 /// One pass of one shape: seconds per call, GFLOP/s, and the algorithm that ran.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct PassTiming {
     pub seconds: f64,
     pub gflops: f64,
     pub algorithm: Option<Algorithm>,
 }
 
-#[derive(Debug)]
+/// The blocked inference forward of one shape: seconds and GFLOP/s per call, and its algorithm.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct InferenceTiming {
+    pub seconds: f64,
+    pub gflops: f64,
+    pub algorithm: BlockedAlgorithm,
+}
+
+#[derive(Debug, Serialize)]
 pub struct ConvTiming {
     pub shape: ConvShape,
     /// How many times the net applies this shape.
@@ -31,7 +40,7 @@ pub struct ConvTiming {
     pub passes: [Option<PassTiming>; 3],
     /// Seconds and GFLOP/s per call of the blocked inference forward (bias and ReLU in its epilogue), where the
     /// shape has a blocked kernel on the kernel set in use, and its algorithm.
-    pub blocked: Option<(f64, f64, BlockedAlgorithm)>,
+    pub blocked: Option<InferenceTiming>,
 }
 
 /// One timed call: a pass of one shape, or its blocked inference forward.
@@ -258,7 +267,11 @@ pub fn time_convs(
                     .inference
                     .as_ref()
                     .expect("an inference call has a kernel");
-                t.blocked = Some((s, gflops, conv.algorithm(input.source())));
+                t.blocked = Some(InferenceTiming {
+                    seconds: s,
+                    gflops,
+                    algorithm: conv.algorithm(input.source()),
+                });
             }
         }
     }
@@ -307,9 +320,9 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>, layout: &s
             cell(2),
             algorithms.join(", "),
             100.0 * shape_seconds(t) / total,
-            t.blocked.map_or("–".into(), |(_, g, a)| match a {
-                BlockedAlgorithm::Direct => rate(g),
-                BlockedAlgorithm::Winograd => format!("{} Winograd", rate(g)),
+            t.blocked.map_or("–".into(), |b| match b.algorithm {
+                BlockedAlgorithm::Direct => rate(b.gflops),
+                BlockedAlgorithm::Winograd => format!("{} Winograd", rate(b.gflops)),
             }),
         );
     }
@@ -326,7 +339,7 @@ pub fn table(timings: &[ConvTiming], batch: usize, peak: Option<f64>, layout: &s
     if timings.iter().all(|t| t.blocked.is_some()) {
         let ms: f64 = timings
             .iter()
-            .filter_map(|t| t.blocked.map(|(s, _, _)| t.count as f64 * s))
+            .filter_map(|t| t.blocked.map(|b| t.count as f64 * b.seconds))
             .sum::<f64>()
             * 1e3;
         out += &format!(

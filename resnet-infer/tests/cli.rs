@@ -637,11 +637,27 @@ fn bench_flags_reach_the_measurement() {
         );
         assert!(stdout.contains("| Blocked, –, Blocked |"), "{stdout}");
     }
+    // The same timings in the JSON: ResNet-20's six distinct convolutions, the stem first (no input gradient).
+    let convs = j["convs"].as_array().unwrap();
+    assert_eq!(convs.len(), 6, "{convs:?}");
+    assert_eq!(convs[0]["shape"]["in_channels"], 3);
+    assert_eq!(convs[0]["shape"]["input"], serde_json::json!([40, 40]));
+    assert!(convs[0]["passes"][1].is_null());
+    assert_eq!(convs[1]["count"], 6);
+    for conv in convs {
+        let passes = conv["passes"].as_array().unwrap();
+        assert_eq!(passes.len(), 3);
+        for pass in passes.iter().filter(|p| !p.is_null()) {
+            assert!(pass["gflops"].as_f64().unwrap() > 0.0, "{pass}");
+            assert!(pass["algorithm"].is_string(), "{pass}");
+        }
+    }
     let (j, stdout) = bench(&["--peak"]);
     assert!(j["peak_gflops"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("f32 FMA peak"), "{stdout}");
     let (j, _) = bench(&[]);
     assert!(j["peak_gflops"].is_null());
+    assert!(j.get("convs").is_none(), "{j}");
 }
 
 /// The kernel set: the best this CPU has by default, `RESNET_CPU_ISA` forces a narrower one, and the bench

@@ -81,7 +81,7 @@ pub struct BlockedConv {
 }
 
 /// How [`BlockedConv::forward`] computes a convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum BlockedAlgorithm {
     /// The direct kernel (the register tiles of this file).
     Direct,
