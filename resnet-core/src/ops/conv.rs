@@ -1353,4 +1353,42 @@ mod tests {
         }
         Ok(())
     }
+
+    /// The forward with a residual (as the pre-activation units' last BN-ReLU-conv adds its shortcut) on a
+    /// channel-blocked input: the blocked values of candle's `conv2d` + residual with the kernel set in use (the
+    /// portable set, which has no blocked kernels, refuses the input).
+    #[test]
+    fn blocked_forward_adds_the_residual() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, side) = (2, 32, 8);
+        let x = Tensor::randn(0f32, 1.0, (n, c, side, side), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (c, c, 3, 3), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (n, c, side, side), &dev)?;
+        let expected = (x.conv2d(&w, 1, 1, 1, 1)? + &r)?;
+        let op = Conv2dOp {
+            stride: 1,
+            padding: 1,
+        };
+        let isa = Isa::current();
+        let lanes = blocked::lanes(isa);
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let blocked = |t: &Tensor| blocked::blocked_values(&flat(t)?, t.dims4()?, lanes);
+        let (xb, rb) = (blocked(&x)?, blocked(&r)?);
+        let x_shape = Shape::from((n, c / lanes, side, side, lanes));
+        let out = op.forward_slices((&x_shape, &xb), (w.shape(), &flat(&w)?), Some(&rb));
+        if isa == Isa::Generic {
+            assert!(out.is_err(), "the portable set has no blocked kernels");
+            return Ok(());
+        }
+        let (y, shape) = out?;
+        assert_eq!(shape, x_shape, "{isa}");
+        let want = blocked(&expected)?;
+        let diff = y
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{isa}: max |diff| {diff}");
+        Ok(())
+    }
 }
