@@ -226,11 +226,8 @@ impl ResNet {
                     padding: s.padding,
                 };
                 let conv = (s.in_channels, s.out_channels, s.kernel);
-                match i {
-                    // The stem reads the NCHW images and writes blocks.
-                    0 => op.writes_blocks(conv, s.input, isa),
-                    _ => op.trains_blocked(conv, s.input, isa),
-                }
+                // The stem reads the NCHW images and writes blocks.
+                op.runs_blocked(conv, s.input, isa, i == 0)
             });
         applies.then(|| blocked::lanes(isa))
     }

@@ -46,13 +46,10 @@ pub struct ConvTiming {
 /// One timed call: a pass of one shape, or its blocked inference forward.
 type Call<'a> = Box<dyn Fn() -> Result<()> + 'a>;
 
-/// Seconds per call of each of `calls`: the median of `rounds` (at least one), after one warm-up call of each.
-/// The calls take turns, round after round, so that a slow moment of a shared machine spreads over every layer
-/// instead of falling on one; the median rather than the mean, so that it moves a layer's figure less.
+/// Seconds per call of each of `calls` (warmed up): the median of `rounds` (at least one). The calls take turns,
+/// round after round, so that a slow moment of a shared machine spreads over every layer instead of falling on
+/// one; the median rather than the mean, so that it moves a layer's figure less.
 fn seconds_per_call(calls: &[Call], rounds: usize) -> Result<Vec<f64>> {
-    for call in calls {
-        call()?;
-    }
     let mut times = vec![Vec::with_capacity(rounds.max(1)); calls.len()];
     for _ in 0..rounds.max(1) {
         for (call, times) in calls.iter().zip(&mut times) {
@@ -238,8 +235,16 @@ pub fn time_convs(
             slots.push((i, None));
         }
     }
+    // One warm-up call of each, which also tells the algorithm its pass ran.
+    let algorithms = slots
+        .iter()
+        .zip(&calls)
+        .map(|(&(_, pass), call)| {
+            call()?;
+            Ok(pass.and_then(last_algorithm))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let seconds = seconds_per_call(&calls, rounds)?;
-    // The algorithms: one more call of each pass, alone, so `last_algorithm` is its own.
     let mut timings: Vec<ConvTiming> = data
         .iter()
         .map(|d| ConvTiming {
@@ -250,16 +255,15 @@ pub fn time_convs(
         })
         .collect();
     let flops = |d: &ShapeData| 2.0 * d.shape.macs() as f64 * batch as f64;
-    for ((&(i, pass), s), call) in slots.iter().zip(seconds).zip(&calls) {
+    for ((&(i, pass), s), algorithm) in slots.iter().zip(seconds).zip(algorithms) {
         let (d, t) = (&data[i], &mut timings[i]);
         let gflops = flops(d) / s / 1e9;
         match pass {
             Some(p) => {
-                call()?;
                 t.passes[p as usize] = Some(PassTiming {
                     seconds: s,
                     gflops,
-                    algorithm: last_algorithm(p),
+                    algorithm,
                 });
             }
             None => {

@@ -7,7 +7,7 @@
 //!
 //! A rank-5 input `[N, C/B, H, W, B]` is channel-blocked (`ops::channel_blocks`): the blocked kernels read it
 //! and write the output and the input gradient in that layout, without converting (see
-//! [`Conv2dOp::trains_blocked`]).
+//! [`Conv2dOp::runs_blocked`]).
 //!
 //! Why: candle 0.11's CPU convolution copies its im2col layout on one thread, computes the input gradient
 //! with a direct `conv_transpose2d` loop and the weight gradient as a convolution with an image-sized kernel;
@@ -21,7 +21,7 @@
 
 use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, OutputLayout, Source};
 use crate::ops::channel_blocks::from_blocked;
-use crate::ops::cpu_slice::{contiguous_f32, written_by, zeroed};
+use crate::ops::cpu_slice::{contiguous_f32, each_chunk, written_by, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
 use crate::ops::winograd;
@@ -301,11 +301,21 @@ impl Geometry {
         (self.n, self.c_out, self.oh, self.ow)
     }
 
-    /// The blocked kernel's weight gradient from the NCHW input `x` and the output gradient `dy`.
+    /// The input `x` as the blocked kernels read it: channel-blocked where this convolution's input is, else NCHW.
+    fn input_source<'a>(&self, x: &'a [f32]) -> Result<Source<'a>> {
+        let dims = (self.n, self.c_in, self.h, self.w);
+        match self.lanes {
+            Some(lanes) => Geometry::blocked(x, dims, lanes),
+            None => Ok(Source::nchw(x, dims)),
+        }
+    }
+
+    /// The blocked kernel's weight gradient from the input `x` (in this convolution's layout) and the output
+    /// gradient `dy`.
     fn blocked_weight_grad(&self, isa: Isa, x: &[f32], dy: Source) -> Result<Vec<f32>> {
         blocked::weight_grad(
             isa,
-            Source::nchw(x, (self.n, self.c_in, self.h, self.w)),
+            self.input_source(x)?,
             dy,
             (self.c_out, self.oh, self.ow),
             (self.kh, self.stride),
@@ -330,8 +340,7 @@ impl Geometry {
     /// (col2im) went over dx three times: ResNet-18's 64→128 on 56×56 at batch 16 ran at 36–46 % of peak.
     fn strided_pointwise_input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let (k, p, s) = (self.k(), self.p(), self.stride);
-        let (over_images, inner) = split_parallelism(self.n);
-        let image = |(i, dxi): (usize, &mut [MaybeUninit<f32>])| {
+        let image = |i: usize, dxi: &mut [MaybeUninit<f32>], inner: Parallelism| {
             let dyi = &dy[i * self.image_out()..(i + 1) * self.image_out()];
             with_columns(k * p, |dcol| {
                 // Wᵀ: element (k, c_out) of W[c_out, K] sits at c_out·K + k.
@@ -362,13 +371,7 @@ impl Geometry {
                 }
             })
         };
-        let fill = |dx: &mut [MaybeUninit<f32>]| match over_images {
-            true => dx
-                .par_chunks_mut(self.image_in())
-                .enumerate()
-                .for_each(image),
-            false => dx.chunks_mut(self.image_in()).enumerate().for_each(image),
-        };
+        let fill = |dx: &mut [MaybeUninit<f32>]| per_image(dx, self.image_in(), self.n, image);
         // SAFETY: every row of every plane of every image is written whole (`w` columns in groups of `stride`,
         // one per output column: ow = ⌈w / stride⌉).
         unsafe { written_by(self.n * self.image_in(), fill) }
@@ -524,22 +527,14 @@ fn split_parallelism(images: usize) -> (bool, Parallelism) {
 }
 
 /// Runs `f(image, out_chunk)` for each image, in parallel over images or with a parallel GEMM inside.
-fn per_image(
-    out: &mut [f32],
+fn per_image<T: Send>(
+    out: &mut [T],
     chunk: usize,
     images: usize,
-    f: impl Fn(usize, &mut [f32], Parallelism) + Sync,
+    f: impl Fn(usize, &mut [T], Parallelism) + Sync + Send,
 ) {
     let (over_images, inner) = split_parallelism(images);
-    if over_images {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o, inner));
-    } else {
-        out.chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o, inner));
-    }
+    each_chunk(out, chunk, over_images, |i, o| f(i, o, inner));
 }
 
 impl Conv2dOp {
@@ -559,15 +554,14 @@ impl Conv2dOp {
                 residual.map(<[f32]>::len)
             );
         }
-        if let Some(lanes) = g.lanes {
+        if g.lanes.is_some() {
             let (isa, _) = g.blocked_isa()?;
             // The blocked kernel's own choice: Winograd's on a blocked input where it applies.
             ran(Pass::Forward, g.algorithm(Pass::Forward, isa));
-            let source = Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?;
             let geometry = (g.stride, g.pad);
             let mut y = blocked::conv(
                 isa,
-                source,
+                g.input_source(x)?,
                 w,
                 (g.c_out, g.kh),
                 geometry,
@@ -873,14 +867,7 @@ impl Conv2dOp {
         if let Some(lanes) = g.lanes {
             let (isa, _) = g.blocked_isa()?;
             ran(Pass::WeightGrad, Algorithm::Blocked);
-            return blocked::weight_grad(
-                isa,
-                Geometry::blocked(x, (g.n, g.c_in, g.h, g.w), lanes)?,
-                Geometry::blocked(dy, g.dy_dims(), lanes)?,
-                (g.c_out, g.oh, g.ow),
-                (g.kh, g.stride),
-                WEIGHT_GRAD_GROUP,
-            );
+            return g.blocked_weight_grad(isa, x, Geometry::blocked(dy, g.dy_dims(), lanes)?);
         }
         let (k, p) = (g.k(), g.p());
         match g.dispatch(Pass::WeightGrad) {
@@ -984,49 +971,32 @@ impl CustomOp2 for Conv2dOp {
 }
 
 impl Conv2dOp {
-    /// Whether every pass of this convolution (`c_in` → `c_out` channels, k×k, on an `h`×`w` input) runs on
-    /// channel-blocked tensors `[N, C/B, H, W, B]` with kernel set `isa` (`ops::channel_blocks`): the blocked
-    /// kernels compute its forward and weight gradient, and the input gradient of a stride-1 layer; the others
-    /// go through NCHW for it. Such tensors come in and go out of [`Conv2dOp`] as they are.
-    pub fn trains_blocked(
-        &self,
-        conv: (usize, usize, usize),
-        input: (usize, usize),
-        isa: Isa,
-    ) -> bool {
-        self.one_image(conv, input)
-            .is_some_and(|g| g.trains_blocked(isa))
-    }
-
-    /// The shapes of this convolution (`c_in` → `c_out` channels, k×k) on one `h`×`w` image.
-    fn one_image(
+    /// Whether this convolution (`c_in` → `c_out` channels, k×k, on an `h`×`w` input) runs on channel-blocked
+    /// training tensors `[N, C/B, H, W, B]` with kernel set `isa` (`ops::channel_blocks`): reading and writing
+    /// blocks, the blocked kernels computing its forward and weight gradient, and the input gradient of a stride-1
+    /// layer (the others go through NCHW for it); or, `from_images` (a net's stem), reading the NCHW images and
+    /// writing blocks ([`Conv2dOp::forward_into_blocks`]: the blocked kernels compute its forward and weight
+    /// gradient). Such tensors come in and go out of [`Conv2dOp`] as they are.
+    pub fn runs_blocked(
         &self,
         (c_in, c_out, k): (usize, usize, usize),
         (h, w): (usize, usize),
-    ) -> Option<Geometry> {
+        isa: Isa,
+        from_images: bool,
+    ) -> bool {
         let (x, weight) = (
             Shape::from((1, c_in, h, w)),
             Shape::from((c_out, c_in, k, k)),
         );
-        Geometry::new(&x, &weight, self).ok()
-    }
-
-    /// Whether this convolution of an NCHW input (`c_in` → `c_out` channels, k×k, on `h`×`w`) can write its output
-    /// in blocks with kernel set `isa` ([`Conv2dOp::forward_into_blocks`]): the blocked kernels compute its
-    /// forward and weight gradient.
-    pub fn writes_blocks(
-        &self,
-        conv: (usize, usize, usize),
-        input: (usize, usize),
-        isa: Isa,
-    ) -> bool {
-        self.one_image(conv, input)
-            .is_some_and(|g| g.writes_blocks(isa))
+        Geometry::new(&x, &weight, self).is_ok_and(|g| match from_images {
+            true => g.writes_blocks(isa),
+            false => g.trains_blocked(isa),
+        })
     }
 
     /// `conv(x, w)` of an NCHW `x`, the output in blocks of `lanes` (`[N, C_out/B, H', W', B]`): where a training
     /// pass enters the channel-blocked layout (the stem of the nets of `ResNet::trains_blocked`), without a
-    /// conversion of its own. Call where [`Conv2dOp::writes_blocks`].
+    /// conversion of its own. Call where [`Conv2dOp::runs_blocked`] from the images.
     pub fn forward_into_blocks(&self, x: &Tensor, w: &Tensor, lanes: usize) -> Result<Tensor> {
         let op = IntoBlocks { op: *self, lanes };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)

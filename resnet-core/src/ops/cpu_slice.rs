@@ -33,6 +33,22 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     out
 }
 
+/// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
+pub(crate) fn each_chunk<T: Send>(
+    data: &mut [T],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// A `len`-long buffer filled by `init`, without a clearing pass first: for kernels that write every element.
 ///
 /// # Safety

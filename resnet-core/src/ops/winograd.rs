@@ -11,7 +11,7 @@
 //!
 //! The functions below are generic over `A` = m + 2, the input tile's side (4 or 6).
 
-use crate::ops::cpu_slice::written_by;
+use crate::ops::cpu_slice::{each_chunk, written_by};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
 use crate::ops::taps::kernel_3x3;
@@ -73,6 +73,23 @@ macro_rules! by_tile {
             Tile::F4 => $f::<6>($($arg),*),
         }
     };
+}
+
+/// `$portable(args)` compiled for the kernel set `$isa`: its `target_feature` entry point (module `x86`) where the
+/// set has one. The callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
+macro_rules! on_kernel_set {
+    ($isa:expr, $avx512:path, $avx2:path, $portable:path, ($($arg:expr),*)) => {{
+        let isa: Isa = $isa;
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: a kernel set this CPU runs (the callers' promise above).
+            Isa::Avx512 => return unsafe { $avx512($($arg),*) },
+            Isa::Avx2 => return unsafe { $avx2($($arg),*) },
+            Isa::Generic => {}
+        }
+        let _ = isa;
+        $portable($($arg),*)
+    }};
 }
 
 /// Whether the Winograd path runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over
@@ -162,32 +179,32 @@ fn transform_weights<const A: usize>(
         u.par_chunks_mut(A * A * ins)
             .enumerate()
             .for_each(|(o, uo)| {
-                for i0 in (0..ins).step_by(LANES) {
-                    let job = KernelLanes {
-                        w,
-                        c_in,
-                        transposed,
-                        o,
-                        inputs: i0..ins.min(i0 + LANES),
-                        ins,
-                    };
-                    weight_lanes::<A>(isa, job, uo);
-                }
+                let job = KernelsTo {
+                    w,
+                    c_in,
+                    transposed,
+                    o,
+                };
+                on_kernel_set!(
+                    isa,
+                    x86::weights_avx512::<A>,
+                    x86::weights_avx2::<A>,
+                    weights_body::<A>,
+                    (job, uo)
+                )
             })
     };
-    // SAFETY: every (ξ, i) of every output channel's chunk is written by `weight_lanes`.
+    // SAFETY: every (ξ, i) of every output channel's chunk is written by `weights_body`.
     unsafe { written_by(outs * A * A * ins, fill) }
 }
 
-/// The kernels from input channels `inputs` (at most LANES) to output channel `o`, for [`transform_weights`].
-struct KernelLanes<'a> {
+/// The kernels of `w` (`[C_out, C_in, 3, 3]`, or the transposed ones of [`input_grad`]) into output channel `o`,
+/// for [`transform_weights`].
+struct KernelsTo<'a> {
     w: &'a [f32],
     c_in: usize,
     transposed: bool,
     o: usize,
-    inputs: std::ops::Range<usize>,
-    /// Input channels of U (its row length per ξ).
-    ins: usize,
 }
 
 /// `U[o][ξ][i]` for the kernels of `job` into `uo` (output channel o's `A²·ins` values), LANES kernels side by
@@ -195,15 +212,26 @@ struct KernelLanes<'a> {
 /// kernel set), and the stores of a ξ are one contiguous run. Scalar, kernel by kernel, these transforms took
 /// ~15 % of a 512→512 forward on 7×7 planes at batch 16.
 #[inline(always)]
-fn weight_lanes_body<const A: usize>(job: KernelLanes, uo: &mut [MaybeUninit<f32>]) {
-    let KernelLanes {
+fn weights_body<const A: usize>(job: KernelsTo, uo: &mut [MaybeUninit<f32>]) {
+    let ins = uo.len() / (A * A);
+    for i0 in (0..ins).step_by(LANES) {
+        weight_lanes::<A>(&job, i0..ins.min(i0 + LANES), uo);
+    }
+}
+
+/// [`weights_body`] for the LANES kernels (at most) from input channels `inputs`.
+#[inline(always)]
+fn weight_lanes<const A: usize>(
+    &KernelsTo {
         w,
         c_in,
         transposed,
         o,
-        inputs,
-        ins,
-    } = job;
+    }: &KernelsTo,
+    inputs: std::ops::Range<usize>,
+    uo: &mut [MaybeUninit<f32>],
+) {
+    let ins = uo.len() / (A * A);
     let mut taps = [[0f32; LANES]; 9];
     for (l, i) in inputs.clone().enumerate() {
         for (t, v) in kernel_3x3(w, c_in, transposed, (o, i))
@@ -240,19 +268,6 @@ fn weight_lanes_body<const A: usize>(job: KernelLanes, uo: &mut [MaybeUninit<f32
             }
         }
     }
-}
-
-/// [`weight_lanes_body`] compiled for the kernel set `isa`, as [`tiles`].
-fn weight_lanes<const A: usize>(isa: Isa, job: KernelLanes, uo: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `Isa::current()`: a set this CPU runs.
-        Isa::Avx512 => return unsafe { x86::weight_lanes_avx512::<A>(job, uo) },
-        Isa::Avx2 => return unsafe { x86::weight_lanes_avx2::<A>(job, uo) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    weight_lanes_body::<A>(job, uo)
 }
 
 /// `G·[a, b, d]`: F(2×2) G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; F(4×4) (points 0, ±1, ±2)
@@ -569,22 +584,6 @@ fn run_into<const A: usize>(
     }
 }
 
-/// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
-fn each_chunk<T: Send>(
-    data: &mut [T],
-    len: usize,
-    parallel: bool,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) {
-    if parallel {
-        data.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
-    }
-}
-
 /// The images `xg` of one group into their outputs `yg`: V `[C_in][A²][T]` and M `[A²][C_out][T]` over the
 /// group's T tiles (image by image), the transforms by channel and the A² GEMMs, each stage on all threads
 /// when `parallel`. Input and output planes in `layout` (a blocked one's finish applied as outputs are stored).
@@ -860,44 +859,45 @@ fn weight_grad_tiles<const A: usize>(
         dw.par_chunks_mut(c_in * 9)
             .enumerate()
             .for_each(|(o, dwo)| {
-                for i0 in (0..c_in).step_by(LANES) {
-                    let job = GradientLanes {
-                        du: &du,
-                        c_out,
-                        o,
-                        inputs: i0..c_in.min(i0 + LANES),
-                        c_in,
-                    };
-                    gradient_lanes::<A>(isa, job, dwo);
-                }
+                let job = GradientsTo { du: &du, c_out, o };
+                on_kernel_set!(
+                    isa,
+                    x86::gradients_avx512::<A>,
+                    x86::gradients_avx2::<A>,
+                    gradients_body::<A>,
+                    (job, dwo)
+                )
             })
     };
-    // SAFETY: every tap of every (o, i) is written by `gradient_lanes`.
+    // SAFETY: every tap of every (o, i) is written by `gradients_body`.
     unsafe { written_by(c_out * c_in * 9, fill) }
 }
 
-/// The kernels from input channels `inputs` (at most LANES) to output channel `o` of dU, for
-/// [`weight_grad_tiles`].
-struct GradientLanes<'a> {
+/// dU `[A²][C_out][C_in]` of the kernels into output channel `o`, for [`weight_grad_tiles`].
+struct GradientsTo<'a> {
     du: &'a [f32],
     c_out: usize,
     o: usize,
-    inputs: std::ops::Range<usize>,
-    c_in: usize,
 }
 
 /// `dw[o][i] = Gᵀ dU[·][o][i] G` for the kernels of `job` into `dwo` (output channel o's `C_in·9` taps), LANES
-/// kernels side by side, each lane the operations one kernel alone took (as [`weight_lanes_body`]).
+/// kernels side by side, each lane the operations one kernel alone took (as [`weights_body`]).
 #[inline(always)]
-fn gradient_lanes_body<const A: usize>(job: GradientLanes, dwo: &mut [MaybeUninit<f32>]) {
-    let GradientLanes {
-        du,
-        c_out,
-        o,
-        inputs,
-        c_in,
-    } = job;
-    let len = inputs.len();
+fn gradients_body<const A: usize>(job: GradientsTo, dwo: &mut [MaybeUninit<f32>]) {
+    let c_in = dwo.len() / 9;
+    for i0 in (0..c_in).step_by(LANES) {
+        gradient_lanes::<A>(&job, i0..c_in.min(i0 + LANES), dwo);
+    }
+}
+
+/// [`gradients_body`] for the LANES kernels (at most) from input channels `inputs`.
+#[inline(always)]
+fn gradient_lanes<const A: usize>(
+    &GradientsTo { du, c_out, o }: &GradientsTo,
+    inputs: std::ops::Range<usize>,
+    dwo: &mut [MaybeUninit<f32>],
+) {
+    let (len, c_in) = (inputs.len(), dwo.len() / 9);
     // block[r][c]: dU at ξ = r·A + c of the lanes' kernels, contiguous in i.
     let mut block = [[[0f32; LANES]; A]; A];
     for (r, row) in block.iter_mut().enumerate() {
@@ -930,19 +930,6 @@ fn gradient_lanes_body<const A: usize>(job: GradientLanes, dwo: &mut [MaybeUnini
             d.write(taps[t][l]);
         }
     }
-}
-
-/// [`gradient_lanes_body`] compiled for the kernel set `isa`, as [`tiles`].
-fn gradient_lanes<const A: usize>(isa: Isa, job: GradientLanes, dwo: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
-        Isa::Avx512 => return unsafe { x86::gradient_lanes_avx512::<A>(job, dwo) },
-        Isa::Avx2 => return unsafe { x86::gradient_lanes_avx2::<A>(job, dwo) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    gradient_lanes_body::<A>(job, dwo)
 }
 
 /// Tiles (or pixels) the transforms take at a time: each step copies that many values of every line into a
@@ -1094,35 +1081,31 @@ struct Products<'a> {
 /// [`tiles_body`] compiled for the kernel set `isa`: its LANES-wide loops become one AVX-512 vector (four SSE
 /// ones in the portable build). No FMA contraction either way: the same values on every set.
 fn tiles<const A: usize, F: Fn([f32; A]) -> [f32; A] + Copy>(isa: Isa, job: PlaneTiles, f: F) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
-        Isa::Avx512 => return unsafe { x86::tiles_avx512::<A, F>(job, f) },
-        Isa::Avx2 => return unsafe { x86::tiles_avx2::<A, F>(job, f) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    tiles_body::<A>(job, f)
+    on_kernel_set!(
+        isa,
+        x86::tiles_avx512::<A, F>,
+        x86::tiles_avx2::<A, F>,
+        tiles_body::<A>,
+        (job, f)
+    )
 }
 
 /// [`output_tiles_body`] compiled for the kernel set `isa`, as [`tiles`].
 fn output_tiles<const A: usize, S: FnMut(usize, f32)>(isa: Isa, job: Products, store: S) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: as in `tiles`.
-        Isa::Avx512 => return unsafe { x86::output_tiles_avx512::<A, S>(job, store) },
-        Isa::Avx2 => return unsafe { x86::output_tiles_avx2::<A, S>(job, store) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    output_tiles_body::<A>(job, store)
+    on_kernel_set!(
+        isa,
+        x86::output_tiles_avx512::<A, S>,
+        x86::output_tiles_avx2::<A, S>,
+        output_tiles_body::<A>,
+        (job, store)
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        gradient_lanes_body, output_tiles_body, tiles_body, weight_lanes_body, GradientLanes,
-        KernelLanes, PlaneTiles, Products,
+        gradients_body, output_tiles_body, tiles_body, weights_body, GradientsTo, KernelsTo,
+        PlaneTiles, Products,
     };
     use std::mem::MaybeUninit;
 
@@ -1147,33 +1130,33 @@ mod x86 {
 
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $weights<const A: usize>(
-                job: KernelLanes,
+                job: KernelsTo,
                 uo: &mut [MaybeUninit<f32>],
             ) {
-                weight_lanes_body::<A>(job, uo)
+                weights_body::<A>(job, uo)
             }
 
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $gradients<const A: usize>(
-                job: GradientLanes,
+                job: GradientsTo,
                 dwo: &mut [MaybeUninit<f32>],
             ) {
-                gradient_lanes_body::<A>(job, dwo)
+                gradients_body::<A>(job, dwo)
             }
         };
     }
     entries!(
         tiles_avx2,
         output_tiles_avx2,
-        weight_lanes_avx2,
-        gradient_lanes_avx2,
+        weights_avx2,
+        gradients_avx2,
         "avx2"
     );
     entries!(
         tiles_avx512,
         output_tiles_avx512,
-        weight_lanes_avx512,
-        gradient_lanes_avx512,
+        weights_avx512,
+        gradients_avx512,
         "avx512f"
     );
 }
