@@ -156,6 +156,8 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         false => None,
     };
     let isa = Isa::current();
+    // The steps' own peak, before `--convs` holds every conv shape's tensors at once.
+    let peak_rss = peak_rss_mb();
     let peak = (options.peak || options.convs).then(|| fma_peak(isa, PEAK_TIME));
     let blocked = model.net.trains_blocked(&x, options.train);
     let convs = if options.convs {
@@ -177,7 +179,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
         images,
         seconds,
         images_per_second: images as f64 / seconds,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: peak_rss,
         live_heap_mb,
         device: resnet_core::device_name(device),
         isa: isa.name(),
