@@ -158,17 +158,18 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
     let isa = Isa::current();
     // The steps' own peak, before `--convs` holds every conv shape's tensors at once.
     let peak_rss = peak_rss_mb();
-    let peak = (options.peak || options.convs).then(|| fma_peak(isa, PEAK_TIME));
     let blocked = model.net.trains_blocked(&x, options.train);
-    let convs = if options.convs {
-        time_convs(
+    let (convs, peak_gflops) = if options.convs {
+        let report = time_convs(
             &model.conv_shapes((side, side)),
             options.batch_size,
             options.iterations,
             blocked,
-        )?
+        )?;
+        (report.timings, Some(report.peak_gflops))
     } else {
-        Vec::new()
+        let peak = options.peak.then(|| fma_peak(isa, PEAK_TIME).gflops);
+        (Vec::new(), peak)
     };
     Ok(BenchReport {
         model: options.model.clone(),
@@ -187,7 +188,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport> {
             Some(_) => "channel-blocked",
             None => "NCHW",
         }),
-        peak_gflops: peak.map(|p| p.gflops),
+        peak_gflops,
         forward_ms: ms(phases[0]),
         backward_ms: ms(phases[1]),
         update_ms: ms(phases[2]),

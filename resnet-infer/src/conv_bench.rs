@@ -9,8 +9,9 @@ use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv, S
 use resnet_core::ops::channel_blocks::to_blocked;
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
+use resnet_core::ops::peak::fma_peak;
 use serde::Serialize;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One pass of one shape: seconds per call, GFLOP/s, and the algorithm that ran.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -48,8 +49,13 @@ type Call<'a> = Box<dyn Fn() -> Result<()> + 'a>;
 
 /// Seconds per call of each of `calls` (warmed up): the median of `rounds` (at least one). The calls take turns,
 /// round after round, so that a slow moment of a shared machine spreads over every layer instead of falling on
-/// one; the median rather than the mean, so that it moves a layer's figure less.
-fn seconds_per_call(calls: &[Call], rounds: usize) -> Result<Vec<f64>> {
+/// one; the median rather than the mean, so that it moves a layer's figure less. `each_round` runs after the
+/// calls of every round.
+fn seconds_per_call(
+    calls: &[Call],
+    rounds: usize,
+    mut each_round: impl FnMut(),
+) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(rounds.max(1)); calls.len()];
     for _ in 0..rounds.max(1) {
         for (call, times) in calls.iter().zip(&mut times) {
@@ -57,6 +63,7 @@ fn seconds_per_call(calls: &[Call], rounds: usize) -> Result<Vec<f64>> {
             call()?;
             times.push(start.elapsed().as_secs_f64());
         }
+        each_round();
     }
     Ok(times
         .into_iter()
@@ -196,6 +203,16 @@ impl ShapeData {
     }
 }
 
+/// The timings of every distinct shape, and the FMA peak they are shares of.
+#[derive(Debug)]
+pub struct ConvReport {
+    pub timings: Vec<ConvTiming>,
+    /// The kernel set's FMA peak in GFLOP/s, all threads: the median of one short measurement per round, taken
+    /// in turn with the calls, so that a share compares a layer with the peak of the same moments of a shared
+    /// machine (one peak measured apart read 117 or 232 GFLOP/s a minute apart here).
+    pub peak_gflops: f64,
+}
+
 /// Times each distinct shape of `shapes` at `batch` images, `rounds` calls per pass after one warm-up, on the
 /// layout training runs on: NCHW, or blocks of `blocked` channels (`ResNet::trains_blocked`; the stem then reads
 /// the NCHW images and writes blocks). The algorithm of each pass is the one its last call ran.
@@ -204,7 +221,7 @@ pub fn time_convs(
     batch: usize,
     rounds: usize,
     blocked: Option<usize>,
-) -> Result<Vec<ConvTiming>> {
+) -> Result<ConvReport> {
     // (shape, count, whether a layer past the first has it)
     let mut distinct: Vec<(ConvShape, usize, bool)> = Vec::new();
     for (i, s) in shapes.iter().enumerate() {
@@ -244,7 +261,14 @@ pub fn time_convs(
             Ok(pass.and_then(last_algorithm))
         })
         .collect::<Result<Vec<_>>>()?;
-    let seconds = seconds_per_call(&calls, rounds)?;
+    // The peak takes its turn after the convolutions of each round: one chain round per thread (~10 ms).
+    let isa = Isa::current();
+    let mut peaks = Vec::new();
+    let seconds = seconds_per_call(&calls, rounds, || {
+        peaks.push(fma_peak(isa, Duration::ZERO).gflops)
+    })?;
+    peaks.sort_by(f64::total_cmp);
+    let peak_gflops = peaks[peaks.len() / 2];
     let mut timings: Vec<ConvTiming> = data
         .iter()
         .map(|d| ConvTiming {
@@ -279,7 +303,10 @@ pub fn time_convs(
             }
         }
     }
-    Ok(timings)
+    Ok(ConvReport {
+        timings,
+        peak_gflops,
+    })
 }
 
 /// A markdown table of the timings, with the total time of all the net's convolutions per pass; with a peak

@@ -263,7 +263,7 @@ impl BlockedConv {
 
     /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size).
     fn winograd(&self, x: BlockedSlice, residual: Option<&Blocked>) -> Blocked {
-        let tile = winograd::Tile::for_plane((x.h, x.w));
+        let tile = winograd::Tile::for_layer(x.n, (x.h, x.w));
         let u = self.winograd[tile as usize].get_or_init(|| {
             winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in), tile)
         });
@@ -474,16 +474,10 @@ impl BlockedConv {
                             run(img, t, x, out)
                         })
                 }
-                None => (0..n).into_par_iter().for_each(|img| {
-                    IMAGE.with_borrow_mut(|buf| {
-                        // SAFETY: `fill_image` writes all `image_len()` elements.
-                        let start = unsafe {
-                            init_aligned(buf, input.image_len(), |dst| input.fill_image(img, dst))
-                        };
-                        for t in 0..tasks_per_image {
-                            run(img, t, buf[start..].as_ptr(), out);
-                        }
-                    })
+                None => each_padded_image(&input, n, |img, x| {
+                    for t in 0..tasks_per_image {
+                        run(img, t, x.as_ptr(), out);
+                    }
                 }),
             }
         };
@@ -502,6 +496,19 @@ impl BlockedConv {
             lanes: b,
         })
     }
+}
+
+/// `compute(img, x)` for each of the `n` images of `input`, in parallel, `x` the image padded into the thread's
+/// buffer: the copy stays in the thread's cache, where a copy of the whole batch goes out to memory and back.
+pub(super) fn each_padded_image(input: &Padded, n: usize, compute: impl Fn(usize, &[f32]) + Sync) {
+    (0..n).into_par_iter().for_each(|img| {
+        IMAGE.with_borrow_mut(|buf| {
+            // SAFETY: `fill_image` writes all `image_len()` elements.
+            let start =
+                unsafe { init_aligned(buf, input.image_len(), |dst| input.fill_image(img, dst)) };
+            compute(img, &buf[start..]);
+        })
+    })
 }
 
 /// An NCHW output of `n` images of `image_out` values, each made in the thread's cache: image `img` of `input`

@@ -11,8 +11,8 @@
 //! stride-2 input gradients at 20–46 % of the FMA peak (`bench --convs --train`, AMD EPYC Zen 4).
 
 use super::conv::{
-    lanes, max_columns, nchw_image_by_image, row_kernel, Row, SendPtr, CHUNK_CHANNELS,
-    MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
+    each_padded_image, lanes, max_columns, nchw_image_by_image, row_kernel, Row, SendPtr,
+    CHUNK_CHANNELS, MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
 };
 use super::layout::{Blocked, BlockedSlice, Padded, Source};
 use crate::ops::cpu_slice::{written_by, LineAligned, Scratch};
@@ -163,7 +163,7 @@ fn strided_input_grad(
     // NCHW in the thread's cache. Through memory, the two conversions were 30 % of the call; ResNet-20's 16→32
     // layer at batch 128 (9 alternated runs of a probe, AMD EPYC Zen 4) went from 65–102 to 91–133 GFLOP/s.
     // (A blocked `dX` needs no conversion: the batch is padded whole.)
-    let per_image = !blocked && n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
+    let per_image = n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
     let padded = Padded::new(dy, 1, bi, per_image);
     let bias = vec![0f32; f * b];
     let job = Row {
@@ -235,6 +235,20 @@ fn strided_input_grad(
     };
     let image_in = padded.image_len();
     let image_out = c_in * h * w;
+    if blocked && padded.data().is_none() {
+        let fill = |buf: &mut [MaybeUninit<f32>]| {
+            let out = &SendPtr(buf.as_mut_ptr().cast::<f32>());
+            each_padded_image(&padded, n, |img, x| {
+                let image = SendPtr(out.0.wrapping_add(img * image_out));
+                for t in 0..tasks_per_image {
+                    run(t, x, &image);
+                }
+            })
+        };
+        // SAFETY: the classes partition every image's pixels, and each class's tasks write all of its pixels
+        // of every block.
+        return Ok(unsafe { written_by(n * image_out, fill) });
+    }
     let Some(dy_padded) = padded.data() else {
         let compute = |x: &[f32], out: &SendPtr| {
             for t in 0..tasks_per_image {
