@@ -1,0 +1,326 @@
+//! Winograd's forward on channel-blocked tensors (`[N, C/L, H, W, L]`, folded inference), its transforms on
+//! whole blocks: each tile value is one vector of the block's L channels, read from and finished into the
+//! blocked layout in place. (Transforming plane by plane instead splits every block into its L planes and
+//! interleaves the outputs back one value at a time, and vectorises over the tiles of one tile row, which
+//! leaves lanes idle on small planes: 4 of 16 on 14×14 with F(4×4).)
+//!
+//!   V `[T][A²][C_in]` (a tile's values together),  M_ξ = U_ξ · V_ξ stored `[A²][T][C_out]`,  y = Aᵀ M A
+//!
+//! The transforms make each value by the same operations, in the same order, as the plane-wise ones; the
+//! GEMMs (tiles × channels here, channels × tiles there) sum the products in their own order, so the two
+//! agree to rounding.
+
+use super::{
+    a_transposed_times, b_transposed_times, images_per_group, transform_lanes, with_kept, Buffers,
+    Finish, BUFFERS,
+};
+use crate::ops::cpu_slice::each_chunk;
+use crate::ops::gemm::matmul_strided;
+use crate::ops::isa::Isa;
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// `$body::<A, L>(args)` for blocks of `$lanes` = L channels (8 or 16), compiled for the kernel set `$isa`.
+macro_rules! by_lanes {
+    ($lanes:expr, $isa:expr, $avx512:ident, $avx2:ident, $body:ident, ($($arg:expr),*)) => {
+        match $lanes {
+            8 => on_kernel_set!($isa, x86::$avx512::<A, 8>, x86::$avx2::<A, 8>, $body::<A, 8>, ($($arg),*)),
+            16 => on_kernel_set!($isa, x86::$avx512::<A, 16>, x86::$avx2::<A, 16>, $body::<A, 16>, ($($arg),*)),
+            other => unreachable!("blocks of 8 or 16 channels, not {other}"),
+        }
+    };
+}
+
+/// The shape of one call: `n` images of `c_in` → `c_out` channels on `h`×`w` planes, in blocks of `lanes`.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    lanes: usize,
+    /// Tile rows and columns of a plane.
+    th: usize,
+    tw: usize,
+}
+
+impl Shape {
+    fn per_image(&self) -> usize {
+        self.th * self.tw
+    }
+}
+
+/// `ReLU?(conv3x3(x, w) + bias (+ residual))` of the blocked `x` into the blocked `y` (every value written),
+/// `u` the transformed weights by position ([`weights_by_position`]), the transforms compiled for `isa`, whose
+/// blocks are `lanes` wide.
+pub(super) fn forward<const A: usize>(
+    x: &[f32],
+    u: &[f32],
+    (n, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    (isa, lanes): (Isa, usize),
+    finish: Finish,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let m = A - 2;
+    let s = Shape {
+        c_in,
+        c_out,
+        h,
+        w,
+        lanes,
+        th: h.div_ceil(m),
+        tw: w.div_ceil(m),
+    };
+    let group = images_per_group(n, s.per_image());
+    let (image_in, image_out) = (c_in * h * w, c_out * h * w);
+    if n > group {
+        // Groups in parallel, each on one thread.
+        y.par_chunks_mut(group * image_out)
+            .zip(x.par_chunks(group * image_in))
+            .enumerate()
+            .for_each(|(g, (yg, xg))| {
+                with_kept(&BUFFERS, |buffers| {
+                    let finish = finish.for_images_from(g * group, image_out);
+                    run_group::<A>(xg, u, yg, s, buffers, (finish, isa), false);
+                })
+            });
+    } else {
+        // One group (a single image): each stage on all threads.
+        with_kept(&BUFFERS, |buffers| {
+            run_group::<A>(x, u, y, s, buffers, (finish, isa), true)
+        });
+    }
+}
+
+/// The images `xg` of one group into `yg`: their tiles' V, the A² GEMMs, the outputs; each stage on all
+/// threads when `parallel`.
+fn run_group<const A: usize>(
+    xg: &[f32],
+    u: &[f32],
+    yg: &mut [MaybeUninit<f32>],
+    s: Shape,
+    Buffers { v, m }: &mut Buffers,
+    (finish, isa): (Finish, Isa),
+    parallel: bool,
+) {
+    let (image_in, plane) = (s.c_in * s.h * s.w, s.h * s.w * s.lanes);
+    let tiles = xg.len() / image_in * s.per_image();
+    v.resize(tiles * A * A * s.c_in, 0.0);
+    m.resize(A * A * tiles * s.c_out, 0.0);
+    each_chunk(v, A * A * s.c_in, parallel, |t, vt| {
+        let (j, k) = (t / s.per_image(), t % s.per_image());
+        let job = InputTile {
+            x: &xg[j * image_in..][..image_in],
+            s,
+            tile: (k / s.tw, k % s.tw),
+        };
+        by_lanes!(
+            s.lanes,
+            isa,
+            input_tile_avx512,
+            input_tile_avx2,
+            input_tile_body,
+            (job, vt)
+        )
+    });
+    let v = &*v;
+    each_chunk(m, tiles * s.c_out, parallel, |xi, m_xi| {
+        // M_ξ = U_ξ · V_ξ, C_out×T stored by tile (column stride C_out), every operand's columns contiguous
+        // (a GEMM packs its left operand by columns: U by rows, element by element, took 80 % of the call).
+        // U_ξ: C_out×C_in, column stride C_out; V_ξ: C_in×T, element (i, t) at t·A²·C_in + ξ·C_in + i.
+        let len = s.c_out * s.c_in;
+        matmul_strided(
+            (s.c_out, tiles, s.c_in),
+            (m_xi, (1, s.c_out)),
+            false,
+            &u[xi * len..][..len],
+            (1, s.c_out),
+            &v[xi * s.c_in..],
+            (1, A * A * s.c_in),
+            Parallelism::None,
+        );
+    });
+    let m = &*m;
+    let blocks = s.c_out / s.lanes;
+    // One chunk per block of one image: its plane of `lanes`-channel pixels.
+    each_chunk(yg, plane, parallel, |k, out| {
+        let (j, ob) = (k / blocks, k % blocks);
+        let job = OutputPlane {
+            products: m,
+            tiles,
+            s,
+            first: j * s.per_image(),
+            block: ob,
+            bias: &finish.bias[ob * s.lanes..][..s.lanes],
+            residual: finish.residual.map(|r| &r[k * plane..][..plane]),
+            relu: finish.relu,
+        };
+        by_lanes!(
+            s.lanes,
+            isa,
+            output_plane_avx512,
+            output_plane_avx2,
+            output_plane_body,
+            (job, out)
+        )
+    });
+}
+
+/// U `[C_out][A²][C_in]` (as the plane-wise convolution takes it) by position: `[A²][C_in][C_out]`, each U_ξ
+/// with its output channels contiguous.
+pub(super) fn weights_by_position(u: &[f32], (c_out, c_in): (usize, usize)) -> Vec<f32> {
+    let positions = u.len() / (c_out * c_in);
+    let mut by_position = vec![0f32; u.len()];
+    by_position
+        .par_chunks_mut(c_in * c_out)
+        .enumerate()
+        .for_each(|(xi, u_xi)| {
+            for (i, row) in u_xi.chunks_exact_mut(c_out).enumerate() {
+                for (o, value) in row.iter_mut().enumerate() {
+                    *value = u[(o * positions + xi) * c_in + i];
+                }
+            }
+        });
+    by_position
+}
+
+/// One input tile to transform: the image's blocked input, and the tile's row and column.
+struct InputTile<'a> {
+    x: &'a [f32],
+    s: Shape,
+    tile: (usize, usize),
+}
+
+/// `Bᵀ d B` of the A×A input tile `d` (zeros past the plane's edge) of every block of channels, into `vt`:
+/// value ξ of block `cb` at `ξ·C_in + cb·L`, `L` lanes.
+#[inline(always)]
+fn input_tile_body<const A: usize, const L: usize>(
+    InputTile {
+        x,
+        s,
+        tile: (ty, tx),
+    }: InputTile,
+    vt: &mut [f32],
+) {
+    let m = A - 2;
+    // Input row and column of the tile's first value: one before the output tile (padding 1).
+    let (y0, x0) = ((m * ty) as isize - 1, (m * tx) as isize - 1);
+    let inside = |v: isize, side: usize| (0..side as isize).contains(&v);
+    let plane = s.h * s.w * L;
+    for (cb, xb) in x.chunks_exact(plane).enumerate() {
+        let mut d = [[[0f32; L]; A]; A];
+        for (r, row) in d.iter_mut().enumerate() {
+            let iy = y0 + r as isize;
+            if !inside(iy, s.h) {
+                continue;
+            }
+            for (c, value) in row.iter_mut().enumerate() {
+                let ix = x0 + c as isize;
+                if inside(ix, s.w) {
+                    let p = iy as usize * s.w + ix as usize;
+                    value.copy_from_slice(&xb[p * L..][..L]);
+                }
+            }
+        }
+        // Bᵀ d down each column, then (Bᵀ d) B along each row.
+        let mut columns = [[[0f32; L]; A]; A];
+        for (c, column) in columns.iter_mut().enumerate() {
+            *column =
+                transform_lanes::<A, L>(&std::array::from_fn(|r| d[r][c]), b_transposed_times::<A>);
+        }
+        for r in 0..A {
+            let row = transform_lanes::<A, L>(
+                &std::array::from_fn(|c| columns[c][r]),
+                b_transposed_times::<A>,
+            );
+            for (c, lanes) in row.iter().enumerate() {
+                vt[(r * A + c) * s.c_in + cb * L..][..L].copy_from_slice(lanes);
+            }
+        }
+    }
+}
+
+/// One output block of one image: the products of its tiles, and how its values are finished.
+struct OutputPlane<'a> {
+    /// M `[A²][T][C_out]` of the group's T tiles.
+    products: &'a [f32],
+    tiles: usize,
+    s: Shape,
+    /// The image's first tile in the group.
+    first: usize,
+    block: usize,
+    bias: &'a [f32],
+    /// The residual's plane of this block, blocked.
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+/// `ReLU?((Aᵀ M A + bias) + residual)` of every tile of the block into its blocked plane `out`.
+#[inline(always)]
+fn output_plane_body<const A: usize, const L: usize>(
+    job: OutputPlane,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (s, m) = (job.s, A - 2);
+    let floor = if job.relu { 0.0 } else { f32::NEG_INFINITY };
+    let bias: [f32; L] = std::array::from_fn(|l| job.bias[l]);
+    for ty in 0..s.th {
+        for tx in 0..s.tw {
+            let t = job.first + ty * s.tw + tx;
+            let at = |xi: usize| (xi * job.tiles + t) * s.c_out + job.block * L;
+            // Row r of M times A (m values), then Aᵀ down each of the m columns.
+            let rows: [[[f32; L]; A]; A] = std::array::from_fn(|r| {
+                let row = std::array::from_fn(|c| {
+                    let mut lanes = [0f32; L];
+                    lanes.copy_from_slice(&job.products[at(r * A + c)..][..L]);
+                    lanes
+                });
+                transform_lanes::<A, L>(&row, a_transposed_times::<A>)
+            });
+            let column = |j: usize| {
+                let lines = std::array::from_fn(|r| rows[r][j]);
+                transform_lanes::<A, L>(&lines, a_transposed_times::<A>)
+            };
+            for (j, column) in (0..m.min(s.w - m * tx)).map(column).enumerate() {
+                for (i, lanes) in column.iter().take(m.min(s.h - m * ty)).enumerate() {
+                    let p = ((m * ty + i) * s.w + m * tx + j) * L;
+                    for l in 0..L {
+                        let v = lanes[l] + bias[l];
+                        let v = job.residual.map_or(v, |r| v + r[p + l]);
+                        out[p + l].write(v.max(floor));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{input_tile_body, output_plane_body, InputTile, OutputPlane};
+    use std::mem::MaybeUninit;
+
+    /// Entry points that compile the transforms with `$features`.
+    macro_rules! entries {
+        ($input:ident, $output:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $input<const A: usize, const L: usize>(
+                job: InputTile,
+                vt: &mut [f32],
+            ) {
+                input_tile_body::<A, L>(job, vt)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $output<const A: usize, const L: usize>(
+                job: OutputPlane,
+                out: &mut [MaybeUninit<f32>],
+            ) {
+                output_plane_body::<A, L>(job, out)
+            }
+        };
+    }
+    entries!(input_tile_avx2, output_plane_avx2, "avx2");
+    entries!(input_tile_avx512, output_plane_avx512, "avx512f");
+}
