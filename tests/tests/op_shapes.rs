@@ -259,6 +259,19 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
     Ok(())
 }
 
+/// Whether the blocked forward runs a shape by Winograd's algorithm on a blocked batch of `n` (the rule of
+/// `ops::winograd::blocked_applies`, written out): 3×3 stride-1 layers of at least 32 channels on planes from
+/// 8×8 (F(4×4) tiles, 2×2 on an 8×8 plane), of 128 below (F(2×2), 4×4 on 7×7), whose GEMMs get 48 tiles or
+/// more (a group of up to 128 tiles of n / 2 images), or one image of 16 tiles or more.
+fn blocked_winograd(&(c_in, c_out, k, stride, _, side): &Shape, n: usize) -> bool {
+    let (m, min_channels) = if side >= 8 { (4, 32) } else { (2, 128) };
+    let tiles = side.div_ceil(m).pow(2);
+    let per_gemm = 128usize.div_ceil(tiles).min(n / 2).max(1) * tiles;
+    (k, stride) == (3, 1)
+        && c_in.min(c_out) >= min_channels
+        && if n == 1 { tiles >= 16 } else { per_gemm >= 48 }
+}
+
 /// The blocked-layout inference convolution (`ops::blocked`, what the folded nets run on the CPU) on every
 /// registered shape, batch 1 and 2 (and 5 on CIFAR planes), every kernel set: `ReLU(conv(x) + bias + residual)` against candle's
 /// `conv2d` and element-wise ops. The network's first convolution reads the NCHW image, the others a blocked input.
@@ -269,11 +282,12 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
     let mut ran = BTreeMap::<Isa, usize>::new();
     let mut algorithms = BTreeMap::<(Isa, &str), usize>::new();
     for shape @ &(c_in, c_out, k, stride, padding, side) in &all_conv_shapes() {
-        // Batch 5: more images than twice the threads, where a batch is padded image by image (and the 14×14
-        // planes have enough tiles for Winograd's GEMMs); batch 8 on 7×7 planes, for Winograd's too.
+        // Batch 5: more images than twice the threads, where a batch is padded image by image; batch 8 on
+        // 7×7 planes and 24 on CIFAR's 8×8 and 16×16 ones, for Winograd's GEMMs (48 tiles or more).
         let batches: &[usize] = match side {
             0..=7 => &[1, 2, 5, 8],
-            8..=32 => &[1, 2, 5],
+            8..=16 => &[1, 2, 5, 24],
+            17..=32 => &[1, 2, 5],
             _ => &[1, 2],
         };
         for &batch in batches {
@@ -301,12 +315,7 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
                 };
                 let r = Blocked::from_nchw(&residual, l)?;
                 let algorithm = conv.algorithm(source);
-                // Winograd's wherever the training forward takes it too (wide 3×3 stride-1 layers with
-                // enough tiles), on a blocked input.
-                let op = Conv2dOp { stride, padding };
-                let winograd = c_in % l == 0
-                    && Algorithm::choose(&op, x.shape(), w.shape(), Pass::Forward, isa)?
-                        == Algorithm::Winograd;
+                let winograd = c_in % l == 0 && blocked_winograd(shape, batch);
                 assert_eq!(
                     algorithm == BlockedAlgorithm::Winograd,
                     winograd,
@@ -331,8 +340,8 @@ fn blocked_convolution_on_every_registered_shape() -> anyhow::Result<()> {
     let cases: usize = all_conv_shapes()
         .iter()
         .map(|s| match s.5 {
-            0..=7 => 4,
-            8..=32 => 3,
+            0..=16 => 4,
+            17..=32 => 3,
             _ => 2,
         })
         .sum();

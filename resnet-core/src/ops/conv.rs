@@ -232,8 +232,10 @@ impl Geometry {
             _ => (self.c_in, self.c_out),
         };
         let winograd = self.is_3x3_same()
-            && match pass {
-                Pass::WeightGrad => winograd::weight_grad_applies(self.n, (inp, out), plane),
+            && match (pass, self.lanes) {
+                (Pass::WeightGrad, _) => winograd::weight_grad_applies(self.n, (inp, out), plane),
+                // On blocked tensors, the blocked forward's own rule (`BlockedConv::algorithm`).
+                (_, Some(_)) => winograd::blocked_applies(self.n, (inp, out), plane),
                 _ => winograd::applies(self.n, (inp, out), plane),
             };
         // With AVX2 and AVX-512 the blocked kernel, converting the layout on the way, takes the layers no

@@ -47,15 +47,38 @@ impl Tile {
         }
     }
 
-    /// The tile of the forward (and input gradient) over `n` images: [`Tile::for_plane`]'s, but F(4×4) on a
-    /// single image from 14×14 up, where F(2×2) does not run (see [`applies`]): its 16 tiles in 4×4 cover
-    /// 14×14 with 23 % padding, still ~3× fewer multiplies than the direct kernel. ResNet-50 inference at batch 1
-    /// (its five 256→256 layers on 14×14 from the direct kernel to F(4×4)): faster in 6 of 6 alternated runs,
-    /// 21.6–23.5 → 23.6–25.9 img/s (AMD EPYC Zen 4, 2 threads).
+    /// The tile of the NCHW forward (and input gradient) over `n` images: [`Tile::for_plane`]'s, but F(4×4) on
+    /// a single image from 14×14 up, where F(2×2) does not run (see [`applies`]): its 16 tiles in 4×4 cover
+    /// 14×14 with 23 % padding, still ~3× fewer multiplies than the direct kernel. ResNet-50 inference at
+    /// batch 1 when the blocked forward still ran these plane-wise transforms (its five 256→256 layers on 14×14
+    /// from the direct kernel to F(4×4)): faster in 6 of 6 alternated runs, 21.6–23.5 → 23.6–25.9 img/s (AMD
+    /// EPYC Zen 4, 2 threads).
     pub fn for_layer(n: usize, (h, w): (usize, usize)) -> Tile {
         match h.min(w) {
             14.. if n == 1 => Tile::F4,
             _ => Tile::for_plane((h, w)),
+        }
+    }
+
+    /// The tile of the blocked forward ([`forward_blocked`]), whose transforms take whole channel blocks and
+    /// cost little on any plane: F(4×4) from 8×8 up (an 8×8 plane is 2×2 tiles exactly), F(2×2) below. In
+    /// `bench --convs`, blocked inference forward, GFLOP/s-equivalent, direct / F(2×2) / F(4×4) (AMD EPYC
+    /// Zen 4, 2 threads, two runs each): ResNet-50 at batch 16, 256→256 on 14×14 – / 291–297 / 358–405; at
+    /// batch 1, 512→512 on 7×7 185–196 / 162–169 / 119–120 (4 tiles); CIFAR ResNet-56 at batch 500, 32→32
+    /// on 16×16 212 / 157 / 223–248, 64→64 on 8×8 216 / 244–258 / 353–373, 16→16 on 32×32 201 / – / 150.
+    pub fn for_blocked((h, w): (usize, usize)) -> Tile {
+        if h.min(w) >= 8 {
+            Tile::F4
+        } else {
+            Tile::F2
+        }
+    }
+
+    /// The fewest channels of the blocked forward's tile (see [`Tile::for_blocked`]): F(4×4) wins from 32.
+    fn min_blocked_channels(self) -> usize {
+        match self {
+            Tile::F2 => 128,
+            Tile::F4 => 32,
         }
     }
 
@@ -121,6 +144,21 @@ pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) 
     c_in.min(c_out) >= tile.min_channels()
         && match n {
             1 => tile == Tile::F4,
+            _ => images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES,
+        }
+}
+
+/// Whether [`forward_blocked`] runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over `n`
+/// blocked images of `h`×`w`, by the tile of [`Tile::for_blocked`]: layers of at least
+/// [`Tile::min_blocked_channels`], with GEMMs of at least 48 tiles (as [`applies`]) or a single image of 16
+/// tiles or more (14×14 with F(4×4); one 7×7 image, 4 tiles, ran at 119 GFLOP/s-equivalent against the direct
+/// kernel's 185).
+pub fn blocked_applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
+    let tile = Tile::for_blocked((h, w));
+    let tiles = Tiles::new(h, w, tile).count();
+    c_in.min(c_out) >= tile.min_blocked_channels()
+        && match n {
+            1 => tiles >= 16,
             _ => images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES,
         }
 }

@@ -202,15 +202,14 @@ impl BlockedConv {
     }
 
     /// The algorithm [`BlockedConv::forward`] runs on `x`: Winograd's for a blocked batch into a 3×3, stride-1,
-    /// padding-1 layer where [`winograd::applies`] (wide layers, two images or more, enough tiles per GEMM),
-    /// else the direct kernel. ResNet-50's layers at batch 16, the best of 40 alternated calls (AMD EPYC Zen 4),
-    /// with F(2×2) tiles: 128→128 on 28×28 216 → 249–263 GFLOP/s, 256→256 on 14×14 213–215 → 243–248,
-    /// 512→512 on 7×7 215–220 → 243–249.
+    /// padding-1 layer where [`winograd::blocked_applies`] (32 channels or more on planes from 8×8, 128 below;
+    /// enough tiles per GEMM, or one image of 14×14 or more), else the direct kernel. The figures are at
+    /// [`winograd::Tile::for_blocked`].
     pub fn algorithm(&self, x: Source) -> BlockedAlgorithm {
         let (n, _, h, w) = x.dims();
         let winograd = matches!(x, Source::Blocked(_))
             && (self.kernel, self.stride, self.padding) == (3, 1, 1)
-            && winograd::applies(n, (self.c_in, self.c_out), (h, w));
+            && winograd::blocked_applies(n, (self.c_in, self.c_out), (h, w));
         match winograd {
             true => BlockedAlgorithm::Winograd,
             false => BlockedAlgorithm::Direct,
@@ -238,7 +237,7 @@ impl BlockedConv {
     fn run(&self, x: Source, residual: Option<&Blocked>, dest: Dest) -> Result<Output> {
         self.check(x, residual)?;
         if let (Source::Blocked(b), BlockedAlgorithm::Winograd) = (x, self.algorithm(x)) {
-            return Ok(Output::Blocked(self.winograd(b, residual)));
+            return Ok(self.winograd(b, residual, dest));
         }
         if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
             // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
@@ -261,9 +260,10 @@ impl BlockedConv {
         })
     }
 
-    /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size).
-    fn winograd(&self, x: BlockedSlice, residual: Option<&Blocked>) -> Blocked {
-        let tile = winograd::Tile::for_layer(x.n, (x.h, x.w));
+    /// The Winograd forward of a checked blocked input (3×3, stride 1, padding 1: the output is the input's size),
+    /// blocked, in a plain vector for `Dest::Values`.
+    fn winograd(&self, x: BlockedSlice, residual: Option<&Blocked>, dest: Dest) -> Output {
+        let tile = winograd::Tile::for_blocked((x.h, x.w));
         let u = self.winograd[tile as usize].get_or_init(|| {
             winograd::forward_weights(&self.unpacked_weights(), (self.c_out, self.c_in), tile)
         });
@@ -274,20 +274,23 @@ impl BlockedConv {
         };
         let dims = (x.n, self.c_in, self.c_out, x.h, x.w);
         let len = x.n * self.c_out * x.h * x.w;
-        // SAFETY: `forward_blocked` writes every value of its output.
-        let data = unsafe {
-            Scratch::written_by(len, |y| {
-                winograd::forward_blocked(x.data, (u, tile, self.isa), dims, self.lanes, finish, y)
-            })
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            winograd::forward_blocked(x.data, (u, tile, self.isa), dims, self.lanes, finish, y)
         };
-        Blocked {
+        if dest == Dest::Values {
+            // SAFETY: `forward_blocked` writes every value of its output.
+            return Output::Values(unsafe { written_by(len, fill) });
+        }
+        // SAFETY: as above.
+        let data = unsafe { Scratch::written_by(len, fill) };
+        Output::Blocked(Blocked {
             data,
             n: x.n,
             c: self.c_out,
             h: x.h,
             w: x.w,
             lanes: self.lanes,
-        }
+        })
     }
 
     /// The weights `[C_out, C_in, k, k]` back from their packing (see `from_slice`).
