@@ -262,14 +262,18 @@ fn check_batch_norm(channels: usize, side: usize, dev: &Device) -> anyhow::Resul
 /// Whether the blocked forward runs a shape by Winograd's algorithm on a blocked batch of `n` (the rule of
 /// `ops::winograd::blocked_applies`, written out): 3×3 stride-1 layers of at least 32 channels on planes from
 /// 8×8 (F(4×4) tiles, 2×2 on an 8×8 plane), of 128 below (F(2×2), 4×4 on 7×7), whose GEMMs get 48 tiles or
-/// more (a group of up to 128 tiles of n / 2 images), or one image of 16 tiles or more.
+/// more (a group of up to 128 tiles of n / 2 images), or one image of 16 F(4×4) tiles or more.
 fn blocked_winograd(&(c_in, c_out, k, stride, _, side): &Shape, n: usize) -> bool {
     let (m, min_channels) = if side >= 8 { (4, 32) } else { (2, 128) };
     let tiles = side.div_ceil(m).pow(2);
     let per_gemm = 128usize.div_ceil(tiles).min(n / 2).max(1) * tiles;
     (k, stride) == (3, 1)
         && c_in.min(c_out) >= min_channels
-        && if n == 1 { tiles >= 16 } else { per_gemm >= 48 }
+        && if n == 1 {
+            m == 4 && tiles >= 16
+        } else {
+            per_gemm >= 48
+        }
 }
 
 /// The blocked-layout inference convolution (`ops::blocked`, what the folded nets run on the CPU) on every

@@ -151,14 +151,14 @@ pub fn applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) 
 /// Whether [`forward_blocked`] runs a 3×3/stride-1/padding-1 convolution of `c_in` → `c_out` channels over `n`
 /// blocked images of `h`×`w`, by the tile of [`Tile::for_blocked`]: layers of at least
 /// [`Tile::min_blocked_channels`], with GEMMs of at least 48 tiles (as [`applies`]) or a single image of 16
-/// tiles or more (14×14 with F(4×4); one 7×7 image, 4 tiles, ran at 119 GFLOP/s-equivalent against the direct
-/// kernel's 185).
+/// F(4×4) tiles or more (14×14 and up; one 7×7 image ran at 162–169 GFLOP/s-equivalent with F(2×2)'s 16 tiles,
+/// 119 with F(4×4)'s 4, the direct kernel at 185–196).
 pub fn blocked_applies(n: usize, (c_in, c_out): (usize, usize), (h, w): (usize, usize)) -> bool {
     let tile = Tile::for_blocked((h, w));
     let tiles = Tiles::new(h, w, tile).count();
     c_in.min(c_out) >= tile.min_blocked_channels()
         && match n {
-            1 => tiles >= 16,
+            1 => tile == Tile::F4 && tiles >= 16,
             _ => images_per_group(n, tiles) * tiles >= MIN_GEMM_TILES,
         }
 }
