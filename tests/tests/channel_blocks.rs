@@ -227,10 +227,11 @@ fn a_blocked_training_step_is_the_same_on_any_thread_count() -> anyhow::Result<(
         let dev = Device::Cpu;
         let model = Model::by_name("resnet20", 0, &dev)?;
         // Batch 3 runs the convolutions image by image on one thread and as whole batches on two; batch 8
-        // image by image on both.
-        for n in [3, 8] {
+        // image by image on both; batch 32 the 32- and 64-channel layers by Winograd's algorithm (groups of
+        // images in parallel on two threads, one after the other on one).
+        for n in [3, 8, 32] {
             let images = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), &dev)?;
-            let labels = Tensor::new((0..n as u32).collect::<Vec<_>>(), &dev)?;
+            let labels = Tensor::new((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), &dev)?;
             if Isa::best_available() != Isa::Generic {
                 assert!(model.net.trains_blocked(&images, true).is_some());
             }

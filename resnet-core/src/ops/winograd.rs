@@ -1268,8 +1268,8 @@ mod tests {
                         forward_blocked(&blocked_x, (&u, tile, isa), dims, lanes, finish, y)
                     })
                 };
-                // The products are summed by a GEMM of the other orientation (tiles × channels): equal to
-                // rounding, not to the bit.
+                // The GEMMs read their operands in other layouts: equal to rounding, not necessarily to the
+                // bit.
                 assert_close(
                     &format!("{tile:?} {isa} blocked forward {dims:?}"),
                     &got,

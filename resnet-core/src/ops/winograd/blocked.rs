@@ -1,5 +1,5 @@
-//! Winograd's forward on channel-blocked tensors (`[N, C/L, H, W, L]`, folded inference), its transforms on
-//! whole blocks: each tile value is one vector of the block's L channels, read from and finished into the
+//! Winograd's forward on channel-blocked tensors (`[N, C/L, H, W, L]`: folded inference, and the forward and
+//! stride-1 input gradient of the CIFAR nets' training on blocked tensors), its transforms on whole blocks: each tile value is one vector of the block's L channels, read from and finished into the
 //! blocked layout in place. (Transforming plane by plane instead splits every block into its L planes and
 //! interleaves the outputs back one value at a time, and vectorises over the tiles of one tile row, which
 //! leaves lanes idle on small planes: 4 of 16 on 14×14 with F(4×4).)
@@ -7,8 +7,8 @@
 //!   V `[T][A²][C_in]` (a tile's values together),  M_ξ = U_ξ · V_ξ stored `[A²][T][C_out]`,  y = Aᵀ M A
 //!
 //! The transforms make each value by the same operations, in the same order, as the plane-wise ones; the
-//! GEMMs (tiles × channels here, channels × tiles there) sum the products in their own order, so the two
-//! agree to rounding.
+//! GEMMs read their operands in other layouts, which the GEMM may block and sum in another order, so the two
+//! agree to rounding, not necessarily to the bit.
 
 use super::{
     a_transposed_times, b_transposed_times, images_per_group, transform_lanes, with_kept, Buffers,
@@ -32,9 +32,9 @@ macro_rules! by_lanes {
     };
 }
 
-/// The shape of one call: `n` images of `c_in` → `c_out` channels on `h`×`w` planes, in blocks of `lanes`.
+/// The sizes of one call: `n` images of `c_in` → `c_out` channels on `h`×`w` planes, in blocks of `lanes`.
 #[derive(Debug, Clone, Copy)]
-struct Shape {
+struct Dims {
     c_in: usize,
     c_out: usize,
     h: usize,
@@ -45,7 +45,7 @@ struct Shape {
     tw: usize,
 }
 
-impl Shape {
+impl Dims {
     fn per_image(&self) -> usize {
         self.th * self.tw
     }
@@ -63,7 +63,7 @@ pub(super) fn forward<const A: usize>(
     y: &mut [MaybeUninit<f32>],
 ) {
     let m = A - 2;
-    let s = Shape {
+    let s = Dims {
         c_in,
         c_out,
         h,
@@ -99,7 +99,7 @@ fn run_group<const A: usize>(
     xg: &[f32],
     u: &[f32],
     yg: &mut [MaybeUninit<f32>],
-    s: Shape,
+    s: Dims,
     Buffers { v, m }: &mut Buffers,
     (finish, isa): (Finish, Isa),
     parallel: bool,
@@ -188,7 +188,7 @@ pub(super) fn weights_by_position(u: &[f32], (c_out, c_in): (usize, usize)) -> V
 /// One input tile to transform: the image's blocked input, and the tile's row and column.
 struct InputTile<'a> {
     x: &'a [f32],
-    s: Shape,
+    s: Dims,
     tile: (usize, usize),
 }
 
@@ -246,7 +246,7 @@ struct OutputPlane<'a> {
     /// M `[A²][T][C_out]` of the group's T tiles.
     products: &'a [f32],
     tiles: usize,
-    s: Shape,
+    s: Dims,
     /// The image's first tile in the group.
     first: usize,
     block: usize,
