@@ -162,7 +162,9 @@ fn strided_input_grad(
     // A large batch runs image by image: each image's `dY` padded, its classes computed and its `dX` turned to
     // NCHW in the thread's cache. Through memory, the two conversions were 30 % of the call; ResNet-20's 16→32
     // layer at batch 128 (9 alternated runs of a probe, AMD EPYC Zen 4) went from 65–102 to 91–133 GFLOP/s.
-    // (A blocked `dX` needs no conversion: the batch is padded whole.)
+    // A blocked `dX` needs no conversion, but its `dY` is padded image by image too, in the thread's cache
+    // instead of the whole batch through memory (ResNet-20's 16→32 layer in `bench --convs`: 117–139 → 134–141
+    // GFLOP/s, 3 alternated runs, same machine).
     let per_image = n >= PER_IMAGE_BATCHES * rayon::current_num_threads();
     let padded = Padded::new(dy, 1, bi, per_image);
     let bias = vec![0f32; f * b];
