@@ -1,8 +1,8 @@
 //! Train-mode parity with PyTorch on `cifar-resnet20-train.safetensors` (CIFAR ResNet-20, option A):
 //! logits and loss ≤ 1e-4 relative, every gradient ‖a−b‖ ≤ 1e-3‖b‖, BN running stats after one forward ≤ 1e-5.
 
-use candle_core::{DType, Device};
-use resnet_core::ops::blocked::lanes;
+use candle_core::{DType, Device, Tensor};
+use resnet_core::ops::blocked::{lanes, Blocked, BlockedAlgorithm, BlockedConv};
 use resnet_core::ops::isa::Isa;
 use resnet_core::Model;
 use tests::{for_each_isa, load_fixture, max_abs, max_abs_diff, rel_norm_diff, strip_prefix};
@@ -23,6 +23,26 @@ fn train_step_matches(isa: Isa) -> anyhow::Result<()> {
         (isa != Isa::Generic).then(|| lanes(isa)),
         "{isa}"
     );
+    if isa != Isa::Generic {
+        // At the fixture's batch (32) the 32→32 layers on 16×16 and the 64→64 ones on 8×8 run Winograd's
+        // algorithm on the blocked layout (forward and input gradient), the others the direct blocked kernel:
+        // this fixture holds both against PyTorch.
+        let batch = f["x"].dim(0)?;
+        for (layer, side, expected) in [
+            ("layer1.0.conv2", 32, BlockedAlgorithm::Direct),
+            ("layer2.0.conv2", 16, BlockedAlgorithm::Winograd),
+            ("layer3.0.conv2", 8, BlockedAlgorithm::Winograd),
+        ] {
+            let w = &f[&format!("init.{layer}.weight")];
+            let c = w.dim(0)?;
+            let conv = BlockedConv::new(isa, w, &vec![0.0; c], (1, 1), false)?;
+            let x = Blocked::from_nchw(
+                &Tensor::zeros((batch, c, side, side), DType::F32, &Device::Cpu)?,
+                lanes(isa),
+            )?;
+            assert_eq!(conv.algorithm(x.source()), expected, "{isa} {layer}");
+        }
+    }
 
     let logits = model.forward_t(&f["x"], true)?;
     let y = f["y"].to_dtype(DType::U32)?;
