@@ -14,8 +14,10 @@ use rayon::prelude::*;
 /// CIFAR ResNet-56 at batch 500 (64 KB per image), img/s by pass size, one run each (AMD EPYC Zen 4, 2 threads):
 /// 8 images 825, 16 849, 32 839, 64 806, the whole batch 780. Passes of 16 against the whole batch, 10
 /// alternated rounds: a median 1.03× (0.98–1.08×; faster in 6, the other 4 within 2.3 %). The peak RSS falls
-/// from 162 to 48 MB.
-const PASS_BYTES: usize = 1 << 20;
+/// from 162 to 48 MB. Since the blocked Winograd kernels, passes of 32: the 64→64 layers on 8×8 then have GEMMs
+/// of 48 tiles or more (`winograd::blocked_applies`) and leave the direct kernel; 16 → 32 images, 6 alternated
+/// rounds: 1.067× (faster in 6; AVX2 1.083×, 3 of 4), ResNet-20 1.097× (4 of 4); 64 images level with 32.
+const PASS_BYTES: usize = 2 << 20;
 
 /// The fewest images per pass: enough to share a layer's work among the threads.
 const MIN_IMAGES_PER_PASS: usize = 8;
