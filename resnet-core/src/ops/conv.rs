@@ -252,9 +252,8 @@ impl Geometry {
         }
     }
 
-    /// Whether the blocked kernel computes `pass`: with AVX2 or AVX-512, a square kernel wider than 1×1 (or the
-    /// forward of a strided 1×1 one, see `BlockedConv::strided_pointwise_applies`) with output channels in whole
-    /// blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
+    /// Whether the blocked kernel computes `pass`: with AVX2 or AVX-512, a square kernel wider than 1×1 with
+    /// output channels in whole blocks (for the input gradient, a 3×3 stride-1 layer: it is then a convolution
     /// too; or a 3×3 stride-2 one on a plane wide enough, by its sub-pixel classes, see
     /// `blocked::strided_input_grad_applies`; for the weight gradient, a 3×3 layer of either stride or the 7×7
     /// stem, see `blocked::weight_grad`).
@@ -271,11 +270,8 @@ impl Geometry {
     fn blocked_applies(&self, pass: Pass, isa: Isa) -> bool {
         matches!(isa, Isa::Avx2 | Isa::Avx512)
             && self.kh == self.kw
+            && self.kh > 1
             && match pass {
-                Pass::Forward if self.is_strided_pointwise() => {
-                    BlockedConv::strided_pointwise_applies(isa, self.c_out, self.oh * self.ow)
-                }
-                _ if self.kh == 1 => false,
                 Pass::Forward => BlockedConv::applies(isa, self.c_out),
                 Pass::InputGrad => {
                     (self.kh, self.pad) == (3, 1)

@@ -108,15 +108,6 @@ impl BlockedConv {
         c_out.is_multiple_of(lanes(isa))
     }
 
-    /// Whether [`BlockedConv::strided_pointwise_on_nchw`] computes a strided 1×1 convolution to `c_out`
-    /// channels and `out_pixels` pixels per output plane on `isa`: where an image's output stays in cache on its
-    /// way to NCHW ([`PER_IMAGE_MIN_PIXELS`]). Against im2col + GEMM, batch 16, GFLOP/s of 6 alternated runs
-    /// each (AMD EPYC Zen 4, repeated calls): 64→128 on 56×56 124–143 → 132–154 (faster in 5), 128→256 on 28×28
-    /// 148–170 → 147–172 (4), 256→512 on 14×14 (49 pixels, whole batch) 131–140 → 115–136 (slower in 5).
-    pub fn strided_pointwise_applies(isa: Isa, c_out: usize, out_pixels: usize) -> bool {
-        Self::applies(isa, c_out) && out_pixels >= PER_IMAGE_MIN_PIXELS
-    }
-
     /// `weight` `[C_out, C_in, k, k]` and `bias` `[C_out]` (the folded BatchNorm's shift).
     pub fn new(
         isa: Isa,
@@ -142,37 +133,6 @@ impl BlockedConv {
         w: &[f32],
         (c_out, c_in, k): (usize, usize, usize),
         bias: &[f32],
-        geometry: (usize, usize),
-        relu: bool,
-    ) -> Result<Self> {
-        let bi = if c_in.is_multiple_of(lanes(isa)) {
-            lanes(isa)
-        } else {
-            c_in
-        };
-        Self::packed(isa, w, (c_out, c_in, k), bi, bias, geometry, relu)
-    }
-
-    /// As [`BlockedConv::from_slice`] for a strided 1×1 convolution (no bias, no ReLU) of an NCHW input, read in
-    /// place as blocks of one channel: each step broadcasts one pixel of one input plane, `stride` pixels apart,
-    /// so the input needs no subsampled or blocked copy (ResNet-18's projection shortcuts in training).
-    pub fn strided_pointwise_on_nchw(
-        isa: Isa,
-        w: &[f32],
-        (c_out, c_in): (usize, usize),
-        stride: usize,
-    ) -> Result<Self> {
-        let bias = vec![0.0; c_out];
-        Self::packed(isa, w, (c_out, c_in, 1), 1, &bias, (stride, 0), false)
-    }
-
-    /// The weights packed in input blocks of `bi` channels.
-    fn packed(
-        isa: Isa,
-        w: &[f32],
-        (c_out, c_in, k): (usize, usize, usize),
-        bi: usize,
-        bias: &[f32],
         (stride, padding): (usize, usize),
         relu: bool,
     ) -> Result<Self> {
@@ -196,6 +156,11 @@ impl BlockedConv {
             2
         } else {
             1
+        };
+        let bi = if c_in.is_multiple_of(lanes) {
+            lanes
+        } else {
+            c_in
         };
         // `[C_out / (F·B)][C_in / bi][k][k][bi][F][B]`, in order.
         let packed = (0..c_out / (group * lanes)).flat_map(move |g| {
@@ -481,8 +446,7 @@ impl BlockedConv {
             unsafe { kernel(&row) };
         };
         let image_out = self.c_out * oh * ow;
-        // Image by image where the batch is padded so, or read in place as NCHW blocks of one channel.
-        if nchw && (input.data().is_none() || (per_image && input.bi == 1)) {
+        if nchw && input.data().is_none() {
             debug_assert!(residual.is_none());
             let compute = |x: &[f32], out: &SendPtr| {
                 for t in 0..tasks_per_image {
@@ -548,9 +512,14 @@ impl BlockedConv {
 /// `compute(img, x)` for each of the `n` images of `input`, in parallel, `x` the image padded into the thread's
 /// buffer: the copy stays in the thread's cache, where a copy of the whole batch goes out to memory and back.
 pub(super) fn each_padded_image(input: &Padded, n: usize, compute: impl Fn(usize, &[f32]) + Sync) {
-    (0..n)
-        .into_par_iter()
-        .for_each(|img| IMAGE.with_borrow_mut(|buf| compute(img, input.image(img, buf))))
+    (0..n).into_par_iter().for_each(|img| {
+        IMAGE.with_borrow_mut(|buf| {
+            // SAFETY: `fill_image` writes all `image_len()` elements.
+            let start =
+                unsafe { init_aligned(buf, input.image_len(), |dst| input.fill_image(img, dst)) };
+            compute(img, &buf[start..]);
+        })
+    })
 }
 
 /// An NCHW output of `n` images of `image_out` values, each made in the thread's cache: image `img` of `input`
@@ -571,11 +540,13 @@ pub(super) unsafe fn nchw_image_by_image(
             .for_each(|(img, dst)| {
                 IMAGE.with_borrow_mut(|x| {
                     OUT_IMAGE.with_borrow_mut(|y| {
-                        let x = input.image(img, x);
-                        // SAFETY: `compute` writes all `image_out` values (the caller's promise).
+                        // SAFETY: `fill_image` writes all `image_len()` elements, `compute` all `image_out`
+                        // (the caller's promise).
                         let y_at = unsafe {
+                            let x_at =
+                                init_aligned(x, input.image_len(), |d| input.fill_image(img, d));
                             init_aligned(y, image_out, |d| {
-                                compute(x, &SendPtr(d.as_mut_ptr().cast::<f32>()))
+                                compute(&x[x_at..], &SendPtr(d.as_mut_ptr().cast::<f32>()))
                             })
                         };
                         let blocks = y[y_at..].chunks_exact(plane);

@@ -1,7 +1,7 @@
 //! The channel-blocked activation layout `[N, C/B, H, W, B]` (NCHW8c for AVX2 and portable code, NCHW16c for
 //! AVX-512), its conversions from and to NCHW, and the zero-bordered copy a padded convolution reads.
 
-use crate::ops::cpu_slice::{init_aligned, Scratch};
+use crate::ops::cpu_slice::Scratch;
 use crate::ops::isa::Isa;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
@@ -263,8 +263,6 @@ impl<'a> Padded<'a> {
         };
         match src {
             Source::Blocked(b) if pad == 0 && b.lanes == bi => padded.data = Data::InPlace(b.data),
-            // NCHW is blocks of one channel.
-            Source::Nchw { data, .. } if pad == 0 && bi == 1 => padded.data = Data::InPlace(data),
             _ if per_image => {}
             _ => {
                 let plane = padded.plane();
@@ -312,17 +310,6 @@ impl<'a> Padded<'a> {
             Data::PerImage => None,
             _ => Some(self.batch_data()),
         }
-    }
-
-    /// Image `img`'s `image_len()` elements where they lie (read in place or copied whole), or else copied
-    /// into `buf`.
-    pub fn image<'b>(&'b self, img: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        if let Some(data) = self.data() {
-            return &data[img * self.image_len()..][..self.image_len()];
-        }
-        // SAFETY: `fill_image` writes all `image_len()` elements.
-        let start = unsafe { init_aligned(buf, self.image_len(), |dst| self.fill_image(img, dst)) };
-        &buf[start..]
     }
 
     /// Image `img`'s `image_len()` elements.
