@@ -36,6 +36,9 @@ const MIN_TASK_FLOPS: usize = 2_000_000;
 /// Kernel sizes with a kernel here, each with padding k/2: 3×3 and the 7×7 stem.
 pub const KERNELS: [usize; 2] = [3, 7];
 
+/// Values per task when the groups' partial sums are added: 16 KB of sums stay in L1 while each group's are added.
+const SUM_CHUNK: usize = 4096;
+
 /// Whether [`weight_grad`] computes the weight gradient of a `kernel`×`kernel` convolution with padding
 /// `padding` from `c_in` to `c_out` channels on `isa`: a size of [`KERNELS`] padded by half of it, output
 /// channels in whole blocks.
@@ -194,7 +197,19 @@ pub fn weight_grad(
     let whole = tiles * channel_groups * tile_len;
     // SAFETY: the tasks write every chunk of `tile_len` values.
     let partials = unsafe { written_by(groups * whole, fill) };
-    // `[C_out, C_in, k, k]`, each value its groups' partial sums added in group order, on all threads.
+    // The groups' partial sums added in group order, (((0 + p₀) + p₁) + …), value by value along the partials: a
+    // sum per value gathered across the groups (`whole` values apart, 16 groups of 147 KB for ResNet-20's 64→64
+    // at b128) read a new cache line at every term.
+    let mut sums = vec![0f32; whole];
+    sums.par_chunks_mut(SUM_CHUNK)
+        .enumerate()
+        .for_each(|(j, sum)| {
+            for part in partials.chunks_exact(whole) {
+                let part = &part[j * SUM_CHUNK..][..sum.len()];
+                sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+            }
+        });
+    // `[C_out, C_in, k, k]` from the sums, on all threads.
     let gather = |dw: &mut [MaybeUninit<f32>]| {
         dw.par_chunks_mut(c_in * taps)
             .enumerate()
@@ -206,7 +221,7 @@ pub fn weight_grad(
                         + lane;
                     for (tap, v) in kernel.iter_mut().enumerate() {
                         let i = at + tap * f * b;
-                        v.write((0..groups).fold(0.0, |sum, g| sum + partials[g * whole + i]));
+                        v.write(sums[i]);
                     }
                 }
             })
