@@ -196,19 +196,20 @@ pub fn weight_grad(
     };
     let whole = tiles * channel_groups * tile_len;
     // SAFETY: the tasks write every chunk of `tile_len` values.
-    let partials = unsafe { written_by(groups * whole, fill) };
-    // The groups' partial sums added in group order, (((0 + p₀) + p₁) + …), value by value along the partials: a
-    // sum per value gathered across the groups (`whole` values apart, 16 groups of 147 KB for ResNet-20's 64→64
-    // at b128) read a new cache line at every term.
-    let mut sums = vec![0f32; whole];
+    let mut partials = unsafe { written_by(groups * whole, fill) };
+    // The other groups' partial sums added into the first group's, in group order, value by value along them (a
+    // single group is its own sum): a sum per value gathered across the groups (`whole` values apart, 16 groups
+    // of 147 KB for ResNet-20's 64→64 at b128) read a new cache line at every term.
+    let (sums, others) = partials.split_at_mut(whole);
     sums.par_chunks_mut(SUM_CHUNK)
         .enumerate()
         .for_each(|(j, sum)| {
-            for part in partials.chunks_exact(whole) {
+            for part in others.chunks_exact(whole) {
                 let part = &part[j * SUM_CHUNK..][..sum.len()];
                 sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
             }
         });
+    let sums = &*sums;
     // `[C_out, C_in, k, k]` from the sums, on all threads.
     let gather = |dw: &mut [MaybeUninit<f32>]| {
         dw.par_chunks_mut(c_in * taps)
