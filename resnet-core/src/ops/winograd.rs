@@ -752,9 +752,11 @@ fn transform_inputs<const A: usize>(
                 let shift = transform.shift();
                 for (r, line) in src.chunks(wd).enumerate() {
                     let row = &mut s.plane[(r + shift) * t.row_len()..][..t.row_len()];
+                    // M = A − 2 output pixels per tile side (`by_tile!`: A is 4 or 6).
                     match A {
                         4 => split_row::<2>(isa, line, row, t, shift),
-                        _ => split_row::<4>(isa, line, row, t, shift),
+                        6 => split_row::<4>(isa, line, row, t, shift),
+                        _ => unreachable!("input tiles of 4 or 6"),
                     }
                 }
                 let job = PlaneTiles {
