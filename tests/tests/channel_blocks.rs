@@ -84,7 +84,12 @@ fn blocked_equals_nchw(
         &nchw,
         tolerance,
     );
-    let up = Tensor::randn(0f32, 1.0, nchw.shape(), x.device())?;
+    // No upstream gradient where one output is 0 and the other is not: a ReLU input within rounding of 0,
+    // whose sign the two computations' different summation orders may flip, so that one passes the gradient
+    // and the other does not (~1 run in 30 failed so). Every other element, masked or not, is compared.
+    let zero = |y: &Tensor| y.eq(0f32);
+    let agree = zero(&nchw)?.eq(&zero(&blocked)?)?.to_dtype(nchw.dtype())?;
+    let up = (Tensor::randn(0f32, 1.0, nchw.shape(), x.device())? * agree)?;
     let grads = |y: &Tensor| -> candle_core::Result<GradStore> { (y * &up)?.sum_all()?.backward() };
     let (g_nchw, g_blocked) = (grads(&nchw)?, grads(&blocked)?);
     for (i, v) in std::iter::once(x).chain(params.iter().copied()).enumerate() {

@@ -7,14 +7,13 @@
 //! partial sums (so the loops vectorise instead of waiting on one accumulator).
 
 use crate::ops::add_relu::relu_mask;
+use crate::ops::batch_norm_kernels::{self as kernels, Chunk, GradientParams, LaneArray, LANES};
 use crate::ops::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::isa::Isa;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
-
-/// Independent partial sums per reduction: enough to fill the vector units and hide the add latency.
-const LANES: usize = 16;
 
 /// Terms per f32 partial sum before it is added into f64 (rounding ~√n·ε of the partial).
 const TERMS_PER_LANE: usize = 1024;
@@ -70,7 +69,7 @@ impl Channels {
     }
 
     /// `per_channel[ch]` for the `lanes` channels of chunk `i`, at the front of a lane array.
-    fn lane_values(&self, i: usize, per_channel: &[f32]) -> [f32; LANES] {
+    fn lane_values(&self, i: usize, per_channel: &[f32]) -> LaneArray {
         let first = self.first_channel(i);
         // Whole copies of the block's values (lanes divide LANES), not a division per lane: ~1 % of a
         // ResNet-18 training step in `perf`, where every chunk is one NCHW plane.
@@ -82,8 +81,17 @@ impl Channels {
     }
 }
 
-/// Per channel `(Σ a, Σ b)` over data laid out as `dims` with `(a, b) = terms(params[ch], x[i], g[i], y[i])`
-/// (equally long slices).
+/// The two sums per channel of a [`channel_sums`] pass.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// `(Σ d, Σ d²)`, `d = x − params[ch]` (the shift).
+    Statistics,
+    /// `(Σ g·(x − params[ch]), Σ g)` (the mean), `g = dy` masked by the ReLU's output `y` where `relu`.
+    Gradient { relu: bool },
+}
+
+/// Per channel `(Σ a, Σ b)` of `sums` over `(x, dy, y)` laid out as `dims` (equally long slices; the statistics
+/// read only `x`).
 ///
 /// The batch is read in order, in fixed groups of images, each group summing every channel into `LANES` f32
 /// partial sums per reduction (at most [`TERMS_PER_LANE`] terms each, or one plane's share where a plane is
@@ -96,8 +104,9 @@ fn channel_sums(
     (x, g, y): (&[f32], &[f32], &[f32]),
     dims: Channels,
     params: &[f32],
-    terms: impl Fn(f32, f32, f32, f32) -> (f32, f32) + Sync,
+    sums: Sums,
 ) -> Vec<(f64, f64)> {
+    let isa = Isa::current();
     let (n, c, chunk) = (dims.n, dims.c, dims.chunk());
     let blocks = c / dims.lanes;
     let (g, y) = (&g[..x.len()], &y[..x.len()]);
@@ -109,8 +118,21 @@ fn channel_sums(
             for (block, (a, b)) in lanes.iter_mut().enumerate() {
                 let i = img * blocks + block;
                 let span = i * chunk..(i + 1) * chunk;
-                let (xs, gs, ys) = (&x[span.clone()], &g[span.clone()], &y[span]);
-                lane_accumulate((xs, gs, ys), (a, b), &dims.lane_values(i, params), &terms);
+                let params = &dims.lane_values(i, params);
+                let chunk = match sums {
+                    Sums::Statistics => Chunk::Statistics {
+                        x: &x[span],
+                        shift: params,
+                        sums: (a, b),
+                    },
+                    Sums::Gradient { relu } => Chunk::GradientSums {
+                        xgy: (&x[span.clone()], &g[span.clone()], &y[span]),
+                        mean: params,
+                        relu,
+                        sums: (a, b),
+                    },
+                };
+                kernels::run(isa, chunk);
             }
         }
         let total = |v: &[f32; LANES], lane: usize| {
@@ -140,75 +162,6 @@ fn channel_sums(
     sums
 }
 
-/// Adds `terms(params[l], x[i], g[i], y[i])` of one chunk into the partial sums `(a, b)`, element `i` into lane
-/// `l = i % LANES`. Fixed-size chunks let the compiler drop bounds checks and vectorise.
-#[inline(always)]
-fn lane_accumulate(
-    (x, g, y): (&[f32], &[f32], &[f32]),
-    (a, b): (&mut [f32; LANES], &mut [f32; LANES]),
-    params: &[f32; LANES],
-    terms: impl Fn(f32, f32, f32, f32) -> (f32, f32),
-) {
-    let (g, y) = (&g[..x.len()], &y[..x.len()]);
-    let ((xc, xt), (gc, gt), (yc, yt)) = (
-        x.as_chunks::<LANES>(),
-        g.as_chunks::<LANES>(),
-        y.as_chunks::<LANES>(),
-    );
-    // In registers while the plane runs.
-    let (mut sa, mut sb) = (*a, *b);
-    for ((xs, gs), ys) in xc.iter().zip(gc).zip(yc) {
-        for l in 0..LANES {
-            let (ta, tb) = terms(params[l], xs[l], gs[l], ys[l]);
-            sa[l] += ta;
-            sb[l] += tb;
-        }
-    }
-    for (l, ((&xv, &gv), &yv)) in xt.iter().zip(gt).zip(yt).enumerate() {
-        let (ta, tb) = terms(params[l], xv, gv, yv);
-        sa[l] += ta;
-        sb[l] += tb;
-    }
-    (*a, *b) = (sa, sb);
-}
-
-/// `out[j] = f(l, a[j], b[j], c[j])` over one chunk of [`Channels`], `l = j mod lanes`: which of the chunk's
-/// channels element `j` is (always 0 in NCHW, whose loop stays a plain one over the plane).
-#[inline(always)]
-fn by_lane(
-    lanes: usize,
-    out: &mut [MaybeUninit<f32>],
-    (a, b, c): (&[f32], &[f32], &[f32]),
-    f: impl Fn(usize, f32, f32, f32) -> f32,
-) {
-    match lanes {
-        1 => {
-            for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
-                o.write(f(0, a, b, c));
-            }
-        }
-        8 => by_lanes::<8>(out, (a, b, c), f),
-        16 => by_lanes::<16>(out, (a, b, c), f),
-        _ => unreachable!("blocks of {lanes} channels"),
-    }
-}
-
-/// [`by_lane`] for blocks of `L`: a fixed-size inner loop, which the compiler vectorises.
-#[inline(always)]
-fn by_lanes<const L: usize>(
-    out: &mut [MaybeUninit<f32>],
-    (a, b, c): (&[f32], &[f32], &[f32]),
-    f: impl Fn(usize, f32, f32, f32) -> f32,
-) {
-    let (out, _) = out.as_chunks_mut::<L>();
-    let ((a, _), (b, _), (c, _)) = (a.as_chunks::<L>(), b.as_chunks::<L>(), c.as_chunks::<L>());
-    for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
-        for l in 0..L {
-            o[l].write(f(l, a[l], b[l], c[l]));
-        }
-    }
-}
-
 /// Per-channel mean and biased variance of an NCHW tensor, as `[2, C]`, accumulated in f64 (no gradient).
 pub struct ChannelStats;
 
@@ -229,10 +182,7 @@ impl CustomOp1 for ChannelStats {
                 x.get(block * dims.chunk() + lane).copied().unwrap_or(0.0)
             })
             .collect();
-        let sums = channel_sums((x, x, x), dims, &shifts, |shift, v, _, _| {
-            let d = v - shift;
-            (d, d * d)
-        });
+        let sums = channel_sums((x, x, x), dims, &shifts, Sums::Statistics);
         let stats: Vec<(f32, f32)> = sums
             .iter()
             .zip(&shifts)
@@ -322,24 +272,21 @@ impl BatchNormTrain {
         let shifts: Vec<f32> = (0..c)
             .map(|ch| beta[ch] - self.mean[ch] * scales[ch])
             .collect();
+        let isa = Isa::current();
         let fill = |y: &mut [MaybeUninit<f32>]| {
             y.par_chunks_mut(chunk)
                 .zip(x.par_chunks(chunk))
                 .enumerate()
                 .for_each(|(i, (out, inp))| {
-                    let (scale, shift) =
-                        (dims.lane_values(i, &scales), dims.lane_values(i, &shifts));
-                    match residual {
-                        Some(r) => {
-                            let r = &r[i * chunk..(i + 1) * chunk];
-                            by_lane(dims.lanes, out, (inp, r, r), |l, v, s, _| {
-                                ((v * scale[l] + shift[l]) + s).max(floor)
-                            })
-                        }
-                        None => by_lane(dims.lanes, out, (inp, inp, inp), |l, v, _, _| {
-                            (v * scale[l] + shift[l]).max(floor)
-                        }),
-                    }
+                    let chunk = Chunk::Normalize {
+                        x: inp,
+                        residual: residual.map(|r| &r[i * chunk..(i + 1) * chunk]),
+                        out,
+                        scale: &dims.lane_values(i, &scales),
+                        shift: &dims.lane_values(i, &shifts),
+                        floor,
+                    };
+                    kernels::run(isa, chunk);
                 });
         };
         // SAFETY: the planes cover y and every element is written.
@@ -438,17 +385,6 @@ struct BatchNormTrainGrad {
     sums: Mutex<Vec<(f64, f64)>>,
 }
 
-impl BatchNormTrainGrad {
-    #[inline(always)]
-    fn masked(&self, g: f32, y: f32) -> f32 {
-        if self.relu && y <= 0.0 {
-            0.0
-        } else {
-            g
-        }
-    }
-}
-
 impl CustomOp3 for BatchNormTrainGrad {
     fn name(&self) -> &'static str {
         "batch-norm-train-grad"
@@ -469,10 +405,8 @@ impl CustomOp3 for BatchNormTrainGrad {
         let dims = Channels::of(l1.shape())?;
         let (c, chunk, count) = (dims.c, dims.chunk(), dims.count() as f64);
         // (Σ g·(x − mean), Σ g), then dγ = inv_std · the first.
-        let sums = channel_sums((x, dy, y), dims, &self.mean, |mean, x, g, y| {
-            let g = self.masked(g, y);
-            (g * (x - mean), g)
-        });
+        let relu = self.relu;
+        let sums = channel_sums((x, dy, y), dims, &self.mean, Sums::Gradient { relu });
         let sums: Vec<(f64, f64)> = sums
             .iter()
             .zip(&self.inv_std)
@@ -482,18 +416,25 @@ impl CustomOp3 for BatchNormTrainGrad {
         let k = per_channel(&|ch| self.gamma[ch] * self.inv_std[ch]);
         let mean_dgamma = per_channel(&|ch| (sums[ch].0 / count) as f32);
         let mean_dbeta = per_channel(&|ch| (sums[ch].1 / count) as f32);
+        let isa = Isa::current();
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(chunk).enumerate().for_each(|(i, d)| {
+            dx.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
                 let lanes = |v: &[f32]| dims.lane_values(i, v);
-                let (k, inv, m) = (lanes(&k), lanes(&self.inv_std), lanes(&self.mean));
-                let (mean_dgamma, mean_dbeta) = (lanes(&mean_dgamma), lanes(&mean_dbeta));
+                let params = GradientParams {
+                    k: lanes(&k),
+                    inv_std: lanes(&self.inv_std),
+                    mean: lanes(&self.mean),
+                    mean_dgamma: lanes(&mean_dgamma),
+                    mean_dbeta: lanes(&mean_dbeta),
+                };
                 let span = i * chunk..(i + 1) * chunk;
-                let inputs = (&x[span.clone()], &dy[span.clone()], &y[span]);
-                by_lane(dims.lanes, d, inputs, |l, xv, gv, yv| {
-                    k[l] * (self.masked(gv, yv)
-                        - mean_dbeta[l]
-                        - (xv - m[l]) * inv[l] * mean_dgamma[l])
-                });
+                let chunk = Chunk::InputGradient {
+                    xgy: (&x[span.clone()], &dy[span.clone()], &y[span]),
+                    out,
+                    params: &params,
+                    relu,
+                };
+                kernels::run(isa, chunk);
             });
         };
         // SAFETY: the planes cover dx.

@@ -494,7 +494,6 @@ fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// Threads for the batch dimension vs. inside each GEMM: images in parallel when there are enough of them.
 /// `dst[x] = src[x / step]` where `x % step == 0`, else 0; `dst` at most `step · src.len()` long.
 #[inline]
 fn spread(src: &[f32], dst: &mut [MaybeUninit<f32>], step: usize) {
@@ -519,6 +518,7 @@ fn spread(src: &[f32], dst: &mut [MaybeUninit<f32>], step: usize) {
     }
 }
 
+/// Threads for the batch dimension vs. inside each GEMM: images in parallel when there are enough of them.
 fn split_parallelism(images: usize) -> (bool, Parallelism) {
     let threads = rayon::current_num_threads();
     if images >= threads || threads == 1 {

@@ -6,12 +6,13 @@
 //! forces one) and which convolution algorithm runs for a shape ([`conv::Algorithm::choose`]).
 //!
 //! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`,
-//! `winograd`), which use the helpers (`gemm`, `taps`, `cpu_slice`, `isa`); nothing here uses the model.
+//! `winograd`), which use the helpers (`gemm`, `taps`, `simd`, `cpu_slice`, `isa`); nothing here uses the model.
 //! A CIFAR net of the first paper trains on channel-blocked tensors between its stem and its head
 //! (`channel_blocks`), which `conv`, `batch_norm` and `zero_pad_shortcut` read as they are.
 
 pub(crate) mod add_relu;
 pub mod batch_norm;
+mod batch_norm_kernels;
 pub mod blocked;
 pub mod channel_blocks;
 pub mod conv;
@@ -21,6 +22,7 @@ mod gemm;
 pub mod isa;
 pub mod max_pool;
 pub mod peak;
+pub(crate) mod simd;
 mod taps;
 mod winograd;
 pub(crate) mod zero_pad_shortcut;

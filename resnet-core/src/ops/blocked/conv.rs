@@ -8,9 +8,9 @@
 //! kernel columns × the channels of a block. A task is one output row of one group of `F` blocks of one image.
 
 use super::layout::{block_to_nchw, Blocked, BlockedSlice, Padded, Source};
-use super::simd::{Portable, Simd};
 use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
+use crate::ops::simd::{Portable, Simd};
 use crate::ops::winograd;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -98,7 +98,7 @@ pub fn lanes(isa: Isa) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-type Avx512Lanes = super::simd::Avx512;
+type Avx512Lanes = crate::ops::simd::Avx512;
 #[cfg(not(target_arch = "x86_64"))]
 type Avx512Lanes = Portable;
 
@@ -672,7 +672,7 @@ use x86::{avx2_row, avx512_row};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{row, Row};
-    use crate::ops::blocked::simd::{Avx2, Avx512};
+    use crate::ops::simd::{Avx2, Avx512};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2_row<const F: usize, const UNIT: bool>(job: &Row) {

@@ -418,7 +418,7 @@ unsafe fn transpose(
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        super::simd::transpose_8x8(src, src_stride, dst.cast::<f32>(), dst_stride)
+        crate::ops::simd::transpose_8x8(src, src_stride, dst.cast::<f32>(), dst_stride)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (src, src_stride, dst, dst_stride);

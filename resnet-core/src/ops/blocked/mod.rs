@@ -13,7 +13,6 @@ mod conv;
 mod layout;
 mod nchw;
 mod pool;
-mod simd;
 mod strided_input_grad;
 mod weight_grad;
 

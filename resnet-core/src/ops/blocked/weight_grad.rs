@@ -23,9 +23,9 @@
 
 use super::conv::lanes;
 use super::layout::{Padded, Source};
-use super::simd::{Portable, Simd};
 use crate::ops::cpu_slice::written_by;
 use crate::ops::isa::Isa;
+use crate::ops::simd::{Portable, Simd};
 use candle_core::Result;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -280,7 +280,7 @@ use x86::{avx2_tile, avx512_tile};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{sum_tile, Tile};
-    use crate::ops::blocked::simd::{Avx2, Avx512};
+    use crate::ops::simd::{Avx2, Avx512};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2_tile<

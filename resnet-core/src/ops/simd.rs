@@ -1,10 +1,10 @@
-//! The few vector operations the blocked kernels are written in, for each kernel set: 16 lanes of AVX-512,
+//! The few vector operations the blocked kernels and BatchNorm's passes are written in, for each kernel set: 16 lanes of AVX-512,
 //! 8 of AVX2, and 8 plain `f32`s for portable code. A kernel is one generic `#[inline(always)]` function over
 //! [`Simd`]; a `#[target_feature]` entry point per set instantiates it, so the intrinsics inline into code
 //! compiled for that set.
 
 /// One vector register of f32 lanes.
-pub(super) trait Simd: Copy {
+pub(crate) trait Simd: Copy {
     /// f32 lanes: the channel block of the layout this set runs.
     const LANES: usize;
     unsafe fn zero() -> Self;
@@ -15,13 +15,18 @@ pub(super) trait Simd: Copy {
     /// `self · b + c`, one rounding where the set has FMA.
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
+    /// Lane by lane `b` where `self` or `b` is NaN (x86's `max`; with a finite `b`, what `f32::max` gives).
     unsafe fn max(self, b: Self) -> Self;
+    /// `self` where `!(mask <= 0)` (positive or NaN), else 0: a ReLU's gradient, `mask` its output.
+    unsafe fn where_positive(self, mask: Self) -> Self;
 }
 
 /// Eight `f32`s in plain Rust: the portable set (no `target_feature`; `mul_add` is an unfused `a·b + c`, as
 /// a compiler emits for targets without FMA).
 #[derive(Clone, Copy)]
-pub(super) struct Portable([f32; 8]);
+pub(crate) struct Portable([f32; 8]);
 
 impl Simd for Portable {
     const LANES: usize = 8;
@@ -50,13 +55,28 @@ impl Simd for Portable {
         Portable(std::array::from_fn(|i| self.0[i] + b.0[i]))
     }
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] - b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] * b.0[i]))
+    }
+    #[inline(always)]
     unsafe fn max(self, b: Self) -> Self {
         Portable(std::array::from_fn(|i| self.0[i].max(b.0[i])))
+    }
+    #[inline(always)]
+    unsafe fn where_positive(self, mask: Self) -> Self {
+        Portable(std::array::from_fn(|i| match mask.0[i] <= 0.0 {
+            true => 0.0,
+            false => self.0[i],
+        }))
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{transpose_8x8, Avx2, Avx512};
+pub(crate) use x86::{transpose_8x8, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -141,8 +161,26 @@ mod x86 {
             Avx2(unsafe { _mm256_add_ps(self.0, b.0) })
         }
         #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            Avx2(unsafe { _mm256_sub_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            Avx2(unsafe { _mm256_mul_ps(self.0, b.0) })
+        }
+        #[inline(always)]
         unsafe fn max(self, b: Self) -> Self {
             Avx2(unsafe { _mm256_max_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn where_positive(self, mask: Self) -> Self {
+            // All ones where !(mask <= 0), unordered included.
+            Avx2(unsafe {
+                _mm256_and_ps(
+                    self.0,
+                    _mm256_cmp_ps::<_CMP_NLE_UQ>(mask.0, _mm256_setzero_ps()),
+                )
+            })
         }
     }
 
@@ -177,8 +215,21 @@ mod x86 {
             Avx512(unsafe { _mm512_add_ps(self.0, b.0) })
         }
         #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            Avx512(unsafe { _mm512_sub_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            Avx512(unsafe { _mm512_mul_ps(self.0, b.0) })
+        }
+        #[inline(always)]
         unsafe fn max(self, b: Self) -> Self {
             Avx512(unsafe { _mm512_max_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn where_positive(self, mask: Self) -> Self {
+            let keep = unsafe { _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(mask.0, _mm512_setzero_ps()) };
+            Avx512(unsafe { _mm512_maskz_mov_ps(keep, self.0) })
         }
     }
 }
