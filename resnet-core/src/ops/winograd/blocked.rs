@@ -14,7 +14,7 @@ use super::{
     a_transposed_times, b_transposed_times, images_per_group, transform_lanes, with_kept, Buffers,
     Finish, BUFFERS,
 };
-use crate::ops::cpu_slice::each_chunk;
+use crate::ops::cpu_slice::{each_chunk, kept_prefix};
 use crate::ops::gemm::matmul_strided;
 use crate::ops::isa::Isa;
 use gemm::Parallelism;
@@ -106,8 +106,9 @@ fn run_group<const A: usize>(
 ) {
     let (image_in, plane) = (s.c_in * s.h * s.w, s.h * s.w * s.lanes);
     let tiles = xg.len() / image_in * s.per_image();
-    v.resize(tiles * A * A * s.c_in, 0.0);
-    m.resize(A * A * tiles * s.c_out, 0.0);
+    // Every value of V and M is written below before it is read.
+    let v = kept_prefix(v, tiles * A * A * s.c_in);
+    let m = kept_prefix(m, A * A * tiles * s.c_out);
     each_chunk(v, A * A * s.c_in, parallel, |t, vt| {
         let (j, k) = (t / s.per_image(), t % s.per_image());
         let job = InputTile {
