@@ -24,6 +24,7 @@ use crate::ops::channel_blocks::from_blocked;
 use crate::ops::cpu_slice::{contiguous_f32, each_chunk, written_by, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
+use crate::ops::strided_pointwise::StridedPointwise;
 use crate::ops::winograd;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -67,6 +68,9 @@ pub enum Algorithm {
     Winograd,
     /// The channel-blocked kernel of inference (`ops::blocked`), the layout converted on the way in and out.
     Blocked,
+    /// 1×1 of stride > 1, forward and input gradient: each image subsampled, then register-tiled products
+    /// (`ops::strided_pointwise`).
+    StridedPointwise,
 }
 
 impl Algorithm {
@@ -240,6 +244,15 @@ impl Geometry {
             };
         // With AVX2 and AVX-512 the blocked kernel, converting the layout on the way, takes the layers no
         // Winograd kernel does (see `blocked_applies`).
+        if self.lanes.is_none()
+            && self.is_strided_pointwise()
+            && pass != Pass::WeightGrad
+            && self
+                .strided_pointwise()
+                .applies(isa, pass == Pass::InputGrad)
+        {
+            return Algorithm::StridedPointwise;
+        }
         match (
             winograd,
             self.blocked_applies(pass, isa),
@@ -336,26 +349,43 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride > 1 && self.pad == 0
     }
 
+    fn strided_pointwise(&self) -> StridedPointwise {
+        StridedPointwise {
+            n: self.n,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            h: self.h,
+            w: self.w,
+            stride: self.stride,
+        }
+    }
+
     /// The input gradient of a [`Geometry::is_strided_pointwise`] layer: per image Wᵀ · dY into the thread's
     /// column buffer, then every value of the image's dx written once, row by row (the gradient every `stride`
     /// pixels of every `stride`-th row, zeros between). Clearing dx first and adding the columns into it
     /// (col2im) went over dx three times: ResNet-18's 64→128 on 56×56 at batch 16 ran at 36–46 % of peak.
-    fn strided_pointwise_input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    /// `isa`: the kernel set of [`Algorithm::StridedPointwise`]'s products, or `None` for the gemm crate's.
+    fn strided_pointwise_input_grad(&self, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
         let (k, p, s) = (self.k(), self.p(), self.stride);
+        let wt = isa.map(|_| self.strided_pointwise().transposed_weights(w));
+        let isa = isa.zip(wt.as_deref());
         let image = |i: usize, dxi: &mut [MaybeUninit<f32>], inner: Parallelism| {
             let dyi = &dy[i * self.image_out()..(i + 1) * self.image_out()];
             with_columns(k * p, |dcol| {
-                // Wᵀ: element (k, c_out) of W[c_out, K] sits at c_out·K + k.
-                matmul(
-                    (k, p, self.c_out),
-                    dcol,
-                    false,
-                    w,
-                    (1, k),
-                    dyi,
-                    (p, 1),
-                    inner,
-                );
+                match isa {
+                    Some((isa, wt)) => self.strided_pointwise().input_columns(isa, dy, wt, i, dcol),
+                    // Wᵀ: element (k, c_out) of W[c_out, K] sits at c_out·K + k.
+                    None => matmul(
+                        (k, p, self.c_out),
+                        dcol,
+                        false,
+                        w,
+                        (1, k),
+                        dyi,
+                        (p, 1),
+                        inner,
+                    ),
+                }
                 for (plane, cols) in dxi
                     .chunks_exact_mut(self.h * self.w)
                     .zip(dcol.chunks_exact(p))
@@ -613,6 +643,7 @@ fn conv_forward(
             (g.stride, g.pad),
             OutputLayout::Nchw,
         )?),
+        (Algorithm::StridedPointwise, isa) => Some(g.strided_pointwise().forward(isa, x, w)),
         (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => None,
     };
     if let Some(mut out) = fast {
@@ -790,10 +821,13 @@ impl Conv2dOp {
                     _ => blocked::strided_input_grad_3x3_nchw(isa, dy, dims, w, (g.c_in, g.h, g.w)),
                 };
             }
+            (Algorithm::StridedPointwise, isa) => {
+                return Ok(g.strided_pointwise_input_grad(dy, w, Some(isa)))
+            }
             (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }
         if g.is_strided_pointwise() {
-            return Ok(g.strided_pointwise_input_grad(dy, w));
+            return Ok(g.strided_pointwise_input_grad(dy, w, None));
         }
         let mut dx = zeroed(g.n * g.image_in());
         per_image(&mut dx, g.image_in(), g.n, |i, dxi, par| {
@@ -876,6 +910,9 @@ impl Conv2dOp {
             (Algorithm::Winograd, _) => return Ok(winograd::weight_grad(x, dy, g.dims())),
             (Algorithm::Blocked, isa) => {
                 return g.blocked_weight_grad(isa, x, Source::nchw(dy, g.dy_dims()));
+            }
+            (Algorithm::StridedPointwise, _) => {
+                unreachable!("no strided 1×1 weight-gradient kernel")
             }
             (Algorithm::Im2colGemm | Algorithm::PointwiseGemm, _) => {}
         }

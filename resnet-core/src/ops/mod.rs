@@ -5,7 +5,7 @@
 //! each: which kernel set runs on this CPU ([`isa`]: AVX-512, AVX2 or portable code, `RESNET_CPU_ISA`
 //! forces one) and which convolution algorithm runs for a shape ([`conv::Algorithm::choose`]).
 //!
-//! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`,
+//! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`, `strided_pointwise`,
 //! `winograd`), which use the helpers (`gemm`, `taps`, `simd`, `cpu_slice`, `isa`); nothing here uses the model.
 //! A CIFAR net of the first paper trains on channel-blocked tensors between its stem and its head
 //! (`channel_blocks`), which `conv`, `batch_norm` and `zero_pad_shortcut` read as they are.
@@ -23,6 +23,7 @@ pub mod isa;
 pub mod max_pool;
 pub mod peak;
 pub(crate) mod simd;
+mod strided_pointwise;
 mod taps;
 mod winograd;
 pub(crate) mod zero_pad_shortcut;

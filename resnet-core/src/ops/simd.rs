@@ -9,6 +9,8 @@ pub(crate) trait Simd: Copy {
     const LANES: usize;
     unsafe fn zero() -> Self;
     unsafe fn load(p: *const f32) -> Self;
+    /// `p[0], p[2], …, p[2·LANES − 2]`, reading the `2·LANES` values from `p`.
+    unsafe fn load_even(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
     /// Every lane `*p`.
     unsafe fn splat(p: *const f32) -> Self;
@@ -37,6 +39,11 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
         Portable(unsafe { p.cast::<[f32; 8]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn load_even(p: *const f32) -> Self {
+        let pairs = unsafe { p.cast::<[f32; 16]>().read_unaligned() };
+        Portable(std::array::from_fn(|i| pairs[2 * i]))
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -145,6 +152,17 @@ mod x86 {
             Avx2(unsafe { _mm256_loadu_ps(p) })
         }
         #[inline(always)]
+        unsafe fn load_even(p: *const f32) -> Self {
+            unsafe {
+                // [a0 a2 b0 b2 | a4 a6 b4 b6], then its 64-bit quarters in the order 0, 2, 1, 3.
+                let mixed =
+                    _mm256_shuffle_ps::<0x88>(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                Avx2(_mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(
+                    _mm256_castps_pd(mixed),
+                )))
+            }
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             unsafe { _mm256_storeu_ps(p, self.0) }
         }
@@ -197,6 +215,15 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Avx512(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn load_even(p: *const f32) -> Self {
+            unsafe {
+                let even =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let (lo, hi) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                Avx512(_mm512_permutex2var_ps(lo, even, hi))
+            }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
