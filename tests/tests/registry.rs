@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use resnet_core::{config_for, Model, Shortcut, REGISTERED};
+use tests::on_one_isa;
 
 /// Exact counts where the layout is fixed: the paper (option A CIFAR nets), torchvision, timm.
 const EXACT_PARAMS: &[(&str, usize)] = &[
@@ -128,8 +129,14 @@ fn names_of_cifar_depths_and_unknown_models() {
     }
 }
 
+/// On one kernel set throughout (`on_one_isa`): a CIFAR net trains on channel blocks of the set in use, and a
+/// test switching sets meanwhile made a step's later convolutions meet blocks of the other set's width.
 #[test]
 fn every_registered_net_runs_forward_and_backward() -> anyhow::Result<()> {
+    on_one_isa(every_registered_net_steps)
+}
+
+fn every_registered_net_steps() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     for &name in REGISTERED {
         let model = Model::by_name(name, 1, &dev)?;
