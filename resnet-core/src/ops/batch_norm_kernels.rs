@@ -237,30 +237,51 @@ unsafe fn store_sums<S: Simd>(
     }
 }
 
+/// Adds `terms(at)` of every vector of the chunk (`at` its first element) into the lane arrays `(a, b)`, and
+/// `scalar(i)` of every element of the tail (element `i` into lane `i mod LANES`).
 #[inline(always)]
-unsafe fn statistics<S: Simd>(
-    x: &[f32],
-    shift: &LaneArray,
+unsafe fn lane_sums<S: Simd>(
+    n: usize,
     (a, b): (&mut LaneArray, &mut LaneArray),
+    terms: impl Fn(usize, usize) -> (S, S),
+    scalar: impl Fn(usize) -> (f32, f32),
 ) {
-    let n = x.len();
     let whole = n / LANES * LANES;
     unsafe {
-        let sh = vectors::<S>(shift);
         let (mut sa, mut sb) = (vectors::<S>(a), vectors::<S>(b));
         for i in (0..whole).step_by(LANES) {
             for j in 0..per_array::<S>() {
-                let d = S::load(x.as_ptr().add(i + j * S::LANES)).sub(sh[j]);
-                sa[j] = sa[j].add(d);
-                sb[j] = sb[j].add(d.mul(d));
+                let (ta, tb) = terms(i + j * S::LANES, j);
+                sa[j] = sa[j].add(ta);
+                sb[j] = sb[j].add(tb);
             }
         }
         store_sums((sa, sb), (a, b));
     }
     for i in whole..n {
-        let (l, d) = (i % LANES, x[i] - shift[i % LANES]);
-        a[l] += d;
-        b[l] += d * d;
+        let (ta, tb) = scalar(i);
+        a[i % LANES] += ta;
+        b[i % LANES] += tb;
+    }
+}
+
+#[inline(always)]
+unsafe fn statistics<S: Simd>(
+    x: &[f32],
+    shift: &LaneArray,
+    sums: (&mut LaneArray, &mut LaneArray),
+) {
+    unsafe {
+        let sh = vectors::<S>(shift);
+        let vector = |at: usize, j: usize| {
+            let d = S::load(x.as_ptr().add(at)).sub(sh[j]);
+            (d, d.mul(d))
+        };
+        let scalar = |i: usize| {
+            let d = x[i] - shift[i % LANES];
+            (d, d * d)
+        };
+        lane_sums(x.len(), sums, vector, scalar);
     }
 }
 
@@ -268,30 +289,22 @@ unsafe fn statistics<S: Simd>(
 unsafe fn gradient_sums<S: Simd, const RELU: bool>(
     (x, g, y): (&[f32], &[f32], &[f32]),
     mean: &LaneArray,
-    (a, b): (&mut LaneArray, &mut LaneArray),
+    sums: (&mut LaneArray, &mut LaneArray),
 ) {
-    let n = x.len();
-    let whole = n / LANES * LANES;
     unsafe {
         let m = vectors::<S>(mean);
-        let (mut sa, mut sb) = (vectors::<S>(a), vectors::<S>(b));
-        for i in (0..whole).step_by(LANES) {
-            for j in 0..per_array::<S>() {
-                let at = i + j * S::LANES;
-                let mut gv = S::load(g.as_ptr().add(at));
-                if RELU {
-                    gv = gv.where_positive(S::load(y.as_ptr().add(at)));
-                }
-                sa[j] = sa[j].add(gv.mul(S::load(x.as_ptr().add(at)).sub(m[j])));
-                sb[j] = sb[j].add(gv);
+        let vector = |at: usize, j: usize| {
+            let mut gv = S::load(g.as_ptr().add(at));
+            if RELU {
+                gv = gv.where_positive(S::load(y.as_ptr().add(at)));
             }
-        }
-        store_sums((sa, sb), (a, b));
-    }
-    for i in whole..n {
-        let (l, gv) = (i % LANES, masked::<RELU>(g[i], y[i]));
-        a[l] += gv * (x[i] - mean[l]);
-        b[l] += gv;
+            (gv.mul(S::load(x.as_ptr().add(at)).sub(m[j])), gv)
+        };
+        let scalar = |i: usize| {
+            let gv = masked::<RELU>(g[i], y[i]);
+            (gv * (x[i] - mean[i % LANES]), gv)
+        };
+        lane_sums(x.len(), sums, vector, scalar);
     }
 }
 
