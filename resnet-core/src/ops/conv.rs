@@ -242,8 +242,7 @@ impl Geometry {
                 (_, Some(_)) => winograd::blocked_applies(self.n, (inp, out), plane),
                 _ => winograd::applies(self.n, (inp, out), plane),
             };
-        // With AVX2 and AVX-512 the blocked kernel, converting the layout on the way, takes the layers no
-        // Winograd kernel does (see `blocked_applies`).
+        // The projections' own kernels where they apply (`StridedPointwise::applies`; no weight gradient).
         if self.lanes.is_none()
             && self.is_strided_pointwise()
             && pass != Pass::WeightGrad
@@ -253,6 +252,8 @@ impl Geometry {
         {
             return Algorithm::StridedPointwise;
         }
+        // With AVX2 and AVX-512 the blocked kernel, converting the layout on the way, takes the layers no
+        // Winograd kernel does (see `blocked_applies`).
         match (
             winograd,
             self.blocked_applies(pass, isa),
