@@ -21,7 +21,7 @@
 
 use crate::ops::blocked::{self, Blocked, BlockedConv, BlockedSlice, OutputLayout, Source};
 use crate::ops::channel_blocks::from_blocked;
-use crate::ops::cpu_slice::{contiguous_f32, each_chunk, written_by, zeroed};
+use crate::ops::cpu_slice::{contiguous_f32, each_chunk, kept_prefix, written_by, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
 use crate::ops::strided_pointwise::StridedPointwise;
@@ -516,13 +516,7 @@ thread_local! {
 }
 
 fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    COLUMNS.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() < len {
-            c.resize(len, 0.0);
-        }
-        f(&mut c[..len])
-    })
+    COLUMNS.with(|c| f(kept_prefix(&mut c.borrow_mut(), len)))
 }
 
 /// `dst[x] = src[x / step]` where `x % step == 0`, else 0; `dst` at most `step · src.len()` long.

@@ -160,17 +160,19 @@ impl StridedPointwise {
     }
 }
 
-/// Image `i`'s `rows`×`p` matrix of `m` copied into `buf` as rows of `row` (zeros after `p`).
+/// Image `i`'s `rows`×`p` matrix of `m` as rows of `row` (zeros after `p`): the image itself where its rows are
+/// whole vectors already (`row == p`, as on 28×28 outputs), else a copy in `buf`.
 fn padded_rows<'a>(
-    m: &[f32],
+    m: &'a [f32],
     (i, rows, p, row): (usize, usize, usize, usize),
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
+    let image = &m[i * rows * p..][..rows * p];
+    if row == p {
+        return image;
+    }
     let buf = kept_prefix(buf, rows * row);
-    for (dst, src) in buf
-        .chunks_exact_mut(row)
-        .zip(m[i * rows * p..][..rows * p].chunks_exact(p))
-    {
+    for (dst, src) in buf.chunks_exact_mut(row).zip(image.chunks_exact(p)) {
         dst[..p].copy_from_slice(src);
         dst[p..].fill(0.0);
     }
