@@ -152,11 +152,7 @@ impl BlockedConv {
                 bias.len()
             );
         }
-        let group = if (c_out / lanes).is_multiple_of(2) {
-            2
-        } else {
-            1
-        };
+        let group = output_group(isa, c_out / lanes);
         let bi = if c_in.is_multiple_of(lanes) {
             lanes
         } else {
@@ -639,12 +635,26 @@ pub(super) fn max_columns(isa: Isa, group: usize) -> usize {
     (accumulators / group).min(MAX_COLUMNS)
 }
 
+/// Output blocks per register tile (`F`) for `blocks` output blocks on `isa`: with AVX-512 four where they
+/// divide (4 × 5 columns: 9 loads per 20 FMAs, where 2 × 11 needs 13 per 22), since a core with two FMA units
+/// runs out of load slots before FMAs. ResNet-50's blocked forwards at batch 1, all layers but the Winograd ones:
+/// 8.6–8.7 → 7.0–7.1 ms, the 3×3 on 7×7 1.8–2.1 → 1.0–1.2 ms (two alternated runs, Intel Xeon, 2 FMA units).
+pub(super) fn output_group(isa: Isa, blocks: usize) -> usize {
+    match isa {
+        Isa::Avx512 if blocks.is_multiple_of(4) => 4,
+        _ if blocks.is_multiple_of(2) => 2,
+        _ => 1,
+    }
+}
+
 /// The row kernel of `isa` for `group` output blocks per tile; `unit_step`: consecutive output columns read
 /// consecutive input pixels of `lanes` channels (stride 1, a blocked input), so their offsets are constants.
 pub(super) fn row_kernel(isa: Isa, group: usize, unit_step: bool) -> RowKernel {
     macro_rules! pick {
         ($row:ident) => {
             match (group, unit_step) {
+                (4, true) => $row::<4, true>,
+                (4, false) => $row::<4, false>,
                 (2, true) => $row::<2, true>,
                 (2, false) => $row::<2, false>,
                 (_, true) => $row::<1, true>,

@@ -11,8 +11,8 @@
 //! stride-2 input gradients at 20–46 % of the FMA peak (`bench --convs --train`, AMD EPYC Zen 4).
 
 use super::conv::{
-    each_padded_image, lanes, max_columns, nchw_image_by_image, row_kernel, Row, SendPtr,
-    CHUNK_CHANNELS, MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
+    each_padded_image, lanes, max_columns, nchw_image_by_image, output_group, row_kernel, Row,
+    SendPtr, CHUNK_CHANNELS, MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
 };
 use super::layout::{Blocked, BlockedSlice, Padded, Source};
 use crate::ops::cpu_slice::{written_by, LineAligned, Scratch};
@@ -119,7 +119,7 @@ fn strided_input_grad(
             weight.len()
         );
     }
-    let f = if (c_in / b).is_multiple_of(2) { 2 } else { 1 };
+    let f = output_group(isa, c_in / b);
     let bi = if c_out.is_multiple_of(b) { b } else { c_out };
     let groups = c_in / (f * b);
     let columns = max_columns(isa, f);
