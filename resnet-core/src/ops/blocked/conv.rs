@@ -637,8 +637,11 @@ pub(super) fn max_columns(isa: Isa, group: usize) -> usize {
 
 /// Output blocks per register tile (`F`) for `blocks` output blocks on `isa`: with AVX-512 four where they
 /// divide (4 × 5 columns: 9 loads per 20 FMAs, where 2 × 11 needs 13 per 22), since a core with two FMA units
-/// runs out of load slots before FMAs. ResNet-50's blocked forwards at batch 1, all layers but the Winograd ones:
-/// 8.6–8.7 → 7.0–7.1 ms, the 3×3 on 7×7 1.8–2.1 → 1.0–1.2 ms (two alternated runs, Intel Xeon, 2 FMA units).
+/// runs out of load slots before FMAs. ResNet-50's blocked forwards at batch 1, all layers but the Winograd ones,
+/// each called 15 times in a row (its weights hot): 8.6–8.7 → 7.0–7.1 ms, the 3×3 on 7×7 1.8–2.1 → 1.0–1.2 ms (two
+/// alternated runs); the whole net at batch 1 1.04×, at 16 1.068× (6 alternated rounds each, faster in 5; Intel
+/// Xeon, 2 FMA units). In the net the last stage's weights (4–9 MB a layer) stream from L3 at batch 1, which bounds
+/// those layers whatever the tile.
 pub(super) fn output_group(isa: Isa, blocks: usize) -> usize {
     match isa {
         Isa::Avx512 if blocks.is_multiple_of(4) => 4,
