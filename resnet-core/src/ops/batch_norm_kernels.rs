@@ -8,7 +8,7 @@
 //! not depend on the kernel set.
 
 use crate::ops::isa::Isa;
-use crate::ops::simd::{Portable, Simd};
+use crate::ops::simd::{kernel_set_dispatch, Simd};
 use std::mem::MaybeUninit;
 
 /// Values per lane array: element `i` of a chunk uses lane `i mod LANES` of each per-channel parameter and
@@ -64,16 +64,8 @@ pub(crate) struct GradientParams {
 /// Runs `chunk` with the kernel set `isa` (one this CPU runs). Panics if the chunk's slices differ in length.
 pub(crate) fn run(isa: Isa, chunk: Chunk) {
     check_lengths(&chunk);
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `isa` is `Isa::current()`: a set this CPU runs; the lengths are checked.
-        Isa::Avx512 => return unsafe { x86::run_avx512(chunk) },
-        Isa::Avx2 => return unsafe { x86::run_avx2(chunk) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    // SAFETY: the lengths are checked.
-    unsafe { run_on::<Portable>(chunk) }
+    // SAFETY: `isa` is `Isa::current()`: a set this CPU runs; the lengths are checked.
+    unsafe { run_on_isa(isa, chunk) }
 }
 
 fn check_lengths(chunk: &Chunk) {
@@ -98,25 +90,7 @@ fn check_lengths(chunk: &Chunk) {
     );
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{run_on, Chunk};
-    use crate::ops::simd::{Avx2, Avx512};
-
-    /// An entry point that compiles [`run_on`] with `$features`.
-    macro_rules! entry {
-        ($name:ident, $simd:ty, $features:literal) => {
-            /// # Safety
-            /// The CPU has the features; the chunk's slices are equally long.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(chunk: Chunk) {
-                unsafe { run_on::<$simd>(chunk) }
-            }
-        };
-    }
-    entry!(run_avx2, Avx2, "avx2,fma");
-    entry!(run_avx512, Avx512, "avx512f");
-}
+kernel_set_dispatch!(Chunk);
 
 /// # Safety
 /// The CPU runs `S`; the chunk's slices are equally long.

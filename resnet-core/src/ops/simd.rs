@@ -82,6 +82,47 @@ impl Simd for Portable {
     }
 }
 
+/// `unsafe fn run_on_isa(isa: Isa, job: $job)`: the calling file's generic `run_on::<S: Simd>(job: $job)` on the
+/// kernel set `isa`, each x86 set's copy compiled with its target features (in `mod x86`) so that the `Simd`
+/// methods inline into it. `$job` is the job type, a sibling of `run_on`; callers check the operands first.
+macro_rules! kernel_set_dispatch {
+    ($job:ident) => {
+        /// # Safety
+        /// `isa` is a set this CPU runs; the job's operands are as `run_on` requires.
+        unsafe fn run_on_isa(isa: $crate::ops::isa::Isa, job: $job) {
+            #[cfg(target_arch = "x86_64")]
+            match isa {
+                $crate::ops::isa::Isa::Avx512 => return unsafe { x86::run_avx512(job) },
+                $crate::ops::isa::Isa::Avx2 => return unsafe { x86::run_avx2(job) },
+                $crate::ops::isa::Isa::Generic => {}
+            }
+            let _ = isa;
+            unsafe { run_on::<$crate::ops::simd::Portable>(job) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        mod x86 {
+            use super::{run_on, $job};
+            use $crate::ops::simd::{Avx2, Avx512};
+
+            /// # Safety
+            /// The CPU has AVX2 and FMA; the job's operands are as `run_on` requires.
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) unsafe fn run_avx2(job: $job) {
+                unsafe { run_on::<Avx2>(job) }
+            }
+
+            /// # Safety
+            /// The CPU has AVX-512F; the job's operands are as `run_on` requires.
+            #[target_feature(enable = "avx512f")]
+            pub(super) unsafe fn run_avx512(job: $job) {
+                unsafe { run_on::<Avx512>(job) }
+            }
+        }
+    };
+}
+pub(crate) use kernel_set_dispatch;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{transpose_8x8, Avx2, Avx512};
 

@@ -11,7 +11,7 @@
 
 use crate::ops::cpu_slice::{each_chunk, kept_prefix, written_by};
 use crate::ops::isa::Isa;
-use crate::ops::simd::{Portable, Simd};
+use crate::ops::simd::{kernel_set_dispatch, Simd};
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
@@ -213,17 +213,9 @@ enum Job<'a> {
 /// Runs `job` with the kernel set `isa`. Panics where an operand is shorter than the job reads or writes.
 fn run(isa: Isa, job: Job) {
     check(isa, &job);
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `isa` is one this CPU runs (the callers pass `Isa::current()` or one of `Isa::available()`);
-        // the operands' lengths are checked.
-        Isa::Avx512 => return unsafe { x86::run_avx512(job) },
-        Isa::Avx2 => return unsafe { x86::run_avx2(job) },
-        Isa::Generic => {}
-    }
-    let _ = isa;
-    // SAFETY: bounds are checked.
-    unsafe { run_on::<Portable>(job) }
+    // SAFETY: `isa` is one this CPU runs (the callers pass `Isa::current()` or one of `Isa::available()`); the
+    // operands' lengths are checked.
+    unsafe { run_on_isa(isa, job) }
 }
 
 fn check(isa: Isa, job: &Job) {
@@ -250,25 +242,7 @@ fn check(isa: Isa, job: &Job) {
     );
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{run_on, Job};
-    use crate::ops::simd::{Avx2, Avx512};
-
-    /// An entry point that compiles [`run_on`] with `$features`.
-    macro_rules! entry {
-        ($name:ident, $simd:ty, $features:literal) => {
-            /// # Safety
-            /// The CPU has the features; the job's operands are long enough.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(job: Job) {
-                unsafe { run_on::<$simd>(job) }
-            }
-        };
-    }
-    entry!(run_avx2, Avx2, "avx2,fma");
-    entry!(run_avx512, Avx512, "avx512f");
-}
+kernel_set_dispatch!(Job);
 
 /// # Safety
 /// The CPU runs `S`; the operands are as long as `check` requires.
