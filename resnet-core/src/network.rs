@@ -208,16 +208,15 @@ impl ResNet {
     /// The blocks `B` in which a training pass on `x` keeps its activations from the stem's output to the head's
     /// input (`[N, C/B, H, W, B]`, see `ops::channel_blocks`), if it does: on the CPU, with a kernel set whose
     /// blocked kernels run every pass of every unit's convolution, in nets of units that read nothing else
-    /// (original units, identity or option-A shortcuts; the CIFAR nets of the first paper), without a
-    /// max-pool. The blocked kernels then read and write each activation in place, where NCHW tensors were
-    /// converted on the way into and out of every convolution pass.
+    /// (original units with identity, option-A or projection shortcuts: the first paper's nets), the ImageNet
+    /// stem's max-pool included. The blocked kernels then read and write each activation in place, where NCHW
+    /// tensors were converted on the way into and out of every convolution pass.
     pub fn trains_blocked(&self, x: &Tensor, train: bool) -> Option<usize> {
         let isa = Isa::current();
         let (_, _, h, w) = x.dims4().ok()?;
         let applies = train
             && x.device().is_cpu()
             && x.dtype() == DType::F32
-            && self.stem_pool.is_none()
             && self.final_norm.is_none()
             && self.units.iter().all(|u| u.keeps_channel_blocks(train))
             && self.conv_shapes((h, w)).iter().enumerate().all(|(i, s)| {

@@ -156,13 +156,16 @@ impl ResidualUnit {
             .map_or(0, |c| c.weight().dim(0).unwrap_or(0))
     }
 
-    /// Whether a training pass through this unit reads and writes nothing but its convolutions, BNs, option-A
-    /// or identity shortcut and plain sum: what the channel-blocked layout covers (`ops::channel_blocks`).
+    /// Whether a training pass through this unit reads and writes nothing but its convolutions, BNs, shortcut
+    /// (identity, option A, or a projection: a 1×1 convolution and its BN) and plain sum: what the
+    /// channel-blocked layout covers (`ops::channel_blocks`).
     pub(crate) fn keeps_channel_blocks(&self, train: bool) -> bool {
         self.unit == Unit::Original
             && match &self.shortcut {
                 None => true,
-                Some(ShortcutPath::Projection { .. }) => false,
+                Some(ShortcutPath::Projection { norm, .. }) => {
+                    norm.is_some() && self.join.is_sum(train)
+                }
                 Some(_) => self.join.is_sum(train),
             }
     }

@@ -11,7 +11,7 @@ use resnet_core::ops::channel_blocks::{from_blocked, to_blocked};
 use resnet_core::ops::conv::{last_algorithm, Algorithm, Conv2dOp, Pass};
 use resnet_core::ops::isa::Isa;
 use resnet_core::shortcut::ShortcutPath;
-use resnet_core::{Block, Combine, Family, Model, Shortcut, Unit, REGISTERED};
+use resnet_core::{Combine, Family, Model, Unit, REGISTERED};
 use tests::{for_each_isa, max_abs, max_abs_diff, on_one_isa};
 
 /// Within `tolerance` of the reference's largest value (at least 1).
@@ -26,8 +26,11 @@ fn close(what: &str, ours: &Tensor, reference: &Tensor, tolerance: f32) {
     );
 }
 
+/// With AVX2 and AVX-512 every registered net of original units joined by a plain sum trains on blocked tensors:
+/// the CIFAR nets (option A), and the ImageNet nets with their max-pool and projection shortcuts, basic and
+/// bottleneck units; no other net, and no net in evaluation.
 #[test]
-fn the_first_papers_cifar_nets_train_blocked() -> anyhow::Result<()> {
+fn the_first_papers_nets_train_blocked() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let models: Vec<(&str, Model)> = REGISTERED
         .iter()
@@ -42,12 +45,8 @@ fn the_first_papers_cifar_nets_train_blocked() -> anyhow::Result<()> {
                 Family::ImageNet => 224,
             };
             let x = Tensor::zeros((2, 3, side, side), DType::F32, &dev)?;
-            let expected = isa != Isa::Generic
-                && c.family == Family::Cifar
-                && c.unit == Unit::Original
-                && c.shortcut == Shortcut::A
-                && c.block != Block::Bottleneck
-                && c.combine == Combine::Sum;
+            let expected =
+                isa != Isa::Generic && c.unit == Unit::Original && c.combine == Combine::Sum;
             assert_eq!(
                 model.net.trains_blocked(&x, true),
                 expected.then(|| lanes(isa)),
@@ -210,6 +209,73 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
         Ok(())
     })?;
     assert!(checked >= 5, "no kernel set with blocks ran");
+    Ok(())
+}
+
+/// The ImageNet nets' parts on blocked tensors: projection shortcuts (1×1 convolutions of stride 2 and 1, odd
+/// and even planes), the stem's max-pool (ties from a ReLU's zeros: the same winners, bit for bit), and a
+/// weight gradient by Winograd's algorithm through NCHW copies; each against candle's ops and autograd, and
+/// the algorithm each pass ran.
+#[test]
+fn projection_max_pool_and_winograd_weight_gradient_on_blocked_tensors() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let mut checked = 0;
+    for_each_isa(|isa| {
+        if isa == Isa::Generic {
+            return Ok(());
+        }
+        let l = lanes(isa);
+        for (n, c_in, c_out, kernel, stride, side) in [
+            (3, 64, 128, 1, 2, 14),
+            (2, 32, 64, 1, 2, 7),
+            (2, 32, 64, 1, 1, 8),
+            (2, 64, 64, 3, 1, 28),
+        ] {
+            let padding = kernel / 2;
+            let x = Var::randn(0f32, 1.0, (n, c_in, side, side), &dev)?;
+            let w = Var::from_tensor(
+                &(Tensor::randn(0f32, 1.0, (c_out, c_in, kernel, kernel), &dev)? * 0.1)?,
+            )?;
+            let op = Conv2dOp { stride, padding };
+            let what = format!("{isa} {kernel}×{kernel} {c_in}→{c_out}/{stride} on {side}×{side}");
+            blocked_equals_nchw(&what, &x, &[&w], l, 1e-4, |x| match x.rank() {
+                5 => x.apply_op2(w.as_tensor(), op),
+                _ => x.conv2d(w.as_tensor(), padding, stride, 1, 1),
+            })?;
+            let out = (side - 1) / stride + 1;
+            let up = Tensor::randn(0f32, 1.0, (n, c_out, out, out), &dev)?;
+            let grads = (x.conv2d(w.as_tensor(), padding, stride, 1, 1)? * &up)?
+                .sum_all()?
+                .backward()?;
+            let (xb, dyb) = (to_blocked(x.as_tensor(), l)?, to_blocked(&up, l)?);
+            let dx = from_blocked(&op.input_gradient(&dyb, w.as_tensor(), xb.shape())?)?;
+            close(&format!("{what} dx"), &dx, grads.get(&x).unwrap(), 1e-4);
+            let dw = op.weight_gradient(&xb, &dyb, w.shape())?;
+            close(&format!("{what} dw"), &dw, grads.get(&w).unwrap(), 1e-4);
+            let expected = match kernel {
+                1 => [Algorithm::Blocked, Algorithm::PointwiseGemm],
+                _ => [Algorithm::Winograd, Algorithm::Winograd],
+            };
+            assert_eq!(
+                [
+                    last_algorithm(Pass::InputGrad).unwrap(),
+                    last_algorithm(Pass::WeightGrad).unwrap()
+                ],
+                expected,
+                "{what}"
+            );
+            checked += 1;
+        }
+        for (n, c, side) in [(2, 64, 16), (3, 32, 15)] {
+            let x = Var::randn(0f32, 1.0, (n, c, side, side), &dev)?;
+            let pool = resnet_core::ops::max_pool::MaxPool2d::STEM;
+            let what = format!("{isa} max-pool of {c} channels on {side}×{side}");
+            blocked_equals_nchw(&what, &x, &[], l, 0.0, |x| pool.forward(&x.relu()?))?;
+            checked += 1;
+        }
+        Ok(())
+    })?;
+    assert!(checked >= 6, "no kernel set with blocks ran");
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
 use crate::ops::strided_pointwise::StridedPointwise;
 use crate::ops::winograd;
+use crate::ops::zero_pad_shortcut::subsampling_adjoint;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -168,9 +169,22 @@ impl Geometry {
     /// Whether all three passes run on blocked tensors with kernel set `isa` (see [`Conv2dOp`]): the blocked
     /// kernels compute the forward and the weight gradient, and the input gradient of a stride-1 layer.
     fn trains_blocked(&self, isa: Isa) -> bool {
-        self.c_in.is_multiple_of(blocked::lanes(isa))
-            && self.writes_blocks(isa)
-            && (self.stride > 1 || self.blocked_applies(Pass::InputGrad, isa))
+        self.trains_blocked_pointwise(isa)
+            || (self.c_in.is_multiple_of(blocked::lanes(isa))
+                && self.writes_blocks(isa)
+                && (self.stride > 1 || self.blocked_applies(Pass::InputGrad, isa)))
+    }
+
+    /// A 1×1 convolution without padding (the projection shortcuts, the bottleneck's 1×1 layers) on blocked
+    /// tensors with AVX2 or AVX-512, channels in whole blocks: its forward by the blocked kernel, its input
+    /// gradient the blocked kernel's 1×1 convolution of `dy` with Wᵀ (spread to every `stride`-th pixel), its
+    /// weight gradient a GEMM on NCHW copies of `dy` and of the subsampled input (`blocked_pointwise_weight_grad`).
+    fn trains_blocked_pointwise(&self, isa: Isa) -> bool {
+        let lanes = blocked::lanes(isa);
+        matches!(isa, Isa::Avx2 | Isa::Avx512)
+            && (self.kh, self.kw, self.pad) == (1, 1, 0)
+            && self.c_in.is_multiple_of(lanes)
+            && self.c_out.is_multiple_of(lanes)
     }
 
     /// Whether the blocked kernels of `isa` compute the forward and the weight gradient: what a convolution of
@@ -230,6 +244,12 @@ impl Geometry {
 
     /// See [`Algorithm::choose`]. The input gradient is itself a 3×3 convolution, from C_out to C_in channels.
     fn algorithm(&self, pass: Pass, isa: Isa) -> Algorithm {
+        if self.lanes.is_some() && self.trains_blocked_pointwise(isa) {
+            return match pass {
+                Pass::WeightGrad => Algorithm::PointwiseGemm,
+                Pass::Forward | Pass::InputGrad => Algorithm::Blocked,
+            };
+        }
         let plane = (self.h, self.w);
         let (inp, out) = match pass {
             Pass::InputGrad => (self.c_out, self.c_in),
@@ -876,6 +896,26 @@ impl Conv2dOp {
         w: &[f32],
     ) -> Result<Vec<f32>> {
         let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
+        if g.trains_blocked_pointwise(isa) {
+            ran(Pass::InputGrad, Algorithm::Blocked);
+            // Wᵀ `[C_in, C_out]`: element (ci, co) is W's (co, ci).
+            let wt: Vec<f32> = (0..g.c_in * g.c_out)
+                .map(|i| w[i % g.c_out * g.c_in + i / g.c_out])
+                .collect();
+            let geometry = (1, 0);
+            let sampled = blocked::conv(
+                isa,
+                Source::Blocked(dy),
+                &wt,
+                (g.c_in, 1),
+                geometry,
+                OutputLayout::Blocked,
+            )?;
+            return Ok(match g.stride {
+                1 => sampled,
+                s => subsampling_adjoint(&sampled, (g.n, g.c_in, g.h, g.w), lanes, s),
+            });
+        }
         match g.stride {
             1 => {
                 ran(Pass::InputGrad, g.algorithm(Pass::InputGrad, isa));
@@ -894,9 +934,42 @@ impl Conv2dOp {
         }
     }
 
+    /// The weight gradient of a 1×1 convolution on blocked tensors (see `Geometry::trains_blocked_pointwise`):
+    /// that of a stride-1 one on the pixels the stride reads, by the NCHW path's GEMM on NCHW copies of them
+    /// and of `dy` (two passes over tensors of the output's plane).
+    fn blocked_pointwise_weight_grad(
+        &self,
+        g: &Geometry,
+        lanes: usize,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Result<Vec<f32>> {
+        let x = BlockedSlice::new(x, (g.n, g.c_in, g.h, g.w), lanes)?;
+        let x = match g.stride {
+            1 => x.to_nchw_vec(),
+            s => blocked::zero_pad_shortcut(x, s, 0, 0)?.to_nchw_vec(),
+        };
+        let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?.to_nchw_vec();
+        let sampled = Geometry {
+            lanes: None,
+            stride: 1,
+            h: g.oh,
+            w: g.ow,
+            ..*g
+        };
+        self.weight_grad(&sampled, &x, &dy)
+    }
+
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         if let Some(lanes) = g.lanes {
             let (isa, _) = g.blocked_isa()?;
+            if g.trains_blocked_pointwise(isa) {
+                return self.blocked_pointwise_weight_grad(g, lanes, x, dy);
+            }
+            if g.algorithm(Pass::WeightGrad, isa) == Algorithm::Winograd {
+                ran(Pass::WeightGrad, Algorithm::Winograd);
+                return Ok(winograd::weight_grad_blocked(x, dy, g.dims(), lanes));
+            }
             ran(Pass::WeightGrad, Algorithm::Blocked);
             return g.blocked_weight_grad(isa, x, Geometry::blocked(dy, g.dy_dims(), lanes)?);
         }

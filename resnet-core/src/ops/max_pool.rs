@@ -2,7 +2,9 @@
 //! padding 1: candle's max-pool has no padding and no backward unless kernel == stride).
 //!
 //! Padding counts as −∞ and ties go to the first maximum in row-major window order, as PyTorch does, so
-//! gradients equal PyTorch's even on the many zeros a ReLU leaves.
+//! gradients equal PyTorch's even on the many zeros a ReLU leaves. On the CPU the input may also be
+//! channel-blocked, `[N, C/B, H, W, B]` (training on blocked tensors, `ops::channel_blocks`): the same taps
+//! and rule per channel, the `B` channels of a pixel side by side.
 
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::isa::Isa;
@@ -29,7 +31,13 @@ impl MaxPool2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        let (h, w) = match *x.dims() {
+            [_, _, h, w, _] if x.device().is_cpu() => (h, w),
+            _ => {
+                let (_, _, h, w) = x.dims4()?;
+                (h, w)
+            }
+        };
         // As PyTorch: a wider padding would leave windows with no tap inside the plane.
         if 2 * self.padding > self.kernel || self.stride == 0 {
             candle_core::bail!(
@@ -66,26 +74,54 @@ impl MaxPool2d {
     /// selects that the compiler vectorises in each kernel set's entry point. ResNet-18's stem pool at batch 16,
     /// forward / backward: 55 / 62 ms with scalar taps per output row, 12 / 25 ms so with AVX-512 and 16 / 28 ms
     /// with AVX2 (AMD EPYC Zen 4, 2 threads; the portable build stays scalar, 48 / 61 ms).
-    fn argmax_plane(&self, isa: Isa, src: &[f32], (h, w): (usize, usize), argmax: &mut [u32]) {
+    ///
+    /// A plane of blocks of `lanes` channels (`[H, W, lanes]`, `lanes` > 1) goes to [`argmax_blocked_plane`]
+    /// instead: `argmax` is then `oh·ow·lanes` long, the winning pixel of each output pixel's channels.
+    fn argmax_plane(
+        &self,
+        (isa, lanes): (Isa, usize),
+        src: &[f32],
+        (h, w): (usize, usize),
+        argmax: &mut [u32],
+    ) {
         #[cfg(target_arch = "x86_64")]
-        match isa {
+        match (isa, lanes) {
             // SAFETY: the callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
-            Isa::Avx512 => return unsafe { x86::argmax_avx512(self, src, (h, w), argmax) },
-            Isa::Avx2 => return unsafe { x86::argmax_avx2(self, src, (h, w), argmax) },
-            Isa::Generic => {}
+            (Isa::Avx512, 1) => return unsafe { x86::argmax_avx512(self, src, (h, w), argmax) },
+            (Isa::Avx2, 1) => return unsafe { x86::argmax_avx2(self, src, (h, w), argmax) },
+            (Isa::Avx512, 16) => {
+                return unsafe { x86::blocked16_avx512(self, src, (h, w), argmax) }
+            }
+            (Isa::Avx2, 8) => return unsafe { x86::blocked8_avx2(self, src, (h, w), argmax) },
+            _ => {}
         }
         let _ = isa;
-        argmax_plane(self, src, (h, w), argmax)
+        match lanes {
+            8 => argmax_blocked_plane::<8>(self, src, (h, w), argmax),
+            16 => argmax_blocked_plane::<16>(self, src, (h, w), argmax),
+            _ => argmax_plane(self, src, (h, w), argmax),
+        }
+    }
+}
+
+/// `(planes, h, w, lanes)` of an NCHW input (`lanes` 1) or a channel-blocked one (blocks of 8 or 16).
+fn plane_dims(shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+    match *shape.dims() {
+        [n, blocks, h, w, lanes @ (8 | 16)] => Ok((n * blocks, h, w, lanes)),
+        [n, c, h, w] => Ok((n * c, h, w, 1)),
+        _ => candle_core::bail!(
+            "max-pool: expected an input [N, C, H, W] or [N, C/B, H, W, B] (B 8 or 16), got {shape:?}"
+        ),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{argmax_plane, MaxPool2d};
+    use super::{argmax_blocked_plane, argmax_plane, MaxPool2d};
 
-    /// An entry point that compiles [`argmax_plane`] with `$features`.
+    /// An entry point that compiles `$body` (one of the two argmax functions) with `$features`.
     macro_rules! entry {
-        ($name:ident, $features:literal) => {
+        ($name:ident, $body:path, $features:literal) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(
                 pool: &MaxPool2d,
@@ -93,12 +129,14 @@ mod x86 {
                 hw: (usize, usize),
                 argmax: &mut [u32],
             ) {
-                argmax_plane(pool, src, hw, argmax)
+                $body(pool, src, hw, argmax)
             }
         };
     }
-    entry!(argmax_avx2, "avx2");
-    entry!(argmax_avx512, "avx512f");
+    entry!(argmax_avx2, argmax_plane, "avx2");
+    entry!(argmax_avx512, argmax_plane, "avx512f");
+    entry!(blocked8_avx2, argmax_blocked_plane::<8>, "avx2");
+    entry!(blocked16_avx512, argmax_blocked_plane::<16>, "avx512f");
 }
 
 /// [`MaxPool2d::argmax_plane`]'s body, inlined into each kernel set's entry point.
@@ -156,6 +194,45 @@ fn argmax_plane(pool: &MaxPool2d, src: &[f32], (h, w): (usize, usize), argmax: &
     }
 }
 
+/// [`argmax_plane`] on one plane of blocks `[H, W, L]`: for each output pixel and lane, the index in the plane
+/// of the input pixel that holds the maximum, by the same taps in the same order and the same rule; the `L`
+/// running maxima of a pixel are independent lanes of selects, which each kernel set's entry point vectorises.
+#[inline(always)]
+fn argmax_blocked_plane<const L: usize>(
+    pool: &MaxPool2d,
+    src: &[f32],
+    (h, w): (usize, usize),
+    argmax: &mut [u32],
+) {
+    let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+    let ow = pool.output_size(w);
+    // The taps of output row or column `o` inside a plane side of `side`.
+    let taps = |o: usize, side: usize| (o * s).saturating_sub(p)..(o * s + k - p).min(side);
+    for (oy, row) in argmax.chunks_exact_mut(ow * L).enumerate() {
+        let rows = taps(oy, h);
+        for (ox, out) in row.chunks_exact_mut(L).enumerate() {
+            let cols = taps(ox, w);
+            let mut best = [f32::NEG_INFINITY; L];
+            let mut arg = [u32::MAX; L];
+            let mut first = true;
+            for y in rows.clone() {
+                for x in cols.clone() {
+                    // The index fits (see `forward`).
+                    let pixel = (y * w + x) as u32;
+                    let v: &[f32; L] = src[pixel as usize * L..][..L].try_into().expect("L values");
+                    for l in 0..L {
+                        let take = (v[l] > best[l]) | v[l].is_nan() | first;
+                        best[l] = if take { v[l] } else { best[l] };
+                        arg[l] = if take { pixel } else { arg[l] };
+                    }
+                    first = false;
+                }
+            }
+            out.copy_from_slice(&arg);
+        }
+    }
+}
+
 fn pad_with(x: &Tensor, dim: usize, pad: usize, value: f32) -> Result<Tensor> {
     if pad == 0 {
         return Ok(x.clone());
@@ -173,22 +250,27 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, "max-pool forward")?;
-        let (n, c, h, w) = layout.shape().dims4()?;
+        let (planes, h, w, l) = plane_dims(layout.shape())?;
         let (oh, ow) = (self.output_size(h), self.output_size(w));
-        let mut out = zeroed(n * c * oh * ow);
-        let isa = Isa::current();
-        out.par_chunks_mut(oh * ow)
-            .zip(src.par_chunks(h * w))
+        let mut out = zeroed(planes * oh * ow * l);
+        let isa = (Isa::current(), l);
+        out.par_chunks_mut(oh * ow * l)
+            .zip(src.par_chunks(h * w * l))
             .for_each_init(
-                || vec![0u32; oh * ow],
+                || vec![0u32; oh * ow * l],
                 |argmax, (o, plane)| {
                     self.argmax_plane(isa, plane, (h, w), argmax);
-                    for (o, &i) in o.iter_mut().zip(argmax.iter()) {
-                        *o = plane[i as usize];
+                    // Output pixel by pixel: lane `k` of a pixel is channel `k` of its block.
+                    for (o, pixel) in o.chunks_exact_mut(l).zip(argmax.chunks_exact(l)) {
+                        for (k, (o, &i)) in o.iter_mut().zip(pixel).enumerate() {
+                            *o = plane[i as usize * l + k];
+                        }
                     }
                 },
             );
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        let mut dims = layout.shape().dims().to_vec();
+        (dims[2], dims[3]) = (oh, ow);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -214,19 +296,31 @@ impl CustomOp2 for MaxPoolGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(s1, l1, "max-pool backward input")?;
         let grad_out = contiguous_f32(s2, l2, "max-pool backward gradient")?;
-        let (_, _, h, w) = l1.shape().dims4()?;
+        let (planes, h, w, l) = plane_dims(l1.shape())?;
         let (oh, ow) = (self.0.output_size(h), self.0.output_size(w));
+        if grad_out.len() != planes * oh * ow * l {
+            candle_core::bail!(
+                "max-pool backward: a gradient of {} values for an input {:?}",
+                grad_out.len(),
+                l1.shape()
+            );
+        }
         let mut grad_in = zeroed(src.len());
-        let isa = Isa::current();
+        let isa = (Isa::current(), l);
         grad_in
-            .par_chunks_mut(h * w)
-            .zip(src.par_chunks(h * w).zip(grad_out.par_chunks(oh * ow)))
+            .par_chunks_mut(h * w * l)
+            .zip(
+                src.par_chunks(h * w * l)
+                    .zip(grad_out.par_chunks(oh * ow * l)),
+            )
             .for_each_init(
-                || vec![0u32; oh * ow],
+                || vec![0u32; oh * ow * l],
                 |argmax, (gi, (plane, go))| {
                     self.0.argmax_plane(isa, plane, (h, w), argmax);
-                    for (&g, &i) in go.iter().zip(argmax.iter()) {
-                        gi[i as usize] += g;
+                    for (go, pixel) in go.chunks_exact(l).zip(argmax.chunks_exact(l)) {
+                        for (k, (&g, &i)) in go.iter().zip(pixel).enumerate() {
+                            gi[i as usize * l + k] += g;
+                        }
                     }
                 },
             );
@@ -318,17 +412,36 @@ mod tests {
                 (5, 5),
             ),
         ] {
-            let mut src: Vec<f32> = (0..h * w)
-                .map(|i| ((i * 7919 % 13) as f32 - 6.0).max(0.0))
-                .collect();
-            src[h * w / 2] = f32::NAN;
-            src[1] = f32::NEG_INFINITY;
-            let expected = argmax_by_definition(&pool, &src, (h, w));
+            // One plane per channel, each with its own ties, NaN and −∞.
+            let channel = |c: usize| {
+                let mut src: Vec<f32> = (0..h * w)
+                    .map(|i| (((i + 3 * c) * 7919 % 13) as f32 - 6.0).max(0.0))
+                    .collect();
+                src[(h * w / 2 + c) % (h * w)] = f32::NAN;
+                src[(1 + 5 * c) % (h * w)] = f32::NEG_INFINITY;
+                src
+            };
             for isa in Isa::available() {
-                let mut ours = vec![0u32; expected.len()];
-                pool.argmax_plane(isa, &src, (h, w), &mut ours);
-                let ours: Vec<usize> = ours.into_iter().map(|i| i as usize).collect();
-                assert_eq!(ours, expected, "{pool:?} on {h}×{w} with {isa}");
+                // NCHW planes, and planes of blocks of 8 and 16 channels (each channel's winner per lane).
+                for lanes in [1, 8, 16] {
+                    let planes: Vec<Vec<f32>> = (0..lanes).map(channel).collect();
+                    let src: Vec<f32> = (0..h * w * lanes)
+                        .map(|j| planes[j % lanes][j / lanes])
+                        .collect();
+                    let expected: Vec<Vec<usize>> = planes
+                        .iter()
+                        .map(|plane| argmax_by_definition(&pool, plane, (h, w)))
+                        .collect();
+                    let mut ours = vec![0u32; expected[0].len() * lanes];
+                    pool.argmax_plane((isa, lanes), &src, (h, w), &mut ours);
+                    for (j, &i) in ours.iter().enumerate() {
+                        assert_eq!(
+                            i as usize,
+                            expected[j % lanes][j / lanes],
+                            "{pool:?} on {h}×{w} with {isa}, blocks of {lanes}: output {j}"
+                        );
+                    }
+                }
             }
         }
         Ok(())

@@ -241,17 +241,22 @@ fn transform_weights<const A: usize>(
                     transposed,
                     o,
                 };
-                on_kernel_set!(
-                    isa,
-                    x86::weights_avx512::<A>,
-                    x86::weights_avx2::<A>,
-                    weights_body::<A>,
-                    (job, uo)
-                )
+                transform_kernels::<A>(isa, job, uo)
             })
     };
     // SAFETY: every (ξ, i) of every output channel's chunk is written by `weights_body`.
     unsafe { written_by(outs * A * A * ins, fill) }
+}
+
+/// [`weights_body`] compiled for the kernel set `isa`.
+fn transform_kernels<const A: usize>(isa: Isa, job: KernelsTo, uo: &mut [MaybeUninit<f32>]) {
+    on_kernel_set!(
+        isa,
+        x86::weights_avx512::<A>,
+        x86::weights_avx2::<A>,
+        weights_body::<A>,
+        (job, uo)
+    )
 }
 
 /// The kernels of `w` (`[C_out, C_in, 3, 3]`, or the transposed ones of [`input_grad`]) into output channel `o`,
@@ -539,8 +544,57 @@ impl<'a> Finish<'a> {
 
 /// The transformed weights U of `conv3x3(·, w)`, `w` `[C_out, C_in, 3, 3]`, for [`forward_blocked`] with `tile`.
 pub fn forward_weights(w: &[f32], (c_out, c_in): (usize, usize), tile: Tile) -> Vec<f32> {
-    let u = by_tile!(tile, transform_weights(w, (c_out, c_in), false));
-    blocked::weights_by_position(&u, (c_out, c_in))
+    by_tile!(tile, transform_weights_by_position(w, (c_out, c_in)))
+}
+
+/// Output channels per task of [`transform_weights_by_position`]: a 64-byte line of each destination row.
+const BY_POSITION_OUTPUTS: usize = 16;
+
+/// U by position, `[A²][C_in][C_out]` (each U_ξ with its output channels contiguous, as the blocked forward's
+/// GEMMs read it), straight from `w`: each task transforms the kernels of 16 output channels into a buffer of
+/// its own (`weights_body`, U's `[C_out][A²][C_in]` order) and writes them out as 16-value runs of each row.
+/// Transforming all of U first and reordering it after went over three U-sized buffers (512→512: 17 MB each);
+/// the blocked training ops transform their weights on every call.
+fn transform_weights_by_position<const A: usize>(
+    w: &[f32],
+    (c_out, c_in): (usize, usize),
+) -> Vec<f32> {
+    let isa = Isa::current();
+    let per_output = A * A * c_in;
+    let fill = |u: &mut [MaybeUninit<f32>]| {
+        // Each task writes the columns of its own output channels only: disjoint elements of `u`.
+        let base = u.as_mut_ptr() as usize;
+        (0..c_out.div_ceil(BY_POSITION_OUTPUTS))
+            .into_par_iter()
+            .for_each_init(Vec::new, |local: &mut Vec<MaybeUninit<f32>>, b| {
+                let outputs = b * BY_POSITION_OUTPUTS..c_out.min((b + 1) * BY_POSITION_OUTPUTS);
+                local.resize(outputs.len() * per_output, MaybeUninit::uninit());
+                for (uo, o) in local.chunks_exact_mut(per_output).zip(outputs.clone()) {
+                    let job = KernelsTo {
+                        w,
+                        c_in,
+                        transposed: false,
+                        o,
+                    };
+                    transform_kernels::<A>(isa, job, uo);
+                }
+                for row in 0..per_output {
+                    // SAFETY: row `row` (position ξ, input channel i) of U by position starts at
+                    // `row·C_out`; this task alone writes its columns `outputs`, all inside `u`.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (base as *mut MaybeUninit<f32>).add(row * c_out + outputs.start),
+                            outputs.len(),
+                        )
+                    };
+                    for (d, uo) in dst.iter_mut().zip(local.chunks_exact(per_output)) {
+                        *d = uo[row];
+                    }
+                }
+            });
+    };
+    // SAFETY: every (ξ, i, o) is written: `weights_body` writes each output channel's buffer whole.
+    unsafe { written_by(A * A * c_in * c_out, fill) }
 }
 
 /// `ReLU?(conv3x3(x, w) + bias (+ residual))` of a blocked `x` (`[N, C_in/B, H, W, B]`) into the blocked output
@@ -816,10 +870,7 @@ fn weight_grad_tiles<const A: usize>(
 ) -> Vec<f32> {
     let t = Tiles::new(h, wd, tile_of::<A>());
     let per_image = t.count();
-    // V and dM of a chunk: at most ~8 M values (32 MB).
-    let chunk = (8usize << 20)
-        .div_ceil(A * A * per_image * (c_in + c_out))
-        .clamp(1, n);
+    let chunk = weight_grad_chunk::<A>(n, per_image, (c_in, c_out));
     let mut du = vec![0f32; A * A * c_out * c_in];
     with_kept(&WEIGHT_GRAD_BUFFERS, |Buffers { v, m: dm }| {
         for (k, (xc, dyc)) in x
@@ -858,12 +909,59 @@ fn weight_grad_tiles<const A: usize>(
                 });
         }
     });
-    // dw[o][i] = Gᵀ dU[·][o][i] G, by output channel, LANES input channels at a time.
+    kernels_from_products::<A>(&du, (c_out, c_in), isa)
+}
+
+/// Images per chunk of the weight gradient: V and dM of a chunk hold at most ~8 M values (32 MB). A function
+/// of the sizes alone (the sums' order must not depend on the thread count).
+fn weight_grad_chunk<const A: usize>(
+    n: usize,
+    per_image: usize,
+    (c_in, c_out): (usize, usize),
+) -> usize {
+    (8usize << 20)
+        .div_ceil(A * A * per_image * (c_in + c_out))
+        .clamp(1, n)
+}
+
+/// [`weight_grad`] of blocked `x` and `dy` (`[N, C/L, H, W, L]`, `L` = `lanes`: training on blocked tensors),
+/// the tiles transformed from the blocked layout in place, the same tile and sums otherwise.
+pub fn weight_grad_blocked(
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+    lanes: usize,
+) -> Vec<f32> {
+    weight_grad_blocked_by(default_kernels(dims), x, dy, dims, lanes)
+}
+
+fn weight_grad_blocked_by(
+    (tile, isa): (Tile, Isa),
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+    lanes: usize,
+) -> Vec<f32> {
+    let (_, c_in, c_out, _, _) = dims;
+    let du = match tile {
+        Tile::F2 => blocked::weight_grad_products::<4>(x, dy, dims, (isa, lanes)),
+        Tile::F4 => blocked::weight_grad_products::<6>(x, dy, dims, (isa, lanes)),
+    };
+    by_tile!(tile, kernels_from_products(&du, (c_out, c_in), isa))
+}
+
+/// dw `[C_out, C_in, 3, 3]` from dU `[A²][C_out][C_in]`: `dw[o][i] = Gᵀ dU[·][o][i] G`, by output channel,
+/// LANES input channels at a time.
+fn kernels_from_products<const A: usize>(
+    du: &[f32],
+    (c_out, c_in): (usize, usize),
+    isa: Isa,
+) -> Vec<f32> {
     let fill = |dw: &mut [MaybeUninit<f32>]| {
         dw.par_chunks_mut(c_in * 9)
             .enumerate()
             .for_each(|(o, dwo)| {
-                let job = GradientsTo { du: &du, c_out, o };
+                let job = GradientsTo { du, c_out, o };
                 on_kernel_set!(
                     isa,
                     x86::gradients_avx512::<A>,
@@ -1346,6 +1444,42 @@ mod tests {
                 let got = weight_grad_by(by, &flat(&x)?, &flat(&up)?, dims);
                 let what = format!("{by:?} weight gradient {dims:?}");
                 assert_close(&what, &got, &want, tolerance(by.0));
+            }
+        }
+        Ok(())
+    }
+
+    /// The weight gradient of blocked tensors (transforms reading blocks of 8 and 16 channels in place) against
+    /// candle's autograd, on even and odd planes, in one chunk of images or several (the last: 24 images of 64
+    /// channels on 30×30: with F(2×2) chunks of 19 and 5 images).
+    #[test]
+    fn blocked_weight_gradient_equals_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (n, bi, bo, h, w) in [
+            (2, 1, 2, 6, 10),
+            (3, 2, 1, 7, 5),
+            (1, 1, 1, 1, 3),
+            (24, 4, 4, 30, 30),
+        ] {
+            for lanes in [8, 16] {
+                let (c_in, c_out) = (bi * lanes, bo * lanes);
+                let dims = (n, c_in, c_out, h, w);
+                let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+                let k = Var::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+                let y = x.conv2d(k.as_tensor(), 1, 1, 1, 1)?;
+                let up = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+                let want = flat((&y * &up)?.sum_all()?.backward()?.get(&k).unwrap())?;
+                let plane = h * w;
+                let (xb, upb) = (
+                    to_blocked(&flat(&x)?, (c_in, plane), lanes),
+                    to_blocked(&flat(&up)?, (c_out, plane), lanes),
+                );
+                for by in every_tile_and_isa() {
+                    let got = weight_grad_blocked_by(by, &xb, &upb, dims, lanes);
+                    let what =
+                        format!("{by:?} blocked weight gradient {dims:?}, blocks of {lanes}");
+                    assert_close(&what, &got, &want, tolerance(by.0));
+                }
             }
         }
         Ok(())

@@ -197,6 +197,41 @@ impl ZeroPadShortcutGrad {
     }
 }
 
+/// The adjoint of `x[:, :, ::s, ::s]` on blocked tensors (the input gradient of a strided 1×1 convolution,
+/// `ops::conv`): `dy` `[N, C/B, ⌈H/s⌉, ⌈W/s⌉, B]` spread to every `s`-th pixel of every `s`-th row of
+/// `[N, C/B, H, W, B]` (`dims` `(N, C, H, W)`), zeros between; a pixel's `B` values are one copy.
+pub(crate) fn subsampling_adjoint(
+    dy: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+    lanes: usize,
+    s: usize,
+) -> Vec<f32> {
+    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        dx.par_chunks_mut(h * w * lanes)
+            .zip(dy.par_chunks(oh * ow * lanes))
+            .for_each(|(out, src)| {
+                for (y, row) in out.chunks_exact_mut(w * lanes).enumerate() {
+                    for (x, pixel) in row.chunks_exact_mut(lanes).enumerate() {
+                        match y % s == 0 && x % s == 0 {
+                            true => {
+                                let from = &src[((y / s) * ow + x / s) * lanes..][..lanes];
+                                pixel.iter_mut().zip(from).for_each(|(d, &v)| {
+                                    d.write(v);
+                                });
+                            }
+                            false => pixel.iter_mut().for_each(|d| {
+                                d.write(0.0);
+                            }),
+                        }
+                    }
+                }
+            });
+    };
+    // SAFETY: the chunks cover dx and every pixel of each is written.
+    unsafe { written_by(n * c * h * w, fill) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

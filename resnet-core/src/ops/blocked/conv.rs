@@ -131,6 +131,44 @@ impl BlockedConv {
     pub fn from_slice(
         isa: Isa,
         w: &[f32],
+        dims: (usize, usize, usize),
+        bias: &[f32],
+        geometry: (usize, usize),
+        relu: bool,
+    ) -> Result<Self> {
+        let mut conv = Self::unpacked(isa, w, dims, bias, geometry, relu)?;
+        conv.weights = conv.pack(w);
+        Ok(conv)
+    }
+
+    /// As [`BlockedConv::from_slice`] without bias or ReLU, for one [`BlockedConv::forward_values`] on `x` (a
+    /// training op's call): where that forward runs Winograd's algorithm, the weights are transformed straight
+    /// from `w` instead of being packed for the direct kernel (and unpacked again for the transform), which the
+    /// call never reads. (`forward_nchw` always runs the direct kernel: it then reports an error.)
+    pub fn for_input(
+        isa: Isa,
+        w: &[f32],
+        (c_out, c_in, k): (usize, usize, usize),
+        geometry: (usize, usize),
+        x: Source,
+    ) -> Result<Self> {
+        let bias = vec![0.0; c_out];
+        let mut conv = Self::unpacked(isa, w, (c_out, c_in, k), &bias, geometry, false)?;
+        match (conv.algorithm(x), x) {
+            (BlockedAlgorithm::Winograd, Source::Blocked(b)) => {
+                let tile = winograd::Tile::for_blocked((b.h, b.w));
+                let u = winograd::forward_weights(w, (c_out, c_in), tile);
+                conv.winograd[tile as usize] = OnceLock::from(u);
+            }
+            _ => conv.weights = conv.pack(w),
+        }
+        Ok(conv)
+    }
+
+    /// The convolution's checked fields, its packed weights still empty (see [`BlockedConv::pack`]).
+    fn unpacked(
+        isa: Isa,
+        w: &[f32],
         (c_out, c_in, k): (usize, usize, usize),
         bias: &[f32],
         (stride, padding): (usize, usize),
@@ -152,14 +190,32 @@ impl BlockedConv {
                 bias.len()
             );
         }
-        let group = output_group(isa, c_out / lanes);
         let bi = if c_in.is_multiple_of(lanes) {
             lanes
         } else {
             c_in
         };
-        // `[C_out / (F·B)][C_in / bi][k][k][bi][F][B]`, in order.
-        let packed = (0..c_out / (group * lanes)).flat_map(move |g| {
+        Ok(Self {
+            isa,
+            lanes,
+            c_in,
+            c_out,
+            kernel: k,
+            stride,
+            padding,
+            group: output_group(isa, c_out / lanes),
+            bi,
+            weights: LineAligned::from_slice(&[]),
+            bias: LineAligned::from_slice(bias),
+            relu,
+            winograd: Default::default(),
+        })
+    }
+
+    /// `w` `[C_out, C_in, k, k]` packed for the direct kernel: `[C_out / (F·B)][C_in / bi][k][k][bi][F][B]`.
+    fn pack(&self, w: &[f32]) -> LineAligned {
+        let (c_in, k, group, lanes, bi) = (self.c_in, self.kernel, self.group, self.lanes, self.bi);
+        let packed = (0..self.c_out / (group * lanes)).flat_map(move |g| {
             (0..c_in / bi).flat_map(move |cb| {
                 (0..k * k).flat_map(move |tap| {
                     (0..bi).flat_map(move |i| {
@@ -171,21 +227,7 @@ impl BlockedConv {
                 })
             })
         });
-        Ok(Self {
-            isa,
-            lanes,
-            c_in,
-            c_out,
-            kernel: k,
-            stride,
-            padding,
-            group,
-            bi,
-            weights: LineAligned::from_values(w.len(), packed),
-            bias: LineAligned::from_slice(bias),
-            relu,
-            winograd: Default::default(),
-        })
+        LineAligned::from_values(w.len(), packed)
     }
 
     /// Output channels.
@@ -250,6 +292,11 @@ impl BlockedConv {
     /// output goes to NCHW while it is in the thread's cache, instead of in a pass over the whole batch after.
     pub fn forward_nchw(&self, x: Source) -> Result<Vec<f32>> {
         self.check(x, None)?;
+        if self.weights.is_empty() {
+            candle_core::bail!(
+                "blocked conv: weights made for Winograd's algorithm alone (`for_input`), not the direct kernel"
+            );
+        }
         Ok(match self.compute(x, None, self.stride, Dest::Nchw) {
             Output::Nchw(v) | Output::Values(v) => v,
             Output::Blocked(b) => b.to_nchw_vec(),

@@ -13,6 +13,7 @@ use super::layout::Source;
 use crate::ops::isa::Isa;
 use crate::ops::taps::kernel_3x3;
 use candle_core::Result;
+use rayon::prelude::*;
 
 /// The layout a training convolution writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,17 +35,16 @@ pub fn conv(
     layout: OutputLayout,
 ) -> Result<Vec<f32>> {
     let (_, c_in, _, _) = x.dims();
-    let conv = BlockedConv::from_slice(
-        isa,
-        weight,
-        (c_out, c_in, k),
-        &vec![0.0; c_out],
-        geometry,
-        false,
-    )?;
+    let dims = (c_out, c_in, k);
     match layout {
-        OutputLayout::Nchw => conv.forward_nchw(x),
-        OutputLayout::Blocked => conv.forward_values(x),
+        // The NCHW output comes from the direct kernel, whatever the input's layout.
+        OutputLayout::Nchw => {
+            BlockedConv::from_slice(isa, weight, dims, &vec![0.0; c_out], geometry, false)?
+                .forward_nchw(x)
+        }
+        OutputLayout::Blocked => {
+            BlockedConv::for_input(isa, weight, dims, geometry, x)?.forward_values(x)
+        }
     }
 }
 
@@ -69,11 +69,19 @@ pub fn input_grad_3x3(
 }
 
 /// `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
+/// One output channel o' per task (on one thread, the 512→512 layers' 2.4 M taps took milliseconds per call).
 fn flipped(dy: Source, weight: &[f32], c_in: usize) -> Vec<f32> {
     let (_, c_out, _, _) = dy.dims();
-    (0..c_in * c_out)
-        .flat_map(|k| kernel_3x3(weight, c_in, true, (k / c_out, k % c_out)))
-        .collect()
+    let mut flipped = vec![0f32; c_in * c_out * 9];
+    flipped
+        .par_chunks_mut(c_out * 9)
+        .enumerate()
+        .for_each(|(o, kernels)| {
+            for (i, taps) in kernels.chunks_exact_mut(9).enumerate() {
+                taps.copy_from_slice(&kernel_3x3(weight, c_in, true, (o, i)));
+            }
+        });
+    flipped
 }
 
 #[cfg(test)]
