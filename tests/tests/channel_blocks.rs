@@ -106,15 +106,19 @@ fn blocked_equals_nchw(
     Ok(())
 }
 
+/// `f(isa, lanes)` for each kernel set of this CPU that has blocks (AVX2, AVX-512).
+fn for_each_blocked_isa(mut f: impl FnMut(Isa, usize) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    for_each_isa(|isa| match isa {
+        Isa::Generic => Ok(()),
+        _ => f(isa, lanes(isa)),
+    })
+}
+
 #[test]
 fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let mut checked = 0;
-    for_each_isa(|isa| {
-        if isa == Isa::Generic {
-            return Ok(());
-        }
-        let l = lanes(isa);
+    for_each_blocked_isa(|isa, l| {
         // The CIFAR nets' convolutions: both strides, every width, odd batches, and the algorithm the blocked
         // kernel picks for the forward and the stride-1 input gradient.
         let (direct, winograd) = (Algorithm::Blocked, Algorithm::Winograd);
@@ -214,17 +218,13 @@ fn convolution_batch_norm_and_shortcut_on_blocked_tensors_equal_nchw() -> anyhow
 
 /// The ImageNet nets' parts on blocked tensors: projection shortcuts (1×1 convolutions of stride 2 and 1, odd
 /// and even planes), the stem's max-pool (ties from a ReLU's zeros: the same winners, bit for bit), and a
-/// weight gradient by Winograd's algorithm through NCHW copies; each against candle's ops and autograd, and
-/// the algorithm each pass ran.
+/// weight gradient by Winograd's algorithm reading the blocks in place; each against candle's ops and autograd,
+/// and the algorithm each pass ran.
 #[test]
 fn projection_max_pool_and_winograd_weight_gradient_on_blocked_tensors() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let mut checked = 0;
-    for_each_isa(|isa| {
-        if isa == Isa::Generic {
-            return Ok(());
-        }
-        let l = lanes(isa);
+    for_each_blocked_isa(|isa, l| {
         for (n, c_in, c_out, kernel, stride, side) in [
             (3, 64, 128, 1, 2, 14),
             (2, 32, 64, 1, 2, 7),

@@ -46,6 +46,23 @@ struct Dims {
 }
 
 impl Dims {
+    /// The sizes of `c_in` → `c_out` channels on `h`×`w` planes in blocks of `lanes`, in tiles of `A`×`A`.
+    fn new<const A: usize>(
+        (c_in, c_out, h, w): (usize, usize, usize, usize),
+        lanes: usize,
+    ) -> Self {
+        let m = A - 2;
+        Dims {
+            c_in,
+            c_out,
+            h,
+            w,
+            lanes,
+            th: h.div_ceil(m),
+            tw: w.div_ceil(m),
+        }
+    }
+
     fn per_image(&self) -> usize {
         self.th * self.tw
     }
@@ -62,16 +79,7 @@ pub(super) fn forward<const A: usize>(
     finish: Finish,
     y: &mut [MaybeUninit<f32>],
 ) {
-    let m = A - 2;
-    let s = Dims {
-        c_in,
-        c_out,
-        h,
-        w,
-        lanes,
-        th: h.div_ceil(m),
-        tw: w.div_ceil(m),
-    };
+    let s = Dims::new::<A>((c_in, c_out, h, w), lanes);
     let group = images_per_group(n, s.per_image());
     let (image_in, image_out) = (c_in * h * w, c_out * h * w);
     if n > group {
@@ -194,16 +202,7 @@ pub(super) fn weight_grad_products<const A: usize>(
     (n, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
     (isa, lanes): (Isa, usize),
 ) -> Vec<f32> {
-    let m = A - 2;
-    let sx = Dims {
-        c_in,
-        c_out,
-        h,
-        w,
-        lanes,
-        th: h.div_ceil(m),
-        tw: w.div_ceil(m),
-    };
+    let sx = Dims::new::<A>((c_in, c_out, h, w), lanes);
     let sy = Dims { c_in: c_out, ..sx };
     let per_image = sx.per_image();
     let chunk = weight_grad_chunk::<A>(n, per_image, (c_in, c_out));
