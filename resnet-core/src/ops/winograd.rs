@@ -544,7 +544,13 @@ impl<'a> Finish<'a> {
 
 /// The transformed weights U of `conv3x3(·, w)`, `w` `[C_out, C_in, 3, 3]`, for [`forward_blocked`] with `tile`.
 pub fn forward_weights(w: &[f32], (c_out, c_in): (usize, usize), tile: Tile) -> Vec<f32> {
-    by_tile!(tile, transform_weights_by_position(w, (c_out, c_in)))
+    by_tile!(tile, transform_weights_by_position(w, (c_out, c_in), false))
+}
+
+/// The transformed weights of the input gradient's `conv3x3(dy, w')` (`w'[ci, co] = w[co, ci]` flipped, from
+/// `c_out` to `c_in` channels), for [`forward_blocked`] with `tile`, straight from `w` `[C_out, C_in, 3, 3]`.
+pub fn input_grad_weights(w: &[f32], (c_out, c_in): (usize, usize), tile: Tile) -> Vec<f32> {
+    by_tile!(tile, transform_weights_by_position(w, (c_out, c_in), true))
 }
 
 /// Output channels per task of [`transform_weights_by_position`]: a 64-byte line of each destination row.
@@ -558,22 +564,28 @@ const BY_POSITION_OUTPUTS: usize = 16;
 fn transform_weights_by_position<const A: usize>(
     w: &[f32],
     (c_out, c_in): (usize, usize),
+    transposed: bool,
 ) -> Vec<f32> {
     let isa = Isa::current();
-    let per_output = A * A * c_in;
+    // The transposed kernels (see `transform_weights`) go from `c_out` to `c_in` channels.
+    let (outs, ins) = match transposed {
+        false => (c_out, c_in),
+        true => (c_in, c_out),
+    };
+    let per_output = A * A * ins;
     let fill = |u: &mut [MaybeUninit<f32>]| {
         // Each task writes the columns of its own output channels only: disjoint elements of `u`.
         let base = u.as_mut_ptr() as usize;
-        (0..c_out.div_ceil(BY_POSITION_OUTPUTS))
+        (0..outs.div_ceil(BY_POSITION_OUTPUTS))
             .into_par_iter()
             .for_each_init(Vec::new, |local: &mut Vec<MaybeUninit<f32>>, b| {
-                let outputs = b * BY_POSITION_OUTPUTS..c_out.min((b + 1) * BY_POSITION_OUTPUTS);
+                let outputs = b * BY_POSITION_OUTPUTS..outs.min((b + 1) * BY_POSITION_OUTPUTS);
                 local.resize(outputs.len() * per_output, MaybeUninit::uninit());
                 for (uo, o) in local.chunks_exact_mut(per_output).zip(outputs.clone()) {
                     let job = KernelsTo {
                         w,
                         c_in,
-                        transposed: false,
+                        transposed,
                         o,
                     };
                     transform_kernels::<A>(isa, job, uo);
@@ -583,7 +595,7 @@ fn transform_weights_by_position<const A: usize>(
                     // `row·C_out`; this task alone writes its columns `outputs`, all inside `u`.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            (base as *mut MaybeUninit<f32>).add(row * c_out + outputs.start),
+                            (base as *mut MaybeUninit<f32>).add(row * outs + outputs.start),
                             outputs.len(),
                         )
                     };
@@ -594,7 +606,7 @@ fn transform_weights_by_position<const A: usize>(
             });
     };
     // SAFETY: every (ξ, i, o) is written: `weights_body` writes each output channel's buffer whole.
-    unsafe { written_by(A * A * c_in * c_out, fill) }
+    unsafe { written_by(A * A * ins * outs, fill) }
 }
 
 /// `ReLU?(conv3x3(x, w) + bias (+ residual))` of a blocked `x` (`[N, C_in/B, H, W, B]`) into the blocked output
@@ -1444,6 +1456,31 @@ mod tests {
                 let got = weight_grad_by(by, &flat(&x)?, &flat(&up)?, dims);
                 let what = format!("{by:?} weight gradient {dims:?}");
                 assert_close(&what, &got, &want, tolerance(by.0));
+            }
+        }
+        Ok(())
+    }
+
+    /// The input gradient's weights transformed straight from `w` equal the forward's transform of the flipped,
+    /// channel-swapped kernels, bit for bit (odd channel counts: partial lanes and tasks).
+    #[test]
+    fn input_gradient_weights_equal_the_flipped_kernels_transformed() -> candle_core::Result<()> {
+        for (c_out, c_in) in [(16, 8), (5, 37), (40, 3)] {
+            let w = flat(&Tensor::randn(
+                0f32,
+                1.0,
+                (c_out, c_in, 3, 3),
+                &Device::Cpu,
+            )?)?;
+            let flipped: Vec<f32> = (0..c_in * c_out)
+                .flat_map(|k| kernel_3x3(&w, c_in, true, (k / c_out, k % c_out)))
+                .collect();
+            for tile in [Tile::F2, Tile::F4] {
+                assert_eq!(
+                    input_grad_weights(&w, (c_out, c_in), tile),
+                    forward_weights(&flipped, (c_in, c_out), tile),
+                    "{tile:?} {c_out}→{c_in}"
+                );
             }
         }
         Ok(())

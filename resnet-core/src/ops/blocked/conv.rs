@@ -165,6 +165,31 @@ impl BlockedConv {
         Ok(conv)
     }
 
+    /// As [`BlockedConv::for_input`] for the input gradient of a 3×3, stride-1, padding-1 convolution with `w`
+    /// `[C_out, C_in, 3, 3]`: the convolution of `dy` with the kernels flipped and their channel axes swapped,
+    /// from `c_out` to `c_in` channels. Where it runs Winograd's algorithm, the transform reads `w` itself
+    /// (no flipped copy first); else `flipped(w)` gives the weights to pack.
+    pub fn for_input_grad(
+        isa: Isa,
+        w: &[f32],
+        c_in: usize,
+        dy: Source,
+        flipped: impl FnOnce() -> Vec<f32>,
+    ) -> Result<Self> {
+        let (_, c_out, _, _) = dy.dims();
+        let bias = vec![0.0; c_in];
+        let mut conv = Self::unpacked(isa, w, (c_in, c_out, 3), &bias, (1, 1), false)?;
+        match (conv.algorithm(dy), dy) {
+            (BlockedAlgorithm::Winograd, Source::Blocked(b)) => {
+                let tile = winograd::Tile::for_blocked((b.h, b.w));
+                let u = winograd::input_grad_weights(w, (c_out, c_in), tile);
+                conv.winograd[tile as usize] = OnceLock::from(u);
+            }
+            _ => conv.weights = conv.pack(&flipped()),
+        }
+        Ok(conv)
+    }
+
     /// The convolution's checked fields, its packed weights still empty (see [`BlockedConv::pack`]).
     fn unpacked(
         isa: Isa,

@@ -58,14 +58,22 @@ pub fn input_grad_3x3(
     c_in: usize,
     layout: OutputLayout,
 ) -> Result<Vec<f32>> {
-    conv(
-        isa,
-        dy,
-        &flipped(dy, weight, c_in),
-        (c_in, 3),
-        (1, 1),
-        layout,
-    )
+    match layout {
+        // Winograd's algorithm where it runs transforms `weight` itself: no flipped copy (ResNet-18's 512→512
+        // layers: 2.4 M taps written and read again per call).
+        OutputLayout::Blocked => {
+            BlockedConv::for_input_grad(isa, weight, c_in, dy, || flipped(dy, weight, c_in))?
+                .forward_values(dy)
+        }
+        OutputLayout::Nchw => conv(
+            isa,
+            dy,
+            &flipped(dy, weight, c_in),
+            (c_in, 3),
+            (1, 1),
+            layout,
+        ),
+    }
 }
 
 /// `w'` `[C_in, C_out, 3, 3]`: kernel (o', i') of the gradient's convolution is `kernel_3x3(…, true, (o', i'))`.
