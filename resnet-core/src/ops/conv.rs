@@ -898,10 +898,7 @@ impl Conv2dOp {
         let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?;
         if g.trains_blocked_pointwise(isa) {
             ran(Pass::InputGrad, Algorithm::Blocked);
-            // Wᵀ `[C_in, C_out]`: element (ci, co) is W's (co, ci).
-            let wt: Vec<f32> = (0..g.c_in * g.c_out)
-                .map(|i| w[i % g.c_out * g.c_in + i / g.c_out])
-                .collect();
+            let wt = g.strided_pointwise().transposed_weights(w);
             let geometry = (1, 0);
             let sampled = blocked::conv(
                 isa,

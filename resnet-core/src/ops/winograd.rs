@@ -103,10 +103,10 @@ impl Tile {
 
 /// `f::<A>(args)` for the input tile side `A` of `tile`.
 macro_rules! by_tile {
-    ($tile:expr, $f:ident($($arg:expr),* $(,)?)) => {
+    ($tile:expr, $($f:ident)::+($($arg:expr),* $(,)?)) => {
         match $tile {
-            Tile::F2 => $f::<4>($($arg),*),
-            Tile::F4 => $f::<6>($($arg),*),
+            Tile::F2 => $($f)::+::<4>($($arg),*),
+            Tile::F4 => $($f)::+::<6>($($arg),*),
         }
     };
 }
@@ -592,7 +592,7 @@ fn transform_weights_by_position<const A: usize>(
                 }
                 for row in 0..per_output {
                     // SAFETY: row `row` (position ξ, input channel i) of U by position starts at
-                    // `row·C_out`; this task alone writes its columns `outputs`, all inside `u`.
+                    // `row·outs`; this task alone writes its columns `outputs`, all inside `u`.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
                             (base as *mut MaybeUninit<f32>).add(row * outs + outputs.start),
@@ -881,47 +881,62 @@ fn weight_grad_tiles<const A: usize>(
     isa: Isa,
 ) -> Vec<f32> {
     let t = Tiles::new(h, wd, tile_of::<A>());
-    let per_image = t.count();
+    let sizes = (n, c_in, c_out, h * wd);
+    let du = weight_grad_sums::<A>((x, dy), sizes, t.count(), |(xc, dyc), tiles, b| {
+        let stride = tile_stride(tiles);
+        transform_inputs::<A>(xc, (c_in, h, wd), &t, &mut b.v, isa, true, Transform::Input);
+        let grad = Transform::OutputGrad;
+        transform_inputs::<A>(dyc, (c_out, h, wd), &t, &mut b.m, isa, true, grad);
+        // dM_ξ: C_out×T with row stride A²·S (S = stride); V_ξᵀ: T×C_in, element (t, c) at c·A²S + ξS + t.
+        let (dm, v) = ((A * A * stride, 1), (1, A * A * stride));
+        [(stride, dm), (stride, v)]
+    });
+    kernels_from_products::<A>(&du, (c_out, c_in), isa)
+}
+
+/// Where operand ξ of the weight gradient's per-position GEMMs lies in its buffer: at ξ·`.0`, with (row,
+/// column) strides `.1`.
+type PositionOperand = (usize, (usize, usize));
+
+/// dU `[A²][C_out][C_in]` of the weight gradient of `x` and `dy` (`n` images of `c_in` and `c_out` channels on
+/// `plane` pixels, `per_image` tiles each): image chunk by chunk ([`weight_grad_chunk`]), `transform` fills
+/// the thread's buffers with the chunk's dM (`m`) and V (`v`) for `tiles` tiles and says where each position's
+/// operand lies, then one GEMM per position adds dM_ξ · V_ξ into dU_ξ, in chunk order: the same sums for any
+/// thread count. The plane-wise and the blocked weight gradients differ only in `transform`.
+fn weight_grad_sums<const A: usize>(
+    (x, dy): (&[f32], &[f32]),
+    (n, c_in, c_out, plane): (usize, usize, usize, usize),
+    per_image: usize,
+    transform: impl Fn((&[f32], &[f32]), usize, &mut Buffers) -> [PositionOperand; 2],
+) -> Vec<f32> {
     let chunk = weight_grad_chunk::<A>(n, per_image, (c_in, c_out));
     let mut du = vec![0f32; A * A * c_out * c_in];
-    with_kept(&WEIGHT_GRAD_BUFFERS, |Buffers { v, m: dm }| {
+    with_kept(&WEIGHT_GRAD_BUFFERS, |buffers| {
         for (k, (xc, dyc)) in x
-            .chunks(chunk * c_in * h * wd)
-            .zip(dy.chunks(chunk * c_out * h * wd))
+            .chunks(chunk * c_in * plane)
+            .zip(dy.chunks(chunk * c_out * plane))
             .enumerate()
         {
-            let tiles = (xc.len() / (c_in * h * wd)) * per_image;
-            let stride = tile_stride(tiles);
-            transform_inputs::<A>(xc, (c_in, h, wd), &t, v, isa, true, Transform::Input);
-            transform_inputs::<A>(
-                dyc,
-                (c_out, h, wd),
-                &t,
-                dm,
-                isa,
-                true,
-                Transform::OutputGrad,
-            );
-            let (v, dm) = (&*v, &*dm);
+            let tiles = xc.len() / (c_in * plane) * per_image;
+            let [(dm_step, dm_strides), (v_step, v_strides)] = transform((xc, dyc), tiles, buffers);
+            let (v, dm) = (&*buffers.v, &*buffers.m);
             du.par_chunks_mut(c_out * c_in)
                 .enumerate()
-                .for_each(|(xi_pos, du_xi)| {
-                    // dM_ξ: c_out×T with row stride A²·S (S = stride); V_ξᵀ: T×c_in, element (t, c) at
-                    // c·A²S + ξS + t.
+                .for_each(|(xi, du_xi)| {
                     matmul(
                         (c_out, c_in, tiles),
                         du_xi,
                         k > 0,
-                        &dm[xi_pos * stride..],
-                        (A * A * stride, 1),
-                        &v[xi_pos * stride..],
-                        (1, A * A * stride),
+                        &dm[xi * dm_step..],
+                        dm_strides,
+                        &v[xi * v_step..],
+                        v_strides,
                         Parallelism::None,
                     );
                 });
         }
     });
-    kernels_from_products::<A>(&du, (c_out, c_in), isa)
+    du
 }
 
 /// Images per chunk of the weight gradient: V and dM of a chunk hold at most ~8 M values (32 MB). A function
@@ -955,10 +970,10 @@ fn weight_grad_blocked_by(
     lanes: usize,
 ) -> Vec<f32> {
     let (_, c_in, c_out, _, _) = dims;
-    let du = match tile {
-        Tile::F2 => blocked::weight_grad_products::<4>(x, dy, dims, (isa, lanes)),
-        Tile::F4 => blocked::weight_grad_products::<6>(x, dy, dims, (isa, lanes)),
-    };
+    let du = by_tile!(
+        tile,
+        blocked::weight_grad_products(x, dy, dims, (isa, lanes))
+    );
     by_tile!(tile, kernels_from_products(&du, (c_out, c_in), isa))
 }
 

@@ -15,6 +15,7 @@ use crate::ops::winograd;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use seq_macro::seq;
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -153,16 +154,13 @@ impl BlockedConv {
         x: Source,
     ) -> Result<Self> {
         let bias = vec![0.0; c_out];
-        let mut conv = Self::unpacked(isa, w, (c_out, c_in, k), &bias, geometry, false)?;
-        match (conv.algorithm(x), x) {
-            (BlockedAlgorithm::Winograd, Source::Blocked(b)) => {
-                let tile = winograd::Tile::for_blocked((b.h, b.w));
-                let u = winograd::forward_weights(w, (c_out, c_in), tile);
-                conv.winograd[tile as usize] = OnceLock::from(u);
-            }
-            _ => conv.weights = conv.pack(w),
-        }
-        Ok(conv)
+        Ok(
+            Self::unpacked(isa, w, (c_out, c_in, k), &bias, geometry, false)?.ready_for(
+                x,
+                |tile| winograd::forward_weights(w, (c_out, c_in), tile),
+                || Cow::Borrowed(w),
+            ),
+        )
     }
 
     /// As [`BlockedConv::for_input`] for the input gradient of a 3×3, stride-1, padding-1 convolution with `w`
@@ -178,16 +176,31 @@ impl BlockedConv {
     ) -> Result<Self> {
         let (_, c_out, _, _) = dy.dims();
         let bias = vec![0.0; c_in];
-        let mut conv = Self::unpacked(isa, w, (c_in, c_out, 3), &bias, (1, 1), false)?;
-        match (conv.algorithm(dy), dy) {
+        Ok(
+            Self::unpacked(isa, w, (c_in, c_out, 3), &bias, (1, 1), false)?.ready_for(
+                dy,
+                |tile| winograd::input_grad_weights(w, (c_out, c_in), tile),
+                || Cow::Owned(flipped()),
+            ),
+        )
+    }
+
+    /// The weights that one forward on `x` reads: Winograd's transform `u(tile)` where that forward runs
+    /// Winograd's algorithm, else the direct kernel's packing of `direct()` (`[C_out, C_in, k, k]`).
+    fn ready_for<'w>(
+        mut self,
+        x: Source,
+        u: impl FnOnce(winograd::Tile) -> Vec<f32>,
+        direct: impl FnOnce() -> Cow<'w, [f32]>,
+    ) -> Self {
+        match (self.algorithm(x), x) {
             (BlockedAlgorithm::Winograd, Source::Blocked(b)) => {
                 let tile = winograd::Tile::for_blocked((b.h, b.w));
-                let u = winograd::input_grad_weights(w, (c_out, c_in), tile);
-                conv.winograd[tile as usize] = OnceLock::from(u);
+                self.winograd[tile as usize] = OnceLock::from(u(tile));
             }
-            _ => conv.weights = conv.pack(&flipped()),
+            _ => self.weights = self.pack(&direct()),
         }
-        Ok(conv)
+        self
     }
 
     /// The convolution's checked fields, its packed weights still empty (see [`BlockedConv::pack`]).

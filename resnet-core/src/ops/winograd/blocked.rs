@@ -12,10 +12,10 @@
 
 use super::{
     a_times, a_transposed_times, b_transposed_times, images_per_group, transform_lanes,
-    weight_grad_chunk, with_kept, Buffers, Finish, BUFFERS, WEIGHT_GRAD_BUFFERS,
+    weight_grad_sums, with_kept, Buffers, Finish, BUFFERS,
 };
 use crate::ops::cpu_slice::{each_chunk, kept_prefix};
-use crate::ops::gemm::{matmul, matmul_strided};
+use crate::ops::gemm::matmul_strided;
 use crate::ops::isa::Isa;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -204,40 +204,26 @@ pub(super) fn weight_grad_products<const A: usize>(
 ) -> Vec<f32> {
     let sx = Dims::new::<A>((c_in, c_out, h, w), lanes);
     let sy = Dims { c_in: c_out, ..sx };
-    let per_image = sx.per_image();
-    let chunk = weight_grad_chunk::<A>(n, per_image, (c_in, c_out));
-    let mut du = vec![0f32; A * A * c_out * c_in];
-    with_kept(&WEIGHT_GRAD_BUFFERS, |Buffers { v, m: dm }| {
-        for (k, (xc, dyc)) in x
-            .chunks(chunk * c_in * h * w)
-            .zip(dy.chunks(chunk * c_out * h * w))
-            .enumerate()
-        {
-            let tiles = xc.len() / (c_in * h * w) * per_image;
-            let v = kept_prefix(v, tiles * A * A * c_in);
-            let dm = kept_prefix(dm, tiles * A * A * c_out);
-            transform_tiles::<A>(xc, sx, v, (isa, false), true);
-            transform_tiles::<A>(dyc, sy, dm, (isa, true), true);
-            let (v, dm) = (&*v, &*dm);
-            du.par_chunks_mut(c_out * c_in)
-                .enumerate()
-                .for_each(|(xi, du_xi)| {
-                    // dM_ξ: C_out×T, element (o, t) at t·A²·C_out + ξ·C_out + o; V_ξ: T×C_in, element (t, i)
-                    // at t·A²·C_in + ξ·C_in + i.
-                    matmul(
-                        (c_out, c_in, tiles),
-                        du_xi,
-                        k > 0,
-                        &dm[xi * c_out..],
-                        (1, A * A * c_out),
-                        &v[xi * c_in..],
-                        (A * A * c_in, 1),
-                        Parallelism::None,
-                    );
-                });
-        }
-    });
-    du
+    let sizes = (n, c_in, c_out, h * w);
+    weight_grad_sums::<A>((x, dy), sizes, sx.per_image(), |(xc, dyc), tiles, b| {
+        transform_tiles::<A>(
+            xc,
+            sx,
+            kept_prefix(&mut b.v, tiles * A * A * c_in),
+            (isa, false),
+            true,
+        );
+        transform_tiles::<A>(
+            dyc,
+            sy,
+            kept_prefix(&mut b.m, tiles * A * A * c_out),
+            (isa, true),
+            true,
+        );
+        // dM_ξ: C_out×T, element (o, t) at t·A²·C_out + ξ·C_out + o; V_ξ: T×C_in, element (t, i) at
+        // t·A²·C_in + ξ·C_in + i.
+        [(c_out, (1, A * A * c_out)), (c_in, (A * A * c_in, 1))]
+    })
 }
 
 /// One tile to transform: the image's blocked input (or output gradient), and the tile's row and column.
