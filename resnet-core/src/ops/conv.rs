@@ -910,7 +910,7 @@ impl Conv2dOp {
             )?;
             return Ok(match g.stride {
                 1 => sampled,
-                s => subsampling_adjoint(&sampled, (g.n, g.c_in, g.h, g.w), lanes, s),
+                s => subsampling_adjoint(&sampled, (g.n, g.c_in, g.h, g.w), (g.c_in, 0), lanes, s),
             });
         }
         match g.stride {

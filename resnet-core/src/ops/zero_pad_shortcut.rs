@@ -176,6 +176,10 @@ impl ZeroPadShortcutGrad {
     ) -> Vec<f32> {
         let (s, before) = (self.forward.stride, self.forward.before);
         let [_, oc, oh, ow] = self.forward.output_dims((n, c, h, w));
+        if before.is_multiple_of(lanes) {
+            // Whole zero blocks: each pixel one copy of its block's values.
+            return subsampling_adjoint(dy, (n, c, h, w), (oc, before / lanes), lanes, s);
+        }
         let fill = |dx: &mut [MaybeUninit<f32>]| {
             dx.par_chunks_mut(h * w * lanes)
                 .enumerate()
@@ -198,19 +202,25 @@ impl ZeroPadShortcutGrad {
 }
 
 /// The adjoint of `x[:, :, ::s, ::s]` on blocked tensors (the input gradient of a strided 1×1 convolution,
-/// `ops::conv`): `dy` `[N, C/B, ⌈H/s⌉, ⌈W/s⌉, B]` spread to every `s`-th pixel of every `s`-th row of
-/// `[N, C/B, H, W, B]` (`dims` `(N, C, H, W)`), zeros between; a pixel's `B` values are one copy.
+/// `ops::conv`, and of option A where its zero channels are whole blocks): `dy` `[N, OC/B, ⌈H/s⌉, ⌈W/s⌉, B]`,
+/// from its block `first`, spread to every `s`-th pixel of every `s`-th row of `[N, C/B, H, W, B]` (`dims`
+/// `(N, C, H, W)`), zeros between; a pixel's `B` values are one copy.
 pub(crate) fn subsampling_adjoint(
     dy: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
+    (oc, first): (usize, usize),
     lanes: usize,
     s: usize,
 ) -> Vec<f32> {
     let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    let (blocks, out_blocks) = (c / lanes, oc / lanes);
     let fill = |dx: &mut [MaybeUninit<f32>]| {
         dx.par_chunks_mut(h * w * lanes)
-            .zip(dy.par_chunks(oh * ow * lanes))
-            .for_each(|(out, src)| {
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let (img, block) = (chunk / blocks, chunk % blocks);
+                let src =
+                    &dy[(img * out_blocks + first + block) * oh * ow * lanes..][..oh * ow * lanes];
                 for (y, row) in out.chunks_exact_mut(w * lanes).enumerate() {
                     for (x, pixel) in row.chunks_exact_mut(lanes).enumerate() {
                         match y % s == 0 && x % s == 0 {
