@@ -4,10 +4,11 @@
 use crate::folded::{FoldedConv, FoldedResNet, FoldedShortcut};
 use crate::ops::blocked::{max_pool, zero_pad_shortcut, Blocked, BlockedConv, Source};
 use crate::ops::isa::Isa;
+use crate::ops::linear::Linear;
 use crate::ops::max_pool::MaxPool2d;
+use crate::ops::parallel::on_rayon;
 use crate::shortcut::ShortcutPath;
-use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// The bytes of the largest activation of a pass of images through the net (`BlockedResNet::images_per_pass`).
@@ -98,7 +99,7 @@ impl BlockedResNet {
             stem,
             pool: net.pool,
             units,
-            head: net.head.clone(),
+            head: Linear::new(&net.head)?,
         }))
     }
 
@@ -113,11 +114,17 @@ impl BlockedResNet {
         // and no thread waits for the other at the end of every layer (rayon's sleeps and wake-ups between the
         // short layers of a pass were ~4 % of the time in `perf`, 0.04 % after). ResNet-56 at b500 against one pass
         // at a time, 8 alternated rounds (AMD EPYC Zen 4 only): a median 1.05× (1.02–1.09×, faster in 8).
+        // The passes' own loops then run on rayon too (`on_rayon`), not on the kernel threads, which would only take
+        // cores from the other passes.
         let firsts: Vec<usize> = (0..n).step_by(chunk).collect();
         let logits = firsts
             .into_par_iter()
             .with_max_len(1)
-            .map(|first| self.forward_all(&x.narrow(0, first, chunk.min(n - first))?.contiguous()?))
+            .map(|first| {
+                on_rayon(|| {
+                    self.forward_all(&x.narrow(0, first, chunk.min(n - first))?.contiguous()?)
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&logits, 0)
     }
@@ -186,6 +193,7 @@ impl BlockedResNet {
             let next = last.forward(b.as_ref().unwrap_or(&y).source(), shortcut)?;
             y = next;
         }
-        self.head.forward(&y.mean_pool()?)
+        let logits = self.head.forward(&y.mean_pool(), n)?;
+        Tensor::from_vec(logits, (n, self.head.outputs()), x.device())
     }
 }

@@ -3,9 +3,9 @@
 //! candle-nn's SGD has no momentum. The buffers are kept by parameter name so they can be checkpointed.
 
 use crate::ops::cpu_slice::contiguous_f32;
+use crate::ops::parallel::for_each_chunk;
 use crate::Result;
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
-use rayon::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -238,16 +238,18 @@ impl InplaceOp3 for InPlace {
             }
             _ => candle_core::bail!("sgd update: expected equally long contiguous f32 tensors"),
         };
-        let zipped = dst
-            .par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)));
+        let mut zipped = |f: &ChunkUpdate<'_>| {
+            for_each_chunk(dst, CHUNK, |i, d| {
+                f(d, &a[i * CHUNK..][..d.len()], &b[i * CHUNK..][..d.len()])
+            })
+        };
         match self {
-            InPlace::Momentum(r) => zipped.for_each(|(v, (g, w))| {
+            InPlace::Momentum(r) => zipped(&|v, g, w| {
                 for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
                     *v = *v * r.momentum + r.decayed(g, w);
                 }
             }),
-            InPlace::Parameter(r) => zipped.for_each(|(w, (g, v))| {
+            InPlace::Parameter(r) => zipped(&|w, g, v| {
                 for ((w, &g), &v) in w.iter_mut().zip(g).zip(v) {
                     *w -= r.direction(r.decayed(g, *w), v) * r.lr;
                 }
@@ -256,6 +258,9 @@ impl InplaceOp3 for InPlace {
         Ok(())
     }
 }
+
+/// An update of a chunk of the destination from the same chunks of the two sources.
+type ChunkUpdate<'a> = dyn Fn(&mut [f32], &[f32], &[f32]) + Sync + 'a;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,9 @@
-//! Thread pools: the heavy CPU ops of this crate run on rayon's global pool; candle's own element-wise ops
-//! (gradient sums in backprop, the optimizer update) run on a second pool of spinning workers. On a small
-//! machine the two pools fight over the cores: a ResNet-20 training step measured 214–255 img/s with both
-//! and 286 img/s with candle's element-wise ops on the calling thread (2 cores, batch 128).
+//! Thread pools: the heavy CPU ops of this crate run their parallel loops on the kernel threads
+//! (`ops::parallel`: the calling thread and one fewer workers than rayon's global pool has threads, which spin
+//! between loops); candle's own element-wise ops (gradient sums in backprop, the optimizer update) would run on
+//! a pool of spinning workers of their own. On a small machine that pool fights the others over the cores: a
+//! ResNet-20 training step measured 214–255 img/s with it and 286 img/s with candle's element-wise ops on the
+//! calling thread (2 cores, batch 128).
 
 /// Runs candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`) unless the user set
 /// `CANDLE_NUM_THREADS`. Call first thing in `main`, before any tensor exists (candle reads it once).
@@ -24,7 +26,7 @@ pub fn on_pool<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Se
     }
 }
 
-/// Threads of the pool the CPU kernels run on (rayon's global pool: `RAYON_NUM_THREADS`, else one per core).
+/// Threads the CPU kernels run on: as many as rayon's global pool has (`RAYON_NUM_THREADS`, else one per core).
 pub fn kernel_threads() -> usize {
     rayon::current_num_threads()
 }

@@ -2,8 +2,8 @@
 //! would make two full-size tensors and two backward passes.
 
 use crate::ops::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::parallel::for_each_chunk;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Elements per parallel task.
@@ -30,13 +30,12 @@ fn zip_map(
 ) -> Result<Vec<f32>> {
     let (a, b) = (contiguous_f32(s1, l1, what)?, contiguous_f32(s2, l2, what)?);
     let fill = |out: &mut [MaybeUninit<f32>]| {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
-                    o.write(f(a, b));
-                });
+        for_each_chunk(out, CHUNK, |i, o| {
+            let (a, b) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
+            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
+                o.write(f(a, b));
             });
+        });
     };
     // SAFETY: the chunks cover the output and every element is written.
     Ok(unsafe { written_by(a.len(), fill) })

@@ -10,8 +10,8 @@ use crate::ops::add_relu::relu_mask;
 use crate::ops::batch_norm_kernels::{self as kernels, Chunk, GradientParams, LaneArray, LANES};
 use crate::ops::cpu_slice::{contiguous_f32, written_by};
 use crate::ops::isa::Isa;
+use crate::ops::parallel::{for_each_chunk, map_indices};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
@@ -149,10 +149,7 @@ fn channel_sums(
             })
             .collect::<Vec<_>>()
     };
-    let groups: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(per_group))
-        .into_par_iter()
-        .map(group_sums)
-        .collect();
+    let groups: Vec<Vec<(f64, f64)>> = map_indices(n.div_ceil(per_group), group_sums);
     let mut sums = vec![(0f64, 0f64); c];
     for group in groups {
         for (s, (a, b)) in sums.iter_mut().zip(group) {
@@ -274,20 +271,17 @@ impl BatchNormTrain {
             .collect();
         let isa = Isa::current();
         let fill = |y: &mut [MaybeUninit<f32>]| {
-            y.par_chunks_mut(chunk)
-                .zip(x.par_chunks(chunk))
-                .enumerate()
-                .for_each(|(i, (out, inp))| {
-                    let chunk = Chunk::Normalize {
-                        x: inp,
-                        residual: residual.map(|r| &r[i * chunk..(i + 1) * chunk]),
-                        out,
-                        scale: &dims.lane_values(i, &scales),
-                        shift: &dims.lane_values(i, &shifts),
-                        floor,
-                    };
-                    kernels::run(isa, chunk);
-                });
+            for_each_chunk(y, chunk, |i, out| {
+                let chunk = Chunk::Normalize {
+                    x: &x[i * chunk..(i + 1) * chunk],
+                    residual: residual.map(|r| &r[i * chunk..(i + 1) * chunk]),
+                    out,
+                    scale: &dims.lane_values(i, &scales),
+                    shift: &dims.lane_values(i, &shifts),
+                    floor,
+                };
+                kernels::run(isa, chunk);
+            });
         };
         // SAFETY: the planes cover y and every element is written.
         Ok(unsafe { written_by(x.len(), fill) })
@@ -418,7 +412,7 @@ impl CustomOp3 for BatchNormTrainGrad {
         let mean_dbeta = per_channel(&|ch| (sums[ch].1 / count) as f32);
         let isa = Isa::current();
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
+            for_each_chunk(dx, chunk, |i, out| {
                 let lanes = |v: &[f32]| dims.lane_values(i, v);
                 let params = GradientParams {
                     k: lanes(&k),

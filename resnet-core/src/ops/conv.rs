@@ -24,12 +24,12 @@ use crate::ops::channel_blocks::from_blocked;
 use crate::ops::cpu_slice::{contiguous_f32, each_chunk, kept_prefix, written_by, zeroed};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
+use crate::ops::parallel::for_each_chunk;
 use crate::ops::strided_pointwise::StridedPointwise;
 use crate::ops::winograd;
 use crate::ops::zero_pad_shortcut::subsampling_adjoint;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
@@ -496,15 +496,15 @@ impl Geometry {
     fn im2col_parallel(&self, x: &[f32], col: &mut [f32]) {
         let channels = self.c_in.div_ceil(4 * rayon::current_num_threads());
         let plane = self.h * self.w;
-        col.par_chunks_mut(channels * self.kh * self.kw * self.p())
-            .zip(x.par_chunks(channels * plane))
-            .for_each(|(col, x)| {
-                let block = Geometry {
-                    c_in: x.len() / plane,
-                    ..*self
-                };
-                block.im2col(x, col);
-            });
+        for_each_chunk(col, channels * self.kh * self.kw * self.p(), |i, col| {
+            let x = &x[i * channels * plane..];
+            let x = &x[..(channels * plane).min(x.len())];
+            let block = Geometry {
+                c_in: x.len() / plane,
+                ..*self
+            };
+            block.im2col(x, col);
+        });
     }
 
     /// dx += col⁻¹(dcol), the adjoint of `im2col`.
@@ -615,9 +615,10 @@ impl Conv2dOp {
                 OutputLayout::Blocked,
             )?;
             if let Some(r) = residual {
-                y.par_chunks_mut(1 << 14)
-                    .zip(r.par_chunks(1 << 14))
-                    .for_each(|(y, r)| y.iter_mut().zip(r).for_each(|(v, s)| *v += s));
+                for_each_chunk(&mut y, 1 << 14, |i, y| {
+                    let r = &r[i << 14..][..y.len()];
+                    y.iter_mut().zip(r).for_each(|(v, s)| *v += s)
+                });
             }
             return Ok((y, shape));
         }
@@ -663,7 +664,7 @@ fn conv_forward(
     };
     if let Some(mut out) = fast {
         if let Some(e) = epilogue {
-            out.par_chunks_mut(p).enumerate().for_each(|(row, y)| {
+            for_each_chunk(&mut out, p, |row, y| {
                 e.apply(y, row % g.c_out, residual_row(row));
             });
         }
@@ -677,7 +678,7 @@ fn conv_forward(
             return matmul((g.c_out, p, k), y, false, w, (k, 1), col, (p, 1), par);
         }
         let rows = g.c_out.div_ceil(rayon::current_num_threads());
-        y.par_chunks_mut(rows * p).enumerate().for_each(|(b, yb)| {
+        for_each_chunk(y, rows * p, |b, yb| {
             let m = yb.len() / p;
             let wb = &w[b * rows * k..(b * rows + m) * k];
             matmul(
@@ -1011,10 +1012,7 @@ impl Conv2dOp {
         // One partial sum per group of images, added in group order: the same result for any thread count.
         let mut partials = vec![vec![0f32; k * g.c_out]; groups];
         if over_images {
-            partials
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(grp, dw)| group_sum(grp, dw));
+            for_each_chunk(&mut partials, 1, |grp, dw| group_sum(grp, &mut dw[0]));
         } else {
             for (grp, dw) in partials.iter_mut().enumerate() {
                 group_sum(grp, dw);

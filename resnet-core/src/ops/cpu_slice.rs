@@ -1,8 +1,8 @@
 //! The f32 data of a contiguous CPU tensor, and zeroed output buffers, for the custom ops' CPU kernels.
 
+use crate::ops::parallel::for_each_chunk;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
@@ -29,7 +29,11 @@ pub fn zeroed(len: usize) -> Vec<f32> {
         return vec![0.0; len];
     }
     let mut out = Vec::with_capacity(len);
-    out.par_extend(rayon::iter::repeat_n(0f32, len));
+    for_each_chunk(&mut out.spare_capacity_mut()[..len], 1 << 14, |_, c| {
+        c.iter_mut().for_each(|v| _ = v.write(0.0));
+    });
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -41,9 +45,7 @@ pub(crate) fn each_chunk<T: Send>(
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
     if parallel {
-        data.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        for_each_chunk(data, len, f);
     } else {
         data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
     }
@@ -213,7 +215,7 @@ impl Scratch {
         // SAFETY: every element is written.
         unsafe {
             Self::written_by(len, |b| {
-                b.par_chunks_mut(1 << 14).for_each(|c| {
+                for_each_chunk(b, 1 << 14, |_, c| {
                     c.iter_mut().for_each(|v| {
                         v.write(0.0);
                     })

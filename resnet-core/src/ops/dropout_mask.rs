@@ -2,7 +2,7 @@
 //! that a mask is the same whatever the thread count, and the same again when recomputation runs a forward
 //! a second time within one step.
 
-use rayon::prelude::*;
+use crate::ops::parallel::for_each_chunk;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -28,15 +28,13 @@ pub fn keep_mask(len: usize, rate: f64, key: u64) -> Vec<f32> {
     // An element is kept when its 53-bit uniform draw is at least `rate`.
     let threshold = (rate * (1u64 << 53) as f64) as u64;
     let mut mask = vec![0f32; len];
-    mask.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (i, m) in chunk.iter_mut().enumerate() {
-                let index = (c * CHUNK + i) as u64;
-                let draw = mix(key ^ mix(index)) >> 11;
-                *m = if draw >= threshold { scale } else { 0.0 };
-            }
-        });
+    for_each_chunk(&mut mask, CHUNK, |c, chunk| {
+        for (i, m) in chunk.iter_mut().enumerate() {
+            let index = (c * CHUNK + i) as u64;
+            let draw = mix(key ^ mix(index)) >> 11;
+            *m = if draw >= threshold { scale } else { 0.0 };
+        }
+    });
     mask
 }
 

@@ -137,6 +137,24 @@ pub fn select(isa: Isa) -> Result<()> {
     Ok(())
 }
 
+/// `$portable(args)` compiled for the kernel set `$isa`: its `target_feature` entry point (module `x86`) where the
+/// set has one. The callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
+macro_rules! on_kernel_set {
+    ($isa:expr, $avx512:path, $avx2:path, $portable:path, ($($arg:expr),*)) => {{
+        let isa: Isa = $isa;
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: a kernel set this CPU runs (the callers' promise above).
+            Isa::Avx512 => return unsafe { $avx512($($arg),*) },
+            Isa::Avx2 => return unsafe { $avx2($($arg),*) },
+            Isa::Generic => {}
+        }
+        let _ = isa;
+        $portable($($arg),*)
+    }};
+}
+pub(crate) use on_kernel_set;
+
 #[cfg(test)]
 mod tests {
     use super::*;

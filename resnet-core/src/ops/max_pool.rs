@@ -8,8 +8,8 @@
 
 use crate::ops::cpu_slice::{contiguous_f32, zeroed};
 use crate::ops::isa::Isa;
+use crate::ops::parallel::for_each_chunk;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxPool2d {
@@ -102,6 +102,19 @@ impl MaxPool2d {
             _ => argmax_plane(self, src, (h, w), argmax),
         }
     }
+}
+
+thread_local! {
+    /// A plane's winning pixels, per thread.
+    static ARGMAX: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` with this thread's argmax buffer, `len` long.
+fn with_argmax(len: usize, f: impl FnOnce(&mut [u32])) {
+    ARGMAX.with_borrow_mut(|argmax| {
+        argmax.resize(len, 0);
+        f(argmax)
+    })
 }
 
 /// `(planes, h, w, lanes)` of an NCHW input (`lanes` 1) or a channel-blocked one (blocks of 8 or 16).
@@ -254,20 +267,18 @@ impl CustomOp1 for MaxPool2d {
         let (oh, ow) = (self.output_size(h), self.output_size(w));
         let mut out = zeroed(planes * oh * ow * l);
         let isa = (Isa::current(), l);
-        out.par_chunks_mut(oh * ow * l)
-            .zip(src.par_chunks(h * w * l))
-            .for_each_init(
-                || vec![0u32; oh * ow * l],
-                |argmax, (o, plane)| {
-                    self.argmax_plane(isa, plane, (h, w), argmax);
-                    // Output pixel by pixel: lane `k` of a pixel is channel `k` of its block.
-                    for (o, pixel) in o.chunks_exact_mut(l).zip(argmax.chunks_exact(l)) {
-                        for (k, (o, &i)) in o.iter_mut().zip(pixel).enumerate() {
-                            *o = plane[i as usize * l + k];
-                        }
+        for_each_chunk(&mut out, oh * ow * l, |j, o| {
+            let plane = &src[j * h * w * l..][..h * w * l];
+            with_argmax(oh * ow * l, |argmax| {
+                self.argmax_plane(isa, plane, (h, w), argmax);
+                // Output pixel by pixel: lane `k` of a pixel is channel `k` of its block.
+                for (o, pixel) in o.chunks_exact_mut(l).zip(argmax.chunks_exact(l)) {
+                    for (k, (o, &i)) in o.iter_mut().zip(pixel).enumerate() {
+                        *o = plane[i as usize * l + k];
                     }
-                },
-            );
+                }
+            })
+        });
         let mut dims = layout.shape().dims().to_vec();
         (dims[2], dims[3]) = (oh, ow);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -307,23 +318,18 @@ impl CustomOp2 for MaxPoolGrad {
         }
         let mut grad_in = zeroed(src.len());
         let isa = (Isa::current(), l);
-        grad_in
-            .par_chunks_mut(h * w * l)
-            .zip(
-                src.par_chunks(h * w * l)
-                    .zip(grad_out.par_chunks(oh * ow * l)),
-            )
-            .for_each_init(
-                || vec![0u32; oh * ow * l],
-                |argmax, (gi, (plane, go))| {
-                    self.0.argmax_plane(isa, plane, (h, w), argmax);
-                    for (go, pixel) in go.chunks_exact(l).zip(argmax.chunks_exact(l)) {
-                        for (k, (&g, &i)) in go.iter().zip(pixel).enumerate() {
-                            gi[i as usize * l + k] += g;
-                        }
+        for_each_chunk(&mut grad_in, h * w * l, |j, gi| {
+            let plane = &src[j * h * w * l..][..h * w * l];
+            let go = &grad_out[j * oh * ow * l..][..oh * ow * l];
+            with_argmax(oh * ow * l, |argmax| {
+                self.0.argmax_plane(isa, plane, (h, w), argmax);
+                for (go, pixel) in go.chunks_exact(l).zip(argmax.chunks_exact(l)) {
+                    for (k, (&g, &i)) in go.iter().zip(pixel).enumerate() {
+                        gi[i as usize * l + k] += g;
                     }
-                },
-            );
+                }
+            })
+        });
         Ok((CpuStorage::F32(grad_in), l1.shape().clone()))
     }
 }

@@ -15,9 +15,9 @@
 use crate::ops::cpu_slice::{each_chunk, written_by};
 use crate::ops::gemm::matmul;
 use crate::ops::isa::Isa;
+use crate::ops::parallel::{self, for_each_chunk};
 use crate::ops::taps::kernel_3x3;
 use gemm::Parallelism;
-use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::thread::LocalKey;
@@ -111,22 +111,7 @@ macro_rules! by_tile {
     };
 }
 
-/// `$portable(args)` compiled for the kernel set `$isa`: its `target_feature` entry point (module `x86`) where the
-/// set has one. The callers pass `Isa::current()` or one of `Isa::available()`: a set this CPU runs.
-macro_rules! on_kernel_set {
-    ($isa:expr, $avx512:path, $avx2:path, $portable:path, ($($arg:expr),*)) => {{
-        let isa: Isa = $isa;
-        #[cfg(target_arch = "x86_64")]
-        match isa {
-            // SAFETY: a kernel set this CPU runs (the callers' promise above).
-            Isa::Avx512 => return unsafe { $avx512($($arg),*) },
-            Isa::Avx2 => return unsafe { $avx2($($arg),*) },
-            Isa::Generic => {}
-        }
-        let _ = isa;
-        $portable($($arg),*)
-    }};
-}
+use crate::ops::isa::on_kernel_set;
 
 mod blocked;
 
@@ -232,17 +217,15 @@ fn transform_weights<const A: usize>(
     };
     let isa = Isa::current();
     let fill = |u: &mut [MaybeUninit<f32>]| {
-        u.par_chunks_mut(A * A * ins)
-            .enumerate()
-            .for_each(|(o, uo)| {
-                let job = KernelsTo {
-                    w,
-                    c_in,
-                    transposed,
-                    o,
-                };
-                transform_kernels::<A>(isa, job, uo)
-            })
+        for_each_chunk(u, A * A * ins, |o, uo| {
+            let job = KernelsTo {
+                w,
+                c_in,
+                transposed,
+                o,
+            };
+            transform_kernels::<A>(isa, job, uo)
+        })
     };
     // SAFETY: every (ξ, i) of every output channel's chunk is written by `weights_body`.
     unsafe { written_by(outs * A * A * ins, fill) }
@@ -433,6 +416,8 @@ fn a_times<const A: usize>(v: [f32; A]) -> [f32; A] {
 }
 
 thread_local! {
+    /// A task's transformed kernels on their way to U by position (`transform_weights_by_position`).
+    static BY_POSITION: RefCell<Vec<MaybeUninit<f32>>> = const { RefCell::new(Vec::new()) };
     /// Per group of images: transformed input tiles V `[C_in][A²][T]` and products M `[A²][C_out][T]`.
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
     /// Per weight gradient: V and dM of a chunk of images (a nested call on the same thread makes its own).
@@ -576,9 +561,8 @@ fn transform_weights_by_position<const A: usize>(
     let fill = |u: &mut [MaybeUninit<f32>]| {
         // Each task writes the columns of its own output channels only: disjoint elements of `u`.
         let base = u.as_mut_ptr() as usize;
-        (0..outs.div_ceil(BY_POSITION_OUTPUTS))
-            .into_par_iter()
-            .for_each_init(Vec::new, |local: &mut Vec<MaybeUninit<f32>>, b| {
+        parallel::for_each_index(outs.div_ceil(BY_POSITION_OUTPUTS), 1, |b| {
+            BY_POSITION.with_borrow_mut(|local| {
                 let outputs = b * BY_POSITION_OUTPUTS..outs.min((b + 1) * BY_POSITION_OUTPUTS);
                 local.resize(outputs.len() * per_output, MaybeUninit::uninit());
                 for (uo, o) in local.chunks_exact_mut(per_output).zip(outputs.clone()) {
@@ -603,7 +587,8 @@ fn transform_weights_by_position<const A: usize>(
                         *d = uo[row];
                     }
                 }
-            });
+            })
+        });
     };
     // SAFETY: every (ξ, i, o) is written: `weights_body` writes each output channel's buffer whole.
     unsafe { written_by(A * A * ins * outs, fill) }
@@ -655,13 +640,14 @@ fn run_into<const A: usize>(
     let group_out = group * c_out * h * wd;
     if n > group {
         // Groups in parallel, each on one thread.
-        y.par_chunks_mut(group_out)
-            .zip(x.par_chunks(group * c_in * h * wd))
-            .for_each(|(yg, xg)| {
-                with_kept(&BUFFERS, |Buffers { v, m }| {
-                    run_group::<A>(xg, u, yg, dims, &t, (v, m), isa, false);
-                })
-            });
+        let group_in = group * c_in * h * wd;
+        for_each_chunk(y, group_out, |g, yg| {
+            let images = yg.len() / (c_out * h * wd);
+            let xg = &x[g * group_in..][..images * c_in * h * wd];
+            with_kept(&BUFFERS, |Buffers { v, m }| {
+                run_group::<A>(xg, u, yg, dims, &t, (v, m), isa, false);
+            })
+        });
     } else {
         // One group (a single image): each stage on all threads.
         with_kept(&BUFFERS, |Buffers { v, m }| {
@@ -920,20 +906,18 @@ fn weight_grad_sums<const A: usize>(
             let tiles = xc.len() / (c_in * plane) * per_image;
             let [(dm_step, dm_strides), (v_step, v_strides)] = transform((xc, dyc), tiles, buffers);
             let (v, dm) = (&*buffers.v, &*buffers.m);
-            du.par_chunks_mut(c_out * c_in)
-                .enumerate()
-                .for_each(|(xi, du_xi)| {
-                    matmul(
-                        (c_out, c_in, tiles),
-                        du_xi,
-                        k > 0,
-                        &dm[xi * dm_step..],
-                        dm_strides,
-                        &v[xi * v_step..],
-                        v_strides,
-                        Parallelism::None,
-                    );
-                });
+            for_each_chunk(&mut du, c_out * c_in, |xi, du_xi| {
+                matmul(
+                    (c_out, c_in, tiles),
+                    du_xi,
+                    k > 0,
+                    &dm[xi * dm_step..],
+                    dm_strides,
+                    &v[xi * v_step..],
+                    v_strides,
+                    Parallelism::None,
+                );
+            });
         }
     });
     du
@@ -985,18 +969,16 @@ fn kernels_from_products<const A: usize>(
     isa: Isa,
 ) -> Vec<f32> {
     let fill = |dw: &mut [MaybeUninit<f32>]| {
-        dw.par_chunks_mut(c_in * 9)
-            .enumerate()
-            .for_each(|(o, dwo)| {
-                let job = GradientsTo { du, c_out, o };
-                on_kernel_set!(
-                    isa,
-                    x86::gradients_avx512::<A>,
-                    x86::gradients_avx2::<A>,
-                    gradients_body::<A>,
-                    (job, dwo)
-                )
-            })
+        for_each_chunk(dw, c_in * 9, |o, dwo| {
+            let job = GradientsTo { du, c_out, o };
+            on_kernel_set!(
+                isa,
+                x86::gradients_avx512::<A>,
+                x86::gradients_avx2::<A>,
+                gradients_body::<A>,
+                (job, dwo)
+            )
+        })
     };
     // SAFETY: every tap of every (o, i) is written by `gradients_body`.
     unsafe { written_by(c_out * c_in * 9, fill) }

@@ -5,8 +5,8 @@
 
 use crate::ops::blocked::{self, BlockedSlice};
 use crate::ops::cpu_slice::{contiguous_f32, written_by};
+use crate::ops::parallel::for_each_chunk;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Subsample by `stride` (rows and columns 0, s, 2s, …) and put `before`/`after` zero channels around.
@@ -72,24 +72,22 @@ impl CustomOp1 for ZeroPadShortcut {
         let s = self.stride;
         // One output plane per task: a padding channel is zeros, channel `before + k` samples input channel k.
         let fill = |y: &mut [MaybeUninit<f32>]| {
-            y.par_chunks_mut(oh * ow)
-                .enumerate()
-                .for_each(|(plane, out)| {
-                    let (img, ch) = (plane / oc, plane % oc);
-                    let Some(k) = ch.checked_sub(self.before).filter(|&k| k < c) else {
-                        out.iter_mut().for_each(|o| {
-                            o.write(0.0);
-                        });
-                        return;
-                    };
-                    let src = &x[(img * c + k) * h * w..][..h * w];
-                    for (i, row) in out.chunks_mut(ow).enumerate() {
-                        let src_row = &src[i * s * w..];
-                        for (j, o) in row.iter_mut().enumerate() {
-                            o.write(src_row[j * s]);
-                        }
+            for_each_chunk(y, oh * ow, |plane, out| {
+                let (img, ch) = (plane / oc, plane % oc);
+                let Some(k) = ch.checked_sub(self.before).filter(|&k| k < c) else {
+                    out.iter_mut().for_each(|o| {
+                        o.write(0.0);
+                    });
+                    return;
+                };
+                let src = &x[(img * c + k) * h * w..][..h * w];
+                for (i, row) in out.chunks_mut(ow).enumerate() {
+                    let src_row = &src[i * s * w..];
+                    for (j, o) in row.iter_mut().enumerate() {
+                        o.write(src_row[j * s]);
                     }
-                });
+                }
+            });
         };
         // SAFETY: the planes cover the output and every element of each is written.
         let y = unsafe { written_by(n * oc * oh * ow, fill) };
@@ -141,23 +139,21 @@ impl CustomOp1 for ZeroPadShortcutGrad {
         }
         let (s, before) = (self.forward.stride, self.forward.before);
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(h * w)
-                .enumerate()
-                .for_each(|(plane, out)| {
-                    let (img, k) = (plane / c, plane % c);
-                    let src = &dy[(img * oc + before + k) * oh * ow..][..oh * ow];
-                    for (i, row) in out.chunks_mut(w).enumerate() {
-                        let sampled = i % s == 0;
-                        for (j, o) in row.iter_mut().enumerate() {
-                            let v = if sampled && j % s == 0 {
-                                src[(i / s) * ow + j / s]
-                            } else {
-                                0.0
-                            };
-                            o.write(v);
-                        }
+            for_each_chunk(dx, h * w, |plane, out| {
+                let (img, k) = (plane / c, plane % c);
+                let src = &dy[(img * oc + before + k) * oh * ow..][..oh * ow];
+                for (i, row) in out.chunks_mut(w).enumerate() {
+                    let sampled = i % s == 0;
+                    for (j, o) in row.iter_mut().enumerate() {
+                        let v = if sampled && j % s == 0 {
+                            src[(i / s) * ow + j / s]
+                        } else {
+                            0.0
+                        };
+                        o.write(v);
                     }
-                });
+                }
+            });
         };
         // SAFETY: the planes cover dx and every element of each is written.
         let dx = unsafe { written_by(n * c * h * w, fill) };
@@ -181,20 +177,18 @@ impl ZeroPadShortcutGrad {
             return subsampling_adjoint(dy, (n, c, h, w), (oc, before / lanes), lanes, s);
         }
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            dx.par_chunks_mut(h * w * lanes)
-                .enumerate()
-                .for_each(|(chunk, out)| {
-                    let (img, block) = (chunk / (c / lanes), chunk % (c / lanes));
-                    for (p, pixel) in out.chunks_exact_mut(lanes).enumerate() {
-                        let (y, x) = (p / w, p % w);
-                        let sampled = y % s == 0 && x % s == 0;
-                        for (lane, d) in pixel.iter_mut().enumerate() {
-                            let o = block * lanes + lane + before;
-                            let at = (((img * oc + o) / lanes * oh + y / s) * ow + x / s) * lanes;
-                            d.write(if sampled { dy[at + o % lanes] } else { 0.0 });
-                        }
+            for_each_chunk(dx, h * w * lanes, |chunk, out| {
+                let (img, block) = (chunk / (c / lanes), chunk % (c / lanes));
+                for (p, pixel) in out.chunks_exact_mut(lanes).enumerate() {
+                    let (y, x) = (p / w, p % w);
+                    let sampled = y % s == 0 && x % s == 0;
+                    for (lane, d) in pixel.iter_mut().enumerate() {
+                        let o = block * lanes + lane + before;
+                        let at = (((img * oc + o) / lanes * oh + y / s) * ow + x / s) * lanes;
+                        d.write(if sampled { dy[at + o % lanes] } else { 0.0 });
                     }
-                });
+                }
+            });
         };
         // SAFETY: the chunks cover dx and every element of each is written.
         unsafe { written_by(n * c * h * w, fill) }
@@ -215,28 +209,26 @@ pub(crate) fn subsampling_adjoint(
     let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
     let (blocks, out_blocks) = (c / lanes, oc / lanes);
     let fill = |dx: &mut [MaybeUninit<f32>]| {
-        dx.par_chunks_mut(h * w * lanes)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let (img, block) = (chunk / blocks, chunk % blocks);
-                let src =
-                    &dy[(img * out_blocks + first + block) * oh * ow * lanes..][..oh * ow * lanes];
-                for (y, row) in out.chunks_exact_mut(w * lanes).enumerate() {
-                    for (x, pixel) in row.chunks_exact_mut(lanes).enumerate() {
-                        match y % s == 0 && x % s == 0 {
-                            true => {
-                                let from = &src[((y / s) * ow + x / s) * lanes..][..lanes];
-                                pixel.iter_mut().zip(from).for_each(|(d, &v)| {
-                                    d.write(v);
-                                });
-                            }
-                            false => pixel.iter_mut().for_each(|d| {
-                                d.write(0.0);
-                            }),
+        for_each_chunk(dx, h * w * lanes, |chunk, out| {
+            let (img, block) = (chunk / blocks, chunk % blocks);
+            let src =
+                &dy[(img * out_blocks + first + block) * oh * ow * lanes..][..oh * ow * lanes];
+            for (y, row) in out.chunks_exact_mut(w * lanes).enumerate() {
+                for (x, pixel) in row.chunks_exact_mut(lanes).enumerate() {
+                    match y % s == 0 && x % s == 0 {
+                        true => {
+                            let from = &src[((y / s) * ow + x / s) * lanes..][..lanes];
+                            pixel.iter_mut().zip(from).for_each(|(d, &v)| {
+                                d.write(v);
+                            });
                         }
+                        false => pixel.iter_mut().for_each(|d| {
+                            d.write(0.0);
+                        }),
                     }
                 }
-            });
+            }
+        });
     };
     // SAFETY: the chunks cover dx and every pixel of each is written.
     unsafe { written_by(n * c * h * w, fill) }

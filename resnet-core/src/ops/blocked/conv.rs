@@ -10,10 +10,11 @@
 use super::layout::{block_to_nchw, Blocked, BlockedSlice, Padded, Source};
 use crate::ops::cpu_slice::{init_aligned, written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
+use crate::ops::parallel;
+use crate::ops::parallel::for_each_chunk;
 use crate::ops::simd::{Portable, Simd};
 use crate::ops::winograd;
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 use seq_macro::seq;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -25,6 +26,16 @@ const _: () = assert!(MAX_COLUMNS == 12);
 
 /// Input channels per pass over a row (see `row`).
 pub(super) const CHUNK_CHANNELS: usize = 64;
+
+/// Input channels per pass where a task takes several rows (see `compute`).
+const MULTI_ROW_CHUNK_CHANNELS: usize = 16;
+
+/// Tiles per row up to which a task takes several rows (see `compute`). ResNet-50's strided and 7×7 3×3 layers,
+/// one layer called alternately with one row and with several per task, 200 calls each at batch 1 (30 at 16),
+/// median GFLOP/s (Intel Xeon, 2 FMA units, 2 threads): 512→512 on 7×7 249 → 279 (b16 level), 512→512 /2 on
+/// 14×14 226 → 255 (b16 173 → 202), 256→256 /2 on 28×28 (3 tiles a row) 263 → 276 (b16 210 → 226), 128→128 /2
+/// on 56×56 (6) 235 → 251 (b16 233 → 247); CIFAR's 16-channel layers at b32 and b128 level or up to 1.04×.
+const MULTI_ROW_TILES: usize = 6;
 
 /// Multiply-adds ×2 that one thread takes at least at a time.
 pub(super) const MIN_TASK_FLOPS: usize = 4_000_000;
@@ -380,20 +391,18 @@ impl BlockedConv {
     fn unpacked_weights(&self) -> Vec<f32> {
         let (kk, fb, bi) = (self.kernel * self.kernel, self.group * self.lanes, self.bi);
         let mut w = vec![0f32; self.c_out * self.c_in * kk];
-        w.par_chunks_mut(self.c_in * kk)
-            .enumerate()
-            .for_each(|(o, wo)| {
-                let (g, oo) = (o / fb, o % fb);
-                let group = &self.weights[g * self.c_in * kk * fb..][..self.c_in * kk * fb];
-                // Value (cb, tap, i) of the group sits at ((cb·kk + tap)·bi + i)·fb + oo.
-                for (cb, block) in group.chunks_exact(kk * bi * fb).enumerate() {
-                    for (tap, taps) in block.chunks_exact(bi * fb).enumerate() {
-                        for (i, lanes) in taps.chunks_exact(fb).enumerate() {
-                            wo[(cb * bi + i) * kk + tap] = lanes[oo];
-                        }
+        for_each_chunk(&mut w, self.c_in * kk, |o, wo| {
+            let (g, oo) = (o / fb, o % fb);
+            let group = &self.weights[g * self.c_in * kk * fb..][..self.c_in * kk * fb];
+            // Value (cb, tap, i) of the group sits at ((cb·kk + tap)·bi + i)·fb + oo.
+            for (cb, block) in group.chunks_exact(kk * bi * fb).enumerate() {
+                for (tap, taps) in block.chunks_exact(bi * fb).enumerate() {
+                    for (i, lanes) in taps.chunks_exact(fb).enumerate() {
+                        wo[(cb * bi + i) * kk + tap] = lanes[oo];
                     }
                 }
-            });
+            }
+        });
         w
     }
 
@@ -480,6 +489,9 @@ impl BlockedConv {
             out_plane,
             out_step: b,
             width: ow,
+            rows: 1,
+            x_rows: stride * input.w * input.bi,
+            out_row: ow * b,
             columns: max_columns(self.isa, f),
             chunk_blocks: (CHUNK_CHANNELS / input.bi).max(1),
         };
@@ -493,7 +505,27 @@ impl BlockedConv {
         // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
         let segments = width.div_ceil(SEGMENT_TILES * job.columns);
         let segment = width.div_ceil(segments);
-        let tasks_per_image = groups * rows * segments;
+        // Short rows of a kernel wider than 1 use each weight vector for few columns: a task then takes several
+        // rows, and all their tiles run over one input block's weights while those are in L1 (3×3 × 64 outputs:
+        // 37 KB), where one row at a time went over chunks of 64 channels whose weights (147 KB) came from L2 for
+        // each tile. Enough tasks stay for the threads. (The sums are the same: the partial sums go through the
+        // output, exactly, in the same order.)
+        let rows_per_task = match k > 1 && segments == 1 && width <= MULTI_ROW_TILES * job.columns {
+            true => {
+                let wanted = (4 * rayon::current_num_threads()).div_ceil(n * groups);
+                rows.div_ceil(wanted.max(1))
+            }
+            false => 1,
+        };
+        let job = Row {
+            chunk_blocks: match rows_per_task {
+                1 => job.chunk_blocks,
+                _ => (MULTI_ROW_CHUNK_CHANNELS / input.bi).max(1),
+            },
+            ..job
+        };
+        let row_tasks = rows.div_ceil(rows_per_task);
+        let tasks_per_image = groups * row_tasks * segments;
         // Where all the weights stay in L2, one thread takes every group of a segment in turn (the segment's
         // input stays in L1), else every segment of a group, of every image (the group's weights stay).
         // Task `t` of image `img`, reading the image's padded input at `x`, writing into `out`.
@@ -503,13 +535,13 @@ impl BlockedConv {
             let job = &job;
             let (g, rest) = match weights_stay {
                 true => (t % groups, t / groups),
-                false => (t / (rows * segments), t % (rows * segments)),
+                false => (t / (row_tasks * segments), t % (row_tasks * segments)),
             };
-            let (y, s) = (rest / segments, rest % segments);
+            let (y, s) = (rest / segments * rows_per_task, rest % segments);
             let c0 = s * segment;
             let at = ((slot * groups + g) * f * rows + y) * width * b + c0 * b;
             let row = Row {
-                x: x.wrapping_add(y * stride * job.x_row + c0 * job.x_step),
+                x: x.wrapping_add(y * job.x_rows + c0 * job.x_step),
                 w: job.w.wrapping_add(g * w_group),
                 bias: job.bias.wrapping_add(g * f * b),
                 out: out.0.wrapping_add(at),
@@ -519,6 +551,7 @@ impl BlockedConv {
                     job.residual.wrapping_add(at)
                 },
                 width: segment.min(width - c0),
+                rows: rows_per_task.min(rows - y),
                 ..*job
             };
             // SAFETY: the pointers address this task's input rows, weights and output segment (`Row`'s bounds
@@ -545,26 +578,22 @@ impl BlockedConv {
                 Some(x) => {
                     // Neighbouring tasks (the same weights, overlapping input rows) go to one thread in runs
                     // of at least MIN_TASK_FLOPS, so that scheduling stays small beside short rows.
-                    let task_flops = 2 * segment * f * b * self.c_in * k * k;
+                    let task_flops = 2 * segment * rows_per_task * f * b * self.c_in * k * k;
                     let batch = MIN_TASK_FLOPS.div_ceil(task_flops.max(1));
                     let image = SendPtr(x.as_ptr().cast_mut());
                     let image = &image;
-                    (0..n * tasks_per_image)
-                        .into_par_iter()
-                        .with_min_len(batch)
-                        .for_each(|task| {
-                            let (img, t) = match weights_stay {
-                                true => (task / tasks_per_image, task % tasks_per_image),
-                                false => {
-                                    let per_group = rows * segments;
-                                    let (g, rest) =
-                                        (task / (n * per_group), task % (n * per_group));
-                                    (rest / per_group, g * per_group + rest % per_group)
-                                }
-                            };
-                            let x = image.0.wrapping_add(img * input.image_len()).cast_const();
-                            run(img, t, x, out)
-                        })
+                    parallel::for_each_index(n * tasks_per_image, batch, |task| {
+                        let (img, t) = match weights_stay {
+                            true => (task / tasks_per_image, task % tasks_per_image),
+                            false => {
+                                let per_group = row_tasks * segments;
+                                let (g, rest) = (task / (n * per_group), task % (n * per_group));
+                                (rest / per_group, g * per_group + rest % per_group)
+                            }
+                        };
+                        let x = image.0.wrapping_add(img * input.image_len()).cast_const();
+                        run(img, t, x, out)
+                    })
                 }
                 None => each_padded_image(&input, n, |img, x| {
                     for t in 0..tasks_per_image {
@@ -593,7 +622,7 @@ impl BlockedConv {
 /// `compute(img, x)` for each of the `n` images of `input`, in parallel, `x` the image padded into the thread's
 /// buffer: the copy stays in the thread's cache, where a copy of the whole batch goes out to memory and back.
 pub(super) fn each_padded_image(input: &Padded, n: usize, compute: impl Fn(usize, &[f32]) + Sync) {
-    (0..n).into_par_iter().for_each(|img| {
+    parallel::for_each_index(n, 1, |img| {
         IMAGE.with_borrow_mut(|buf| {
             // SAFETY: `fill_image` writes all `image_len()` elements.
             let start =
@@ -616,27 +645,24 @@ pub(super) unsafe fn nchw_image_by_image(
     compute: impl Fn(&[f32], &SendPtr) + Sync,
 ) -> Vec<f32> {
     let fill = |buf: &mut [MaybeUninit<f32>]| {
-        buf.par_chunks_mut(image_out)
-            .enumerate()
-            .for_each(|(img, dst)| {
-                IMAGE.with_borrow_mut(|x| {
-                    OUT_IMAGE.with_borrow_mut(|y| {
-                        // SAFETY: `fill_image` writes all `image_len()` elements, `compute` all `image_out`
-                        // (the caller's promise).
-                        let y_at = unsafe {
-                            let x_at =
-                                init_aligned(x, input.image_len(), |d| input.fill_image(img, d));
-                            init_aligned(y, image_out, |d| {
-                                compute(&x[x_at..], &SendPtr(d.as_mut_ptr().cast::<f32>()))
-                            })
-                        };
-                        let blocks = y[y_at..].chunks_exact(plane);
-                        for (src, dst) in blocks.zip(dst.chunks_exact_mut(plane)) {
-                            block_to_nchw(src, dst, lanes);
-                        }
-                    })
+        for_each_chunk(buf, image_out, |img, dst| {
+            IMAGE.with_borrow_mut(|x| {
+                OUT_IMAGE.with_borrow_mut(|y| {
+                    // SAFETY: `fill_image` writes all `image_len()` elements, `compute` all `image_out`
+                    // (the caller's promise).
+                    let y_at = unsafe {
+                        let x_at = init_aligned(x, input.image_len(), |d| input.fill_image(img, d));
+                        init_aligned(y, image_out, |d| {
+                            compute(&x[x_at..], &SendPtr(d.as_mut_ptr().cast::<f32>()))
+                        })
+                    };
+                    let blocks = y[y_at..].chunks_exact(plane);
+                    for (src, dst) in blocks.zip(dst.chunks_exact_mut(plane)) {
+                        block_to_nchw(src, dst, lanes);
+                    }
                 })
             })
+        })
     };
     // SAFETY: every image's chunk is written whole.
     unsafe { written_by(n * image_out, fill) }
@@ -697,6 +723,10 @@ pub(super) struct Row {
     /// writes one of its sub-pixel classes (`strided_input_grad`).
     pub(super) out_step: usize,
     pub(super) width: usize,
+    /// Output rows of the task (see [`rows_per_task`]), `x_rows` input and `out_row` output elements apart.
+    pub(super) rows: usize,
+    pub(super) x_rows: usize,
+    pub(super) out_row: usize,
     /// Columns per register tile at most.
     pub(super) columns: usize,
     /// Input blocks per pass over the row.
@@ -783,10 +813,10 @@ mod x86 {
     }
 }
 
-/// The row in tiles of at most `job.columns` columns, as even as possible (7 = 4 + 3, not 6 + 1), over chunks
-/// of the input channels: a chunk's input rows and weights stay in L1 across the tiles (a 1×1 layer reading
-/// 256 channels of a 56×56 plane touches 32 planes 98 KB apart, which alias in L1's sets), and the partial
-/// sums go through the output.
+/// The task's rows in tiles of at most `job.columns` columns, as even as possible (7 = 4 + 3, not 6 + 1), over
+/// chunks of the input channels: a chunk's input rows and weights stay in L1 across the tiles of all the rows (a
+/// 1×1 layer reading 256 channels of a 56×56 plane touches 32 planes 98 KB apart, which alias in L1's sets),
+/// and the partial sums go through the output.
 #[inline(always)]
 unsafe fn row<S: Simd, const F: usize, const UNIT: bool>(job: &Row) {
     let tiles = job.width.div_ceil(job.columns);
@@ -798,26 +828,38 @@ unsafe fn row<S: Simd, const F: usize, const UNIT: bool>(job: &Row) {
             first: cb == 0,
             last: cb + chunk >= job.blocks_in,
         };
-        let mut column = 0;
-        for t in 0..tiles {
-            let r = base + usize::from(t < extra);
-            unsafe {
-                match r {
-                    1 => tile::<S, F, 1, UNIT>(job, column, &pass),
-                    2 => tile::<S, F, 2, UNIT>(job, column, &pass),
-                    3 => tile::<S, F, 3, UNIT>(job, column, &pass),
-                    4 => tile::<S, F, 4, UNIT>(job, column, &pass),
-                    5 => tile::<S, F, 5, UNIT>(job, column, &pass),
-                    6 => tile::<S, F, 6, UNIT>(job, column, &pass),
-                    7 => tile::<S, F, 7, UNIT>(job, column, &pass),
-                    8 => tile::<S, F, 8, UNIT>(job, column, &pass),
-                    9 => tile::<S, F, 9, UNIT>(job, column, &pass),
-                    10 => tile::<S, F, 10, UNIT>(job, column, &pass),
-                    11 => tile::<S, F, 11, UNIT>(job, column, &pass),
-                    _ => tile::<S, F, MAX_COLUMNS, UNIT>(job, column, &pass),
+        for y in 0..job.rows {
+            let at = y * job.out_row;
+            let job = &Row {
+                x: job.x.wrapping_add(y * job.x_rows),
+                out: job.out.wrapping_add(at),
+                residual: match job.residual.is_null() {
+                    true => job.residual,
+                    false => job.residual.wrapping_add(at),
+                },
+                ..*job
+            };
+            let mut column = 0;
+            for t in 0..tiles {
+                let r = base + usize::from(t < extra);
+                unsafe {
+                    match r {
+                        1 => tile::<S, F, 1, UNIT>(job, column, &pass),
+                        2 => tile::<S, F, 2, UNIT>(job, column, &pass),
+                        3 => tile::<S, F, 3, UNIT>(job, column, &pass),
+                        4 => tile::<S, F, 4, UNIT>(job, column, &pass),
+                        5 => tile::<S, F, 5, UNIT>(job, column, &pass),
+                        6 => tile::<S, F, 6, UNIT>(job, column, &pass),
+                        7 => tile::<S, F, 7, UNIT>(job, column, &pass),
+                        8 => tile::<S, F, 8, UNIT>(job, column, &pass),
+                        9 => tile::<S, F, 9, UNIT>(job, column, &pass),
+                        10 => tile::<S, F, 10, UNIT>(job, column, &pass),
+                        11 => tile::<S, F, 11, UNIT>(job, column, &pass),
+                        _ => tile::<S, F, MAX_COLUMNS, UNIT>(job, column, &pass),
+                    }
                 }
+                column += r;
             }
-            column += r;
         }
     }
 }

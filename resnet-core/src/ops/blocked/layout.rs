@@ -3,8 +3,8 @@
 
 use crate::ops::cpu_slice::Scratch;
 use crate::ops::isa::Isa;
+use crate::ops::parallel::for_each_chunk;
 use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Activations of `n` images of `c` channels on an `h`×`w` plane, channels in blocks of `lanes`:
@@ -66,19 +66,16 @@ impl Blocked {
     }
 
     /// The global average pool: `[N, C]`, each mean summed over the plane in order.
-    pub fn mean_pool(&self) -> Result<Tensor> {
+    pub fn mean_pool(&self) -> Vec<f32> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         let mut out = vec![0f32; self.n * self.c];
-        out.par_chunks_mut(lanes)
-            .enumerate()
-            .for_each(|(block, dst)| {
-                for pixel in self.data[block * plane * lanes..][..plane * lanes].chunks_exact(lanes)
-                {
-                    dst.iter_mut().zip(pixel).for_each(|(d, v)| *d += v);
-                }
-                dst.iter_mut().for_each(|d| *d /= plane as f32);
-            });
-        Tensor::from_vec(out, (self.n, self.c), &Device::Cpu)
+        for_each_chunk(&mut out, lanes, |block, dst| {
+            for pixel in self.data[block * plane * lanes..][..plane * lanes].chunks_exact(lanes) {
+                dst.iter_mut().zip(pixel).for_each(|(d, v)| *d += v);
+            }
+            dst.iter_mut().for_each(|d| *d /= plane as f32);
+        });
+        out
     }
 }
 
@@ -122,9 +119,9 @@ impl<'a> BlockedSlice<'a> {
     pub fn to_nchw_vec(&self) -> Vec<f32> {
         let (plane, lanes) = (self.h * self.w, self.lanes);
         let fill = |out: &mut [MaybeUninit<f32>]| {
-            out.par_chunks_mut(plane * lanes)
-                .zip(self.data.par_chunks(plane * lanes))
-                .for_each(|(dst, src)| block_to_nchw(src, dst, lanes))
+            for_each_chunk(out, plane * lanes, |k, dst| {
+                block_to_nchw(&self.data[k * plane * lanes..][..plane * lanes], dst, lanes)
+            })
         };
         // SAFETY: the chunks cover the output, and each writes all of its plane.
         unsafe { crate::ops::cpu_slice::written_by(self.data.len(), fill) }
@@ -143,9 +140,7 @@ pub fn blocked_values(
     let padded = Padded::new(Source::nchw(data, dims), 0, lanes, true);
     let plane = padded.plane();
     let fill = |out: &mut [MaybeUninit<f32>]| {
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(block, dst)| padded.fill_plane(block, dst))
+        for_each_chunk(out, plane, |block, dst| padded.fill_plane(block, dst))
     };
     // SAFETY: `fill_plane` writes every element of a plane, and the planes cover the output.
     Ok(unsafe { crate::ops::cpu_slice::written_by(data.len(), fill) })
@@ -269,9 +264,7 @@ impl<'a> Padded<'a> {
                 // SAFETY: `fill_plane` writes every element of a plane.
                 let scratch = unsafe {
                     Scratch::written_by(n * padded.blocks * plane, |out| {
-                        out.par_chunks_mut(plane)
-                            .enumerate()
-                            .for_each(|(block, dst)| padded.fill_plane(block, dst))
+                        for_each_chunk(out, plane, |block, dst| padded.fill_plane(block, dst))
                     })
                 };
                 padded.data = Data::Copied(scratch);

@@ -11,9 +11,9 @@
 use super::conv::BlockedConv;
 use super::layout::Source;
 use crate::ops::isa::Isa;
+use crate::ops::parallel::for_each_chunk;
 use crate::ops::taps::kernel_3x3;
 use candle_core::Result;
-use rayon::prelude::*;
 
 /// The layout a training convolution writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +81,11 @@ pub fn input_grad_3x3(
 fn flipped(dy: Source, weight: &[f32], c_in: usize) -> Vec<f32> {
     let (_, c_out, _, _) = dy.dims();
     let mut flipped = vec![0f32; c_in * c_out * 9];
-    flipped
-        .par_chunks_mut(c_out * 9)
-        .enumerate()
-        .for_each(|(o, kernels)| {
-            for (i, taps) in kernels.chunks_exact_mut(9).enumerate() {
-                taps.copy_from_slice(&kernel_3x3(weight, c_in, true, (o, i)));
-            }
-        });
+    for_each_chunk(&mut flipped, c_out * 9, |o, kernels| {
+        for (i, taps) in kernels.chunks_exact_mut(9).enumerate() {
+            taps.copy_from_slice(&kernel_3x3(weight, c_in, true, (o, i)));
+        }
+    });
     flipped
 }
 

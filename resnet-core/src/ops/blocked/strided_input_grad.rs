@@ -17,8 +17,8 @@ use super::conv::{
 use super::layout::{Blocked, BlockedSlice, Padded, Source};
 use crate::ops::cpu_slice::{written_by, LineAligned, Scratch};
 use crate::ops::isa::Isa;
+use crate::ops::parallel;
 use candle_core::Result;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 const STRIDE: usize = 2;
@@ -186,6 +186,9 @@ fn strided_input_grad(
         out_plane: h * w * b,
         out_step: STRIDE * b,
         width: 0,
+        rows: 1,
+        x_rows: 0,
+        out_row: 0,
         columns,
         chunk_blocks: (CHUNK_CHANNELS / bi).max(1),
     };
@@ -264,14 +267,11 @@ fn strided_input_grad(
     let fill = |buf: &mut [MaybeUninit<f32>]| {
         let out = SendPtr(buf.as_mut_ptr().cast::<f32>());
         let out = &out;
-        (0..n * tasks_per_image)
-            .into_par_iter()
-            .with_min_len(batch)
-            .for_each(|task| {
-                let img = task / tasks_per_image;
-                let image = SendPtr(out.0.wrapping_add(img * image_out));
-                run(task % tasks_per_image, &dy_padded[img * image_in..], &image)
-            });
+        parallel::for_each_index(n * tasks_per_image, batch, |task| {
+            let img = task / tasks_per_image;
+            let image = SendPtr(out.0.wrapping_add(img * image_out));
+            run(task % tasks_per_image, &dy_padded[img * image_in..], &image)
+        });
     };
     if blocked {
         // SAFETY: the classes partition every image's pixels, and each class's tasks write all of its pixels

@@ -25,9 +25,9 @@ use super::conv::lanes;
 use super::layout::{Padded, Source};
 use crate::ops::cpu_slice::written_by;
 use crate::ops::isa::Isa;
+use crate::ops::parallel::{for_each_chunk, for_each_chunk_in_runs};
 use crate::ops::simd::{Portable, Simd};
 use candle_core::Result;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Multiply-adds ×2 that one thread takes at least at a time.
@@ -177,37 +177,34 @@ pub fn weight_grad(
         _ => (1, w * x_lanes),
     };
     let fill = |partials: &mut [MaybeUninit<f32>]| {
-        partials
-            .par_chunks_mut(tile_len)
-            .with_min_len(MIN_TASK_FLOPS.div_ceil(task_flops))
-            .enumerate()
-            .for_each(|(task, out)| {
-                let (grp, t, cg) = (
-                    task / (tiles * channel_groups),
-                    task / channel_groups % tiles,
-                    task % channel_groups,
-                );
-                let first = grp * group;
-                let tile = Tile {
-                    x: x[first * c_in * x_plane + x_at(cg * channels)..].as_ptr(),
-                    x_channel,
-                    x_row,
-                    dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
-                    out: out.as_mut_ptr().cast::<f32>(),
-                    images: group.min(n - first),
-                    x_image: c_in * x_plane,
-                    h,
-                    w,
-                    dy_image: blocked_dy.image_len(),
-                    dy_plane: oh * ow * b,
-                    oh,
-                    ow,
-                    stride,
-                };
-                // SAFETY: the tile reads its images' input (the taps inside the plane) and blocked output
-                // gradient, and writes all of its own chunk; the kernel set was checked above.
-                unsafe { kernel(&tile) };
-            })
+        let runs = MIN_TASK_FLOPS.div_ceil(task_flops);
+        for_each_chunk_in_runs(partials, tile_len, runs, |task, out| {
+            let (grp, t, cg) = (
+                task / (tiles * channel_groups),
+                task / channel_groups % tiles,
+                task % channel_groups,
+            );
+            let first = grp * group;
+            let tile = Tile {
+                x: x[first * c_in * x_plane + x_at(cg * channels)..].as_ptr(),
+                x_channel,
+                x_row,
+                dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
+                out: out.as_mut_ptr().cast::<f32>(),
+                images: group.min(n - first),
+                x_image: c_in * x_plane,
+                h,
+                w,
+                dy_image: blocked_dy.image_len(),
+                dy_plane: oh * ow * b,
+                oh,
+                ow,
+                stride,
+            };
+            // SAFETY: the tile reads its images' input (the taps inside the plane) and blocked output
+            // gradient, and writes all of its own chunk; the kernel set was checked above.
+            unsafe { kernel(&tile) };
+        })
     };
     let whole = tiles * channel_groups * tile_len;
     // SAFETY: the tasks write every chunk of `tile_len` values.
@@ -216,31 +213,27 @@ pub fn weight_grad(
     // single group is its own sum): a sum per value gathered across the groups (`whole` values apart, 16 groups
     // of 147 KB for ResNet-20's 64→64 at b128) read a new cache line at every term.
     let (sums, others) = partials.split_at_mut(whole);
-    sums.par_chunks_mut(SUM_CHUNK)
-        .enumerate()
-        .for_each(|(j, sum)| {
-            for part in others.chunks_exact(whole) {
-                let part = &part[j * SUM_CHUNK..][..sum.len()];
-                sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-            }
-        });
+    for_each_chunk(sums, SUM_CHUNK, |j, sum| {
+        for part in others.chunks_exact(whole) {
+            let part = &part[j * SUM_CHUNK..][..sum.len()];
+            sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+        }
+    });
     let sums = &*sums;
     // `[C_out, C_in, k, k]` from the sums, on all threads.
     let gather = |dw: &mut [MaybeUninit<f32>]| {
-        dw.par_chunks_mut(c_in * taps)
-            .enumerate()
-            .for_each(|(o, row)| {
-                let (t, lane) = (o / (f * b), o % (f * b));
-                for (c, kernel) in row.chunks_exact_mut(taps).enumerate() {
-                    let at = (t * channel_groups + c / channels) * tile_len
-                        + c % channels * taps * f * b
-                        + lane;
-                    for (tap, v) in kernel.iter_mut().enumerate() {
-                        let i = at + tap * f * b;
-                        v.write(sums[i]);
-                    }
+        for_each_chunk(dw, c_in * taps, |o, row| {
+            let (t, lane) = (o / (f * b), o % (f * b));
+            for (c, kernel) in row.chunks_exact_mut(taps).enumerate() {
+                let at = (t * channel_groups + c / channels) * tile_len
+                    + c % channels * taps * f * b
+                    + lane;
+                for (tap, v) in kernel.iter_mut().enumerate() {
+                    let i = at + tap * f * b;
+                    v.write(sums[i]);
                 }
-            })
+            }
+        })
     };
     // SAFETY: every output channel's row of `c_in · k²` values is written.
     Ok(unsafe { written_by(c_out * c_in * taps, gather) })

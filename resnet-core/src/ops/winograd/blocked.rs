@@ -16,9 +16,9 @@ use super::{
 };
 use crate::ops::cpu_slice::{each_chunk, kept_prefix};
 use crate::ops::gemm::matmul_strided;
-use crate::ops::isa::Isa;
+use crate::ops::isa::{on_kernel_set, Isa};
+use crate::ops::parallel::for_each_chunk;
 use gemm::Parallelism;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// `$body::<A, L>(args)` for blocks of `$lanes` = L channels (8 or 16), compiled for the kernel set `$isa`.
@@ -84,15 +84,13 @@ pub(super) fn forward<const A: usize>(
     let (image_in, image_out) = (c_in * h * w, c_out * h * w);
     if n > group {
         // Groups in parallel, each on one thread.
-        y.par_chunks_mut(group * image_out)
-            .zip(x.par_chunks(group * image_in))
-            .enumerate()
-            .for_each(|(g, (yg, xg))| {
-                with_kept(&BUFFERS, |buffers| {
-                    let finish = finish.for_images_from(g * group, image_out);
-                    run_group::<A>(xg, u, yg, s, buffers, (finish, isa), false);
-                })
-            });
+        for_each_chunk(y, group * image_out, |g, yg| {
+            let xg = &x[g * group * image_in..][..yg.len() / image_out * image_in];
+            with_kept(&BUFFERS, |buffers| {
+                let finish = finish.for_images_from(g * group, image_out);
+                run_group::<A>(xg, u, yg, s, buffers, (finish, isa), false);
+            })
+        });
     } else {
         // One group (a single image): each stage on all threads.
         with_kept(&BUFFERS, |buffers| {
