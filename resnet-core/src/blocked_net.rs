@@ -3,12 +3,13 @@
 
 use crate::folded::{FoldedConv, FoldedResNet, FoldedShortcut};
 use crate::ops::blocked::{max_pool, zero_pad_shortcut, Blocked, BlockedConv, Source};
+use crate::ops::cpu_slice::contiguous_f32;
 use crate::ops::isa::Isa;
 use crate::ops::linear::Linear;
 use crate::ops::max_pool::MaxPool2d;
 use crate::ops::parallel::on_rayon;
 use crate::shortcut::ShortcutPath;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The bytes of the largest activation of a pass of images through the net (`BlockedResNet::images_per_pass`).
@@ -159,8 +160,14 @@ impl BlockedResNet {
 
     fn forward_all(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let pixels = x.flatten_all()?.to_vec1::<f32>()?;
-        let image = Source::nchw(&pixels, (n, c, h, w));
+        let x = x.contiguous()?;
+        // The batch is read where it lies (a copy was ~0.3 % of ResNet-50 at batch 1).
+        let (storage, layout) = x.storage_and_layout();
+        let pixels = match &*storage {
+            Storage::Cpu(cpu) => contiguous_f32(cpu, layout, "blocked net input")?,
+            _ => candle_core::bail!("blocked net: the input must be a CPU tensor"),
+        };
+        let image = Source::nchw(pixels, (n, c, h, w));
         let mut y = self.stem.forward(image, None)?;
         if let Some(pool) = &self.pool {
             y = max_pool(&y, pool)?;

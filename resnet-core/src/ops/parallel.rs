@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-/// How long a kernel thread spins for the next loop before it parks.
+/// How long a kernel thread spins for the next loop before it parks (100 µs ran level with 1 ms: ResNet-50
+/// inference at batch 1, 4 alternated rounds, and ResNet-20 training, 3; Intel Xeon, 2 cores).
 const SPIN_FOR: Duration = Duration::from_millis(1);
 
 /// A loop's body as the kernel threads see it (a borrow that outlives the loop, see [`Pool::run`]).
