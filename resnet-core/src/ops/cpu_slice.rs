@@ -28,13 +28,15 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     if len < 1 << 16 {
         return vec![0.0; len];
     }
-    let mut out = Vec::with_capacity(len);
-    for_each_chunk(&mut out.spare_capacity_mut()[..len], 1 << 14, |_, c| {
-        c.iter_mut().for_each(|v| _ = v.write(0.0));
+    // SAFETY: `zero_fill` writes every element.
+    unsafe { written_by(len, zero_fill) }
+}
+
+/// Zeros into every element of `b`, on all threads.
+fn zero_fill(b: &mut [MaybeUninit<f32>]) {
+    for_each_chunk(b, 1 << 14, |_, c| {
+        c.iter_mut().for_each(|v| _ = v.write(0.0))
     });
-    // SAFETY: every element was written above.
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// `f(i, chunk)` for the `len`-long chunks of `data`, on all threads or on this one.
@@ -212,16 +214,8 @@ impl Scratch {
 impl Scratch {
     /// `len` zeros (cleared by all threads when large, as [`zeroed`]).
     pub fn zeroed(len: usize) -> Self {
-        // SAFETY: every element is written.
-        unsafe {
-            Self::written_by(len, |b| {
-                for_each_chunk(b, 1 << 14, |_, c| {
-                    c.iter_mut().for_each(|v| {
-                        v.write(0.0);
-                    })
-                })
-            })
-        }
+        // SAFETY: `zero_fill` writes every element.
+        unsafe { Self::written_by(len, zero_fill) }
     }
 }
 

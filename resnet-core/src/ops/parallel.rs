@@ -81,10 +81,15 @@ pub fn map_indices<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 /// `f()` with this thread's loops on rayon: for work that already runs side by side on rayon's workers (one
 /// pass of a large batch per thread), where the kernel threads would only take cores from them.
 pub fn on_rayon<R>(f: impl FnOnce() -> R) -> R {
-    let before = ON_RAYON.replace(true);
-    let out = f();
-    ON_RAYON.set(before);
-    out
+    /// Puts the flag back, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_RAYON.set(self.0);
+        }
+    }
+    let _restore = Restore(ON_RAYON.replace(true));
+    f()
 }
 
 struct SendPtr<T>(*mut T);

@@ -478,6 +478,35 @@ impl BlockedConv {
         let groups = self.c_out / (f * b);
         let out_plane = oh * ow * b;
         let x_plane = input.h * input.w * input.bi;
+        let columns = max_columns(self.isa, f);
+        // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
+        let (rows, width) = match (k, stride) {
+            (1, 1) => (1, oh * ow),
+            _ => (oh, ow),
+        };
+        // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
+        let segments = match rows {
+            // A plane read as one row: each task streams its group's weights once, so the segments are long,
+            // as long as the threads get two tasks each.
+            1 => width
+                .div_ceil(POINTWISE_SEGMENT_TILES * columns)
+                .max((2 * rayon::current_num_threads()).div_ceil(n * groups))
+                .min(width.div_ceil(columns)),
+            _ => width.div_ceil(SEGMENT_TILES * columns),
+        };
+        let segment = width.div_ceil(segments);
+        // Short rows of a kernel wider than 1 use each weight vector for few columns: a task then takes several
+        // rows, and all their tiles run over one input block's weights while those are in L1 (3×3 × 64 outputs:
+        // 37 KB), where one row at a time went over chunks of 64 channels whose weights (147 KB) came from L2 for
+        // each tile. Enough tasks stay for the threads. (The sums are the same: the partial sums go through the
+        // output, exactly, in the same order.)
+        let rows_per_task = match k > 1 && segments == 1 && width <= MULTI_ROW_TILES * columns {
+            true => {
+                let wanted = (4 * rayon::current_num_threads()).div_ceil(n * groups);
+                rows.div_ceil(wanted.max(1))
+            }
+            false => 1,
+        };
         let job = Row {
             x: std::ptr::null(),
             w: self.weights.as_ptr(),
@@ -499,46 +528,14 @@ impl BlockedConv {
             rows: 1,
             x_rows: stride * input.w * input.bi,
             out_row: ow * b,
-            columns: max_columns(self.isa, f),
-            chunk_blocks: (CHUNK_CHANNELS / input.bi).max(1),
+            columns,
+            chunk_blocks: match rows_per_task {
+                1 => (CHUNK_CHANNELS / input.bi).max(1),
+                _ => (MULTI_ROW_CHUNK_CHANNELS / input.bi).max(1),
+            },
         };
         let kernel = row_kernel(self.isa, f, job.x_step == b);
         let w_group = self.weights.len() / groups;
-        // A 1×1 stride-1 convolution reads its input pixel by pixel, rows running on: one long row per plane.
-        let (rows, width) = match (k, stride) {
-            (1, 1) => (1, oh * ow),
-            _ => (oh, ow),
-        };
-        // Long rows are cut into even segments, so that a batch of one image still makes many tasks.
-        let segments = match rows {
-            // A plane read as one row: each task streams its group's weights once, so the segments are long,
-            // as long as the threads get two tasks each.
-            1 => width
-                .div_ceil(POINTWISE_SEGMENT_TILES * job.columns)
-                .max((2 * rayon::current_num_threads()).div_ceil(n * groups))
-                .min(width.div_ceil(job.columns)),
-            _ => width.div_ceil(SEGMENT_TILES * job.columns),
-        };
-        let segment = width.div_ceil(segments);
-        // Short rows of a kernel wider than 1 use each weight vector for few columns: a task then takes several
-        // rows, and all their tiles run over one input block's weights while those are in L1 (3×3 × 64 outputs:
-        // 37 KB), where one row at a time went over chunks of 64 channels whose weights (147 KB) came from L2 for
-        // each tile. Enough tasks stay for the threads. (The sums are the same: the partial sums go through the
-        // output, exactly, in the same order.)
-        let rows_per_task = match k > 1 && segments == 1 && width <= MULTI_ROW_TILES * job.columns {
-            true => {
-                let wanted = (4 * rayon::current_num_threads()).div_ceil(n * groups);
-                rows.div_ceil(wanted.max(1))
-            }
-            false => 1,
-        };
-        let job = Row {
-            chunk_blocks: match rows_per_task {
-                1 => job.chunk_blocks,
-                _ => (MULTI_ROW_CHUNK_CHANNELS / input.bi).max(1),
-            },
-            ..job
-        };
         let row_tasks = rows.div_ceil(rows_per_task);
         let tasks_per_image = groups * row_tasks * segments;
         // Where all the weights stay in L2, one thread takes every group of a segment in turn (the segment's

@@ -2,10 +2,11 @@
 
 use super::layout::{Blocked, BlockedSlice};
 use crate::ops::cpu_slice::Scratch;
-use crate::ops::isa::{on_kernel_set, Isa};
+use crate::ops::isa::Isa;
 use crate::ops::max_pool::MaxPool2d;
 use crate::ops::parallel::for_each_chunk;
 use candle_core::Result;
+use std::mem::MaybeUninit;
 
 /// `pool` over each plane; windows are clipped to the plane (PyTorch pads with −∞).
 pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
@@ -18,29 +19,28 @@ pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
         );
     }
     let (oh, ow) = (pool.output_size(x.h), pool.output_size(x.w));
-    let mut data = Scratch::zeroed(x.n * x.c * oh * ow);
     let isa = Isa::current();
-    for_each_chunk(&mut data[..], oh * ow * l, |block, dst| {
-        let src = &x.data[block * x.h * x.w * l..][..x.h * x.w * l];
-        let job = (src, (x.h, x.w), dst, (k, s, p));
-        match l {
-            8 => on_kernel_set!(
-                isa,
-                x86::max_plane8_avx512,
-                x86::max_plane8_avx2,
-                max_plane::<8>,
-                (job)
-            ),
-            16 => on_kernel_set!(
-                isa,
-                x86::max_plane16_avx512,
-                x86::max_plane16_avx2,
-                max_plane::<16>,
-                (job)
-            ),
-            _ => unreachable!("blocks of 8 or 16 lanes"),
-        }
-    });
+    let fill = |data: &mut [MaybeUninit<f32>]| {
+        for_each_chunk(data, oh * ow * l, |block, dst| {
+            let src = &x.data[block * x.h * x.w * l..][..x.h * x.w * l];
+            let job = (src, (x.h, x.w), dst, (k, s, p));
+            #[cfg(target_arch = "x86_64")]
+            match (isa, l) {
+                // SAFETY: `Isa::current()` is a set this CPU runs.
+                (Isa::Avx512, 16) => return unsafe { x86::max_plane16_avx512(job) },
+                (Isa::Avx2, 8) => return unsafe { x86::max_plane8_avx2(job) },
+                _ => {}
+            }
+            let _ = isa;
+            match l {
+                8 => max_plane::<8>(job),
+                16 => max_plane::<16>(job),
+                _ => unreachable!("blocks of 8 or 16 lanes"),
+            }
+        })
+    };
+    // SAFETY: `max_plane` writes every output pixel of its plane, and the planes cover the output.
+    let data = unsafe { Scratch::written_by(x.n * x.c * oh * ow, fill) };
     Ok(Blocked {
         data,
         n: x.n,
@@ -55,7 +55,7 @@ pub fn max_pool(x: &Blocked, pool: &MaxPool2d) -> Result<Blocked> {
 type Plane<'a> = (
     &'a [f32],
     (usize, usize),
-    &'a mut [f32],
+    &'a mut [MaybeUninit<f32>],
     (usize, usize, usize),
 );
 
@@ -80,7 +80,7 @@ fn max_plane<const L: usize>((src, (h, w), dst, (k, s, p)): Plane) {
                     }
                 }
             }
-            out.copy_from_slice(&m);
+            out.iter_mut().zip(m).for_each(|(o, m)| _ = o.write(m));
         }
     }
 }
@@ -98,8 +98,6 @@ mod x86 {
         };
     }
     entry!(max_plane8_avx2, 8, "avx2");
-    entry!(max_plane8_avx512, 8, "avx512f");
-    entry!(max_plane16_avx2, 16, "avx2");
     entry!(max_plane16_avx512, 16, "avx512f");
 }
 
