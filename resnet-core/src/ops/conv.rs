@@ -178,7 +178,8 @@ impl Geometry {
     /// A 1×1 convolution without padding (the projection shortcuts, the bottleneck's 1×1 layers) on blocked
     /// tensors with AVX2 or AVX-512, channels in whole blocks: its forward by the blocked kernel, its input
     /// gradient the blocked kernel's 1×1 convolution of `dy` with Wᵀ (spread to every `stride`-th pixel), its
-    /// weight gradient a GEMM on NCHW copies of `dy` and of the subsampled input (`blocked_pointwise_weight_grad`).
+    /// weight gradient the blocked weight-gradient tiles (`blocked::pointwise_weight_grad_applies`), both
+    /// operands read in place.
     fn trains_blocked_pointwise(&self, isa: Isa) -> bool {
         let lanes = blocked::lanes(isa);
         matches!(isa, Isa::Avx2 | Isa::Avx512)
@@ -245,10 +246,7 @@ impl Geometry {
     /// See [`Algorithm::choose`]. The input gradient is itself a 3×3 convolution, from C_out to C_in channels.
     fn algorithm(&self, pass: Pass, isa: Isa) -> Algorithm {
         if self.lanes.is_some() && self.trains_blocked_pointwise(isa) {
-            return match pass {
-                Pass::WeightGrad => Algorithm::PointwiseGemm,
-                Pass::Forward | Pass::InputGrad => Algorithm::Blocked,
-            };
+            return Algorithm::Blocked;
         }
         let plane = (self.h, self.w);
         let (inp, out) = match pass {
@@ -932,38 +930,9 @@ impl Conv2dOp {
         }
     }
 
-    /// The weight gradient of a 1×1 convolution on blocked tensors (see `Geometry::trains_blocked_pointwise`):
-    /// that of a stride-1 one on the pixels the stride reads, by the NCHW path's GEMM on NCHW copies of them
-    /// and of `dy` (two passes over tensors of the output's plane).
-    fn blocked_pointwise_weight_grad(
-        &self,
-        g: &Geometry,
-        lanes: usize,
-        x: &[f32],
-        dy: &[f32],
-    ) -> Result<Vec<f32>> {
-        let x = BlockedSlice::new(x, (g.n, g.c_in, g.h, g.w), lanes)?;
-        let x = match g.stride {
-            1 => x.to_nchw_vec(),
-            s => blocked::zero_pad_shortcut(x, s, 0, 0)?.to_nchw_vec(),
-        };
-        let dy = BlockedSlice::new(dy, g.dy_dims(), lanes)?.to_nchw_vec();
-        let sampled = Geometry {
-            lanes: None,
-            stride: 1,
-            h: g.oh,
-            w: g.ow,
-            ..*g
-        };
-        self.weight_grad(&sampled, &x, &dy)
-    }
-
     fn weight_grad(&self, g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         if let Some(lanes) = g.lanes {
             let (isa, _) = g.blocked_isa()?;
-            if g.trains_blocked_pointwise(isa) {
-                return self.blocked_pointwise_weight_grad(g, lanes, x, dy);
-            }
             if g.algorithm(Pass::WeightGrad, isa) == Algorithm::Winograd {
                 ran(Pass::WeightGrad, Algorithm::Winograd);
                 return Ok(winograd::weight_grad_blocked(x, dy, g.dims(), lanes));

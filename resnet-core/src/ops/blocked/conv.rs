@@ -25,13 +25,14 @@ const MAX_COLUMNS: usize = 12;
 const _: () = assert!(MAX_COLUMNS == 12);
 
 /// Input channels per pass over a row (see `row`).
-pub(super) const CHUNK_CHANNELS: usize = 64;
+const CHUNK_CHANNELS: usize = 64;
 
-/// Input channels per pass where a task takes several rows (see `compute`).
+/// Input channels per pass where a task takes several rows (see [`rows_per_task`]).
 const MULTI_ROW_CHUNK_CHANNELS: usize = 16;
 
-/// Tiles per row up to which a task takes several rows (see `compute`). ResNet-50's strided and 7×7 3×3 layers,
-/// one layer called alternately with one row and with several per task, 200 calls each at batch 1 (30 at 16),
+/// Tiles per row up to which a task of a forward takes several rows (see [`rows_per_task`]). ResNet-50's strided
+/// and 7×7 3×3 layers, one layer called alternately with one row and with several per task, 200 calls each at
+/// batch 1 (30 at 16),
 /// median GFLOP/s (Intel Xeon, 2 FMA units, 2 threads): 512→512 on 7×7 249 → 279 (b16 level), 512→512 /2 on
 /// 14×14 226 → 255 (b16 173 → 202), 256→256 /2 on 28×28 (3 tiles a row) 263 → 276 (b16 210 → 226), 128→128 /2
 /// on 56×56 (6) 235 → 251 (b16 233 → 247); CIFAR's 16-channel layers at b32 and b128 level or up to 1.04×.
@@ -75,6 +76,15 @@ pub(super) const SEGMENT_TILES: usize = 8;
 /// GFLOP/s (Intel Xeon, 2 FMA units, 2 threads): 1024→256 on 14×14 292 → 318, 512→2048 on 7×7 203 → 267, 2048→512
 /// on 7×7 (whole planes) 215 → 272, 512→256 on 28×28 1.03×, 56×56 layers level (also at batch 16).
 const POINTWISE_SEGMENT_TILES: usize = 40;
+
+/// Output columns from which a strided 1×1 convolution of a blocked input reads its input pixels in place (each
+/// one or half a cache line) rather than subsampled into a copy first. ResNet-18's projections at batch 16 in
+/// `bench --train --convs`, forward GFLOP/s, copy / in place (Intel Xeon, 2 FMA units, 3 alternated runs with
+/// AVX-512, 2 with AVX2): 64→128 on 56×56 141–146 / 190–207 (AVX2 90–92 / 120–121), 128→256 on 28×28 178–181
+/// / 205–210 (104–109 / 124–125); 256→512 on 14×14, 7-column rows, 171–179 / 148–151 in place. ResNet-50's
+/// (weights of 512 KB and 2 MB, beyond `L2_WEIGHT_BYTES`) at batch 16, blocked inference: 256→512 on 56×56
+/// 231–236 / 211–214, 512→1024 on 28×28 268–273 / 222–223 in place.
+const STRIDED_POINTWISE_MIN_WIDTH: usize = 14;
 
 /// A convolution with its weights packed for one kernel set, `ReLU?(conv(x) + bias (+ residual))`.
 #[derive(Debug, Clone)]
@@ -333,9 +343,17 @@ impl BlockedConv {
         if let (Source::Blocked(b), BlockedAlgorithm::Winograd) = (x, self.algorithm(x)) {
             return Ok(self.winograd(b, residual, dest));
         }
-        if self.kernel == 1 && self.stride > 1 && self.padding == 0 {
-            // A strided 1×1 convolution reads one pixel in `stride`²: subsampled first, it reads whole cache
-            // lines and runs as a stride-1 one over the plane.
+        let (_, _, _, w) = x.dims();
+        if self.kernel == 1
+            && self.stride > 1
+            && self.padding == 0
+            && (self.output_size(w) < STRIDED_POINTWISE_MIN_WIDTH
+                || !weights_stay(self.weights.len()))
+        {
+            // A strided 1×1 convolution onto short output rows runs faster subsampled first, as a stride-1 one
+            // over the whole plane (one long row, see `compute`), and so does one whose weights leave L2 (each
+            // group of output blocks then streams the input again, a quarter of it once subsampled); longer
+            // rows under weights that stay read their pixels in place.
             if let Source::Blocked(b) = x {
                 let sub = super::pool::zero_pad_shortcut(b, self.stride, 0, 0)?;
                 return Ok(self.compute(sub.source(), residual, 1, dest));
@@ -495,16 +513,8 @@ impl BlockedConv {
             _ => width.div_ceil(SEGMENT_TILES * columns),
         };
         let segment = width.div_ceil(segments);
-        // Short rows of a kernel wider than 1 use each weight vector for few columns: a task then takes several
-        // rows, and all their tiles run over one input block's weights while those are in L1 (3×3 × 64 outputs:
-        // 37 KB), where one row at a time went over chunks of 64 channels whose weights (147 KB) came from L2 for
-        // each tile. Enough tasks stay for the threads. (The sums are the same: the partial sums go through the
-        // output, exactly, in the same order.)
-        let rows_per_task = match k > 1 && segments == 1 && width <= MULTI_ROW_TILES * columns {
-            true => {
-                let wanted = (4 * rayon::current_num_threads()).div_ceil(n * groups);
-                rows.div_ceil(wanted.max(1))
-            }
+        let rows_per_task = match k > 1 && segments == 1 {
+            true => rows_per_task(rows, width, (columns, MULTI_ROW_TILES), n * groups),
             false => 1,
         };
         let job = Row {
@@ -529,10 +539,7 @@ impl BlockedConv {
             x_rows: stride * input.w * input.bi,
             out_row: ow * b,
             columns,
-            chunk_blocks: match rows_per_task {
-                1 => (CHUNK_CHANNELS / input.bi).max(1),
-                _ => (MULTI_ROW_CHUNK_CHANNELS / input.bi).max(1),
-            },
+            chunk_blocks: chunk_blocks(rows_per_task, input.bi),
         };
         let kernel = row_kernel(self.isa, f, job.x_step == b);
         let w_group = self.weights.len() / groups;
@@ -628,6 +635,36 @@ impl BlockedConv {
             w: ow,
             lanes: b,
         })
+    }
+}
+
+/// Output rows per task for `rows` rows of `width` columns (one segment each, tiles of up to `columns`) in
+/// `row_groups` (images × output groups × whatever else) independent sets of rows. Short rows of a kernel wider
+/// than 1 use each weight vector for few columns: a task then takes several rows, and all their tiles run over one
+/// input block's weights while those are in L1 (3×3 × 64 outputs: 37 KB), where one row at a time went over chunks
+/// of 64 channels whose weights (147 KB) came from L2 for each tile. Enough tasks stay for the threads. (The sums
+/// are the same: the partial sums go through the output, exactly, in the same order.)
+pub(super) fn rows_per_task(
+    rows: usize,
+    width: usize,
+    (columns, max_tiles): (usize, usize),
+    row_groups: usize,
+) -> usize {
+    match width <= max_tiles * columns {
+        true => {
+            let wanted = (4 * rayon::current_num_threads()).div_ceil(row_groups.max(1));
+            rows.div_ceil(wanted.max(1))
+        }
+        false => 1,
+    }
+}
+
+/// Input blocks of `bi` channels per pass over a task's rows: fewer where it takes several rows, so that their
+/// weights stay in L1 across all the rows' tiles.
+pub(super) fn chunk_blocks(rows_per_task: usize, bi: usize) -> usize {
+    match rows_per_task {
+        1 => (CHUNK_CHANNELS / bi).max(1),
+        _ => (MULTI_ROW_CHUNK_CHANNELS / bi).max(1),
     }
 }
 

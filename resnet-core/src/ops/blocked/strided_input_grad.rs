@@ -11,8 +11,8 @@
 //! stride-2 input gradients at 20–46 % of the FMA peak (`bench --convs --train`, AMD EPYC Zen 4).
 
 use super::conv::{
-    each_padded_image, lanes, max_columns, nchw_image_by_image, output_group, row_kernel, Row,
-    SendPtr, CHUNK_CHANNELS, MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
+    chunk_blocks, each_padded_image, lanes, max_columns, nchw_image_by_image, output_group,
+    row_kernel, rows_per_task, Row, SendPtr, MIN_TASK_FLOPS, PER_IMAGE_BATCHES, SEGMENT_TILES,
 };
 use super::layout::{Blocked, BlockedSlice, Padded, Source};
 use crate::ops::cpu_slice::{written_by, LineAligned, Scratch};
@@ -23,17 +23,26 @@ use std::mem::MaybeUninit;
 
 const STRIDE: usize = 2;
 
-/// Input planes from this width on: each class row then has 8 columns or more.
-const MIN_WIDTH: usize = 16;
+/// Input planes from this width on: each class row then has 7 columns or more.
+const MIN_WIDTH: usize = 14;
+
+/// Tiles per class row up to which a task takes several rows (`conv::rows_per_task`). ResNet-18 at batch 16,
+/// `bench --train --convs`, input gradient GFLOP/s, one row per task / several where a class row has at most
+/// this many tiles (Intel Xeon, 2 FMA units, 2 alternated runs): 256→512 on 14×14 (7-column class rows, 2 tiles)
+/// 159–166 / 179–180; up to 6 tiles, as the forward, took 64→128 on 56×56 (28 columns) 285–290 → 262–265 and
+/// 128→256 on 28×28 270 → 251–257. ResNet-20's 16→32 and 32→64 (2 tiles) at batch 128: level.
+const MULTI_ROW_TILES: usize = 2;
 
 /// Whether [`strided_input_grad_3x3_nchw`] computes the input gradient of a 3×3 convolution of `stride`
 /// (padding 1) into `c_in` channels of `w`-wide planes on `isa`: stride 2, input channels in whole blocks, and
-/// planes of at least 16 columns. Measured (AMD EPYC Zen 4, AVX-512, 3 alternated rounds
+/// planes of at least 14 columns. Measured (AMD EPYC Zen 4, AVX-512, 3 alternated rounds
 /// against im2col + GEMM + col2im, GFLOP/s): faster on 32, 16, 56 and 28-wide planes (ResNet-20 16→32 and
 /// 32→64 at batch 128: 67–102 vs 58–80 and 88–151 vs 83–98; ResNet-18/50 at batch 16, 64→128 on 56×56
 /// 149–174 vs 117–133, 128→128 on 56×56 98–182 vs 115–141, 128→256 on 28×28 149–174 vs 120–151, 256→256 on
 /// 28×28 153–164 vs 119–131), slower on 14×14 planes, whose classes are 7 columns wide (256→512 67–97 vs
-/// 81–148, 512→512 72–96 vs 133–146).
+/// 81–148, 512→512 72–96 vs 133–146) with one class row per task. With several rows per task (below) the 14×14
+/// planes went over: ResNet-18's 256→512 at batch 16, 150–154 GFLOP/s by im2col + GEMM against 179–186 (Intel Xeon,
+/// 2 FMA units, `bench --train --convs`, 2 alternated runs; not measured on Zen 4).
 pub fn strided_input_grad_applies(isa: Isa, stride: usize, c_in: usize, w: usize) -> bool {
     stride == STRIDE && c_in.is_multiple_of(lanes(isa)) && w >= MIN_WIDTH
 }
@@ -62,6 +71,14 @@ struct Class {
     weights: LineAligned,
     segments: usize,
     segment: usize,
+    /// Class rows per task (see `conv::rows_per_task`).
+    rows_per_task: usize,
+}
+
+impl Class {
+    fn tasks(&self, groups: usize) -> usize {
+        self.rows.div_ceil(self.rows_per_task) * self.segments * groups
+    }
 }
 
 /// `dX` `[N, C_in, H, W]` of the 3×3 convolution (stride 2, padding 1) with `weight` `[C_out, C_in, 3, 3]`,
@@ -146,9 +163,19 @@ fn strided_input_grad(
             let weights = LineAligned::from_values(c_in * c_out * ty.len() * tx.len(), packed);
             let cols = (w - bb).div_ceil(STRIDE);
             let segments = cols.div_ceil(SEGMENT_TILES * columns).max(1);
+            let rows = (h - a).div_ceil(STRIDE);
             Class {
                 offset: (a, bb),
-                rows: (h - a).div_ceil(STRIDE),
+                rows,
+                rows_per_task: match segments {
+                    1 => rows_per_task(
+                        rows,
+                        cols,
+                        (columns, MULTI_ROW_TILES),
+                        n * groups * STRIDE * STRIDE,
+                    ),
+                    _ => 1,
+                },
                 cols,
                 kh: ty.len(),
                 kw: tx.len(),
@@ -187,18 +214,15 @@ fn strided_input_grad(
         out_step: STRIDE * b,
         width: 0,
         rows: 1,
-        x_rows: 0,
-        out_row: 0,
+        x_rows: padded.w * bi,
+        out_row: STRIDE * w * b,
         columns,
-        chunk_blocks: (CHUNK_CHANNELS / bi).max(1),
+        chunk_blocks: 0,
     };
     let kernel = row_kernel(isa, f, bi == b);
     // Tasks of an image: each class's (row, segment, group), the groups innermost, so that one thread takes
     // every group of a segment while its output-gradient rows are in L1.
-    let class_tasks: Vec<usize> = classes
-        .iter()
-        .map(|c| c.rows * c.segments * groups)
-        .collect();
+    let class_tasks: Vec<usize> = classes.iter().map(|c| c.tasks(groups)).collect();
     let tasks_per_image: usize = class_tasks.iter().sum();
     let image_flops = 2 * c_in * c_out * 9 * oh * ow;
     let batch = MIN_TASK_FLOPS.div_ceil((image_flops / tasks_per_image.max(1)).max(1));
@@ -214,7 +238,7 @@ fn strided_input_grad(
         }
         let c = &classes[k];
         let (g, rest) = (t % groups, t / groups);
-        let (i, s) = (rest / c.segments, rest % c.segments);
+        let (i, s) = (rest / c.segments * c.rows_per_task, rest % c.segments);
         let j0 = s * c.segment;
         let (a, bb) = c.offset;
         // The first tap reads output-gradient pixel (i, j0): (i + 1, j0 + 1) of the padded copy.
@@ -231,6 +255,8 @@ fn strided_input_grad(
             w_plane: c.kh * c.kw * bi * f * b,
             w_row: c.kw * bi * f * b,
             width: c.segment.min(c.cols - j0),
+            rows: c.rows_per_task.min(c.rows - i),
+            chunk_blocks: chunk_blocks(c.rows_per_task, bi),
             ..*job
         };
         // SAFETY: the pointers address this task's rows of the padded output gradient (every tap of the class's

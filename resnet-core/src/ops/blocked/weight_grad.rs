@@ -1,5 +1,6 @@
-//! The weight gradient of a k×k convolution with padding k/2 (the 3×3 layers, either stride, and the 7×7
-//! stride-2 stem of the ImageNet nets), for the training op (`ops::conv`), whose tensors are NCHW:
+//! The weight gradient of a k×k convolution with padding k/2 (the 3×3 layers, either stride, the 7×7 stride-2
+//! stem of the ImageNet nets, and their 1×1 layers where they train on blocked tensors), for the training op
+//! (`ops::conv`), whose tensors are NCHW or blocked:
 //!
 //!   dW[o, c, ky, kx] = Σ_n Σ_{oy, ox} dY[n, o, oy, ox] · X_pad[n, c, oy·s + ky, ox·s + kx]
 //!
@@ -33,7 +34,8 @@ use std::mem::MaybeUninit;
 /// Multiply-adds ×2 that one thread takes at least at a time.
 const MIN_TASK_FLOPS: usize = 2_000_000;
 
-/// Kernel sizes with a kernel here, each with padding k/2: 3×3 and the 7×7 stem.
+/// Kernel sizes with a kernel here for any training convolution, each with padding k/2: 3×3 and the 7×7 stem
+/// (and 1×1, see [`pointwise_weight_grad_applies`]).
 pub const KERNELS: [usize; 2] = [3, 7];
 
 /// Values per task when the groups' partial sums are added: 16 KB of sums stay in L1 while each group's are added.
@@ -53,6 +55,22 @@ pub fn weight_grad_applies(
         && c_in > 0
         && c_out.is_multiple_of(lanes(isa))
 }
+
+/// Whether [`weight_grad`] computes the weight gradient of a 1×1 convolution (no padding, any stride) from
+/// `c_in` to `c_out` channels on `isa`: output channels in whole blocks. Training on blocked tensors sends its
+/// projections here (`ops::conv`); an NCHW one's GEMM reads its operands in place. ResNet-18's projections at
+/// batch 16 against GEMM on NCHW copies of both operands, GFLOP/s: see [`TILES_1X1`].
+pub fn pointwise_weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> bool {
+    c_in > 0 && c_out.is_multiple_of(lanes(isa))
+}
+
+/// The register tiles of 1×1, `(F, CI)`: `F` output blocks × `CI` input channels of one input block, best
+/// first; with AVX2's 16 registers 8 accumulators at most. ResNet-18's projections at batch 16 (`bench --train
+/// --convs`, Intel Xeon, 2 FMA units, 2 alternated runs), GFLOP/s, GEMM on NCHW copies / these tiles with one
+/// task per channel group / one task per tile, all channel groups image by image (`weight_grad`): 64→128 on
+/// 56×56 88–90 / 115–119 / 138–140, 128→256 on 28×28 121–135 / 156–158 / 165–168, 256→512 on 14×14 148–151 /
+/// 179–182 / 159–170.
+const TILES_1X1: [(usize, usize); 5] = [(2, 8), (2, 4), (1, 8), (1, 4), (1, 1)];
 
 /// The register tiles of 3×3, `(F, CI)`: `F` output blocks × `CI` input channels × 3 kernel columns, best
 /// first (12 accumulators; fewer where the channels do not divide, as at a 3-channel stem).
@@ -79,8 +97,13 @@ fn tile_shape(
     if kernel == 3 && x_blocked && isa == Isa::Avx512 && c_in.is_multiple_of(TILE_BLOCKED_INPUT.1) {
         return TILE_BLOCKED_INPUT;
     }
-    let fits = |(f, ci): (usize, usize)| kernel == 3 || isa == Isa::Avx512 || f * ci == 1;
+    let fits = |(f, ci): (usize, usize)| match kernel {
+        3 => true,
+        1 => isa == Isa::Avx512 || f * ci <= 8,
+        _ => isa == Isa::Avx512 || f * ci == 1,
+    };
     let tiles: &[(usize, usize)] = match kernel {
+        1 => &TILES_1X1,
         3 => &TILES,
         _ => &TILES_7X7,
     };
@@ -103,9 +126,10 @@ struct Tile {
     x_row: usize,
     /// The blocked output gradient at the group's first image, the tile's first block.
     dy: *const f32,
-    /// `[CI][3][3][F][B]`: the tile's sums, written once.
+    /// `[CI][k][k][F][B]`: the tile's sums, written once, or added to what it holds where `accumulate`.
     out: *mut f32,
     images: usize,
+    accumulate: bool,
     x_image: usize,
     /// The input plane, `h · w`.
     h: usize,
@@ -140,7 +164,8 @@ pub fn weight_grad(
     };
     let (n, c_in, h, w) = x.dims();
     if isa > Isa::best_available()
-        || !weight_grad_applies(isa, (k, pad), c_in, c_out)
+        || !(weight_grad_applies(isa, (k, pad), c_in, c_out)
+            || k == 1 && pointwise_weight_grad_applies(isa, c_in, c_out))
         || dy.dims() != (n, c_out, oh, ow)
         || matches!(dy, Source::Blocked(d) if d.lanes != b)
         || matches!(x, Source::Blocked(d) if d.lanes != b)
@@ -151,8 +176,8 @@ pub fn weight_grad(
         candle_core::bail!(
             "blocked weight gradient: input [{n}, {c_in}, {h}, {w}], output gradient {:?} \
              for [{n}, {c_out}, {oh}, {ow}], {k}×{k} kernel, stride {stride}: expected a kernel of \
-             {KERNELS:?} padded by half, the output channels and blocked operands in blocks of {b} and a \
-             CPU that runs {isa}",
+             {KERNELS:?} padded by half (or 1×1 with the input channels in blocks too), the output channels \
+             and blocked operands in blocks of {b} and a CPU that runs {isa}",
             dy.dims()
         );
     }
@@ -176,22 +201,32 @@ pub fn weight_grad(
         1 => (x_plane, w),
         _ => (1, w * x_lanes),
     };
+    // A 1×1 task takes every channel group of its tile, image by image: each image's output gradient is read
+    // from L2 for all of them (with one task per channel group, each streamed its whole group of images again:
+    // ResNet-18's 64→128 projection at batch 16 ran at ~115 GFLOP/s). The sums are the same: per image and
+    // channel group, the pixels in order, then added to the image's predecessors.
+    let task_groups = match k {
+        1 => channel_groups,
+        _ => 1,
+    };
     let fill = |partials: &mut [MaybeUninit<f32>]| {
-        let runs = MIN_TASK_FLOPS.div_ceil(task_flops);
-        for_each_chunk_in_runs(partials, tile_len, runs, |task, out| {
-            let (grp, t, cg) = (
+        let runs = MIN_TASK_FLOPS.div_ceil(task_flops * task_groups);
+        for_each_chunk_in_runs(partials, task_groups * tile_len, runs, |task, out| {
+            let task = task * task_groups;
+            let (grp, t) = (
                 task / (tiles * channel_groups),
                 task / channel_groups % tiles,
-                task % channel_groups,
             );
             let first = grp * group;
-            let tile = Tile {
-                x: x[first * c_in * x_plane + x_at(cg * channels)..].as_ptr(),
+            let images = group.min(n - first);
+            let tile = |cg: usize, img: usize, out: &mut [MaybeUninit<f32>]| Tile {
+                x: x[img * c_in * x_plane + x_at(cg * channels)..].as_ptr(),
                 x_channel,
                 x_row,
-                dy: dy_blocked[((first * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
+                dy: dy_blocked[((img * c_out / b) + t * f) * oh * ow * b..].as_ptr(),
                 out: out.as_mut_ptr().cast::<f32>(),
-                images: group.min(n - first),
+                images: 1,
+                accumulate: false,
                 x_image: c_in * x_plane,
                 h,
                 w,
@@ -201,9 +236,29 @@ pub fn weight_grad(
                 ow,
                 stride,
             };
-            // SAFETY: the tile reads its images' input (the taps inside the plane) and blocked output
-            // gradient, and writes all of its own chunk; the kernel set was checked above.
-            unsafe { kernel(&tile) };
+            let cg0 = task % channel_groups;
+            // SAFETY (both calls): the tile reads its images' input (the taps inside the plane) and blocked
+            // output gradient, and writes all of its own chunk (reading it back where it accumulates); the
+            // kernel set was checked above.
+            if task_groups == 1 {
+                unsafe {
+                    kernel(&Tile {
+                        images,
+                        ..tile(cg0, first, out)
+                    })
+                };
+                return;
+            }
+            for img in first..first + images {
+                for (cg, out) in out.chunks_exact_mut(tile_len).enumerate() {
+                    unsafe {
+                        kernel(&Tile {
+                            accumulate: img > first,
+                            ..tile(cg, img, out)
+                        })
+                    };
+                }
+            }
         })
     };
     let whole = tiles * channel_groups * tile_len;
@@ -245,6 +300,11 @@ fn tile_kernel(isa: Isa, kernel: usize, shape: (usize, usize), x_lanes: usize) -
     macro_rules! pick {
         ($tile:ident, $xl:literal) => {
             match (kernel, shape) {
+                (1, (2, 8)) => $tile::<2, 8, 1, $xl>,
+                (1, (2, 4)) => $tile::<2, 4, 1, $xl>,
+                (1, (1, 8)) => $tile::<1, 8, 1, $xl>,
+                (1, (1, 4)) => $tile::<1, 4, 1, $xl>,
+                (1, _) => $tile::<1, 1, 1, $xl>,
                 (7, (2, 1)) => $tile::<2, 1, 7, $xl>,
                 (7, _) => $tile::<1, 1, 7, $xl>,
                 (_, (1, 8)) => $tile::<1, 8, 3, $xl>,
@@ -364,7 +424,10 @@ unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize, con
         }
         let mut out = tile.out;
         for sum in sums.iter().flatten().flatten().flatten() {
-            sum.store(out);
+            match tile.accumulate {
+                true => S::load(out).add(*sum).store(out),
+                false => sum.store(out),
+            }
             out = out.add(S::LANES);
         }
     }
@@ -489,6 +552,12 @@ mod tests {
                 (2, 3, 11, 9, b, 7, 2),
                 (1, 2, 13, 13, 2 * b, 7, 1),
                 (2, 3, 4, 3, 2 * b, 7, 2),
+                // 1×1 (the projections of training on blocked tensors): each tile, both strides, odd planes.
+                (3, b, 7, 9, 2 * b, 1, 2),
+                (2, 2 * b, 8, 8, b, 1, 1),
+                (2, 4, 5, 5, 2 * b, 1, 2),
+                (1, 4, 3, 3, b, 1, 1),
+                (2, 3, 6, 5, b, 1, 2),
             ];
             let tiles: Vec<_> = shapes
                 .iter()
@@ -498,10 +567,14 @@ mod tests {
                 Isa::Avx512 => &TILES_7X7[..],
                 _ => &TILES_7X7[1..],
             };
+            let pointwise = TILES_1X1
+                .iter()
+                .filter(|&&(f, ci)| isa == Isa::Avx512 || f * ci <= 8);
             let all = TILES
                 .iter()
                 .map(|&t| (3, t))
-                .chain(seven.iter().map(|&t| (7, t)));
+                .chain(seven.iter().map(|&t| (7, t)))
+                .chain(pointwise.map(|&t| (1, t)));
             assert!(all.clone().all(|t| tiles.contains(&t)), "{isa}: {tiles:?}");
             for (n, c_in, h, w, c_out, k, s) in shapes {
                 let out = |side: usize| (side + 2 * (k / 2) - k) / s + 1;
