@@ -51,12 +51,14 @@ thread_local! {
     static OUT_IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Weights small enough to stay in L2 beside the input rows (512 KB on Zen 3, 1–2 MB on Xeons).
-const L2_WEIGHT_BYTES: usize = 256 * 1024;
-
-/// Whether `values` f32 weights stay in L2 beside the input rows ([`L2_WEIGHT_BYTES`]).
+/// Whether `values` f32 weights stay in L2 beside the input rows: half of this CPU's L2 at most (256 KB on Zen
+/// 2 and 3, 512 KB on Zen 4, 1 MB on Xeons since Sapphire Rapids). It was 256 KB everywhere; with 1 MB, ResNet-50's
+/// layers called in turn, 150 rounds, each layer alternately both ways, median µs at batch 1 (Intel Xeon, 2 MB
+/// L2): 128→128 3×3/2 on 56×56 (590 KB of weights) 940 → 845, 256→512 1×1/2 on 56×56 (512 KB) 870 → 787, the other
+/// 12 layers level; at batch 16 (12 rounds) 256→512 1×1/2 14.4 → 11.9 ms, 512→512 3×3 on 7×7 (Winograd) 10.4 →
+/// 10.0, the others level. With 2 MB, 512→1024 1×1/2 on 28×28 (2 MB) ran 0.82×.
 fn weights_stay(values: usize) -> bool {
-    values * std::mem::size_of::<f32>() <= L2_WEIGHT_BYTES
+    values * std::mem::size_of::<f32>() <= crate::ops::cache_size::l2_bytes() / 2
 }
 
 /// Output pixels per image (uses of each weight per image) from which an NCHW input is padded image by image
@@ -82,7 +84,7 @@ const POINTWISE_SEGMENT_TILES: usize = 40;
 /// `bench --train --convs`, forward GFLOP/s, copy / in place (Intel Xeon, 2 FMA units, 3 alternated runs with
 /// AVX-512, 2 with AVX2): 64→128 on 56×56 141–146 / 190–207 (AVX2 90–92 / 120–121), 128→256 on 28×28 178–181
 /// / 205–210 (104–109 / 124–125); 256→512 on 14×14, 7-column rows, 171–179 / 148–151 in place. ResNet-50's
-/// (weights of 512 KB and 2 MB, beyond `L2_WEIGHT_BYTES`) at batch 16, blocked inference: 256→512 on 56×56
+/// (weights of 512 KB and 2 MB, then beyond `weights_stay`'s 256 KB) at batch 16, blocked inference: 256→512 on 56×56
 /// 231–236 / 211–214, 512→1024 on 28×28 268–273 / 222–223 in place.
 const STRIDED_POINTWISE_MIN_WIDTH: usize = 14;
 
