@@ -6,10 +6,10 @@
 //! forces one) and which convolution algorithm runs for a shape ([`conv::Algorithm::choose`]).
 //!
 //! Imports go one way: `conv` (the ops and the dispatch) uses the algorithm files (`blocked`, `strided_pointwise`,
-//! `winograd`), which use the helpers (`gemm`, `taps`, `simd`, `cpu_slice`, `isa`, `cache_size`, `parallel`: every op's parallel
-//! loops run on its kernel threads); nothing here uses the model.
-//! A CIFAR net of the first paper trains on channel-blocked tensors between its stem and its head
-//! (`channel_blocks`), which `conv`, `batch_norm` and `zero_pad_shortcut` read as they are.
+//! `winograd`), which use the helpers (`gemm`, `taps`, `simd`, `cpu_slice`, `isa`, `cache_size`, `parallel`: every op's
+//! parallel loops run on its kernel threads); nothing here uses the model. A CIFAR net of the first paper trains on
+//! channel-blocked tensors between its stem and its head (`channel_blocks`), which `conv`, `batch_norm` and
+//! `zero_pad_shortcut` read as they are.
 
 pub(crate) mod add_relu;
 pub mod batch_norm;

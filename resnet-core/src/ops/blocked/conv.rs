@@ -30,12 +30,11 @@ const CHUNK_CHANNELS: usize = 64;
 /// Input channels per pass where a task takes several rows (see [`rows_per_task`]).
 const MULTI_ROW_CHUNK_CHANNELS: usize = 16;
 
-/// Tiles per row up to which a task of a forward takes several rows (see [`rows_per_task`]). ResNet-50's strided
-/// and 7×7 3×3 layers, one layer called alternately with one row and with several per task, 200 calls each at
-/// batch 1 (30 at 16),
-/// median GFLOP/s (Intel Xeon, 2 FMA units, 2 threads): 512→512 on 7×7 249 → 279 (b16 level), 512→512 /2 on
-/// 14×14 226 → 255 (b16 173 → 202), 256→256 /2 on 28×28 (3 tiles a row) 263 → 276 (b16 210 → 226), 128→128 /2
-/// on 56×56 (6) 235 → 251 (b16 233 → 247); CIFAR's 16-channel layers at b32 and b128 level or up to 1.04×.
+/// Tiles per row up to which a task of a forward takes several rows (see [`rows_per_task`]). ResNet-50's strided and
+/// 7×7 3×3 layers, one layer called alternately with one row and with several per task, 200 calls each at batch 1 (30
+/// at 16), median GFLOP/s (Intel Xeon, 2 FMA units, 2 threads): 512→512 on 7×7 249 → 279 (b16 level), 512→512 /2 on
+/// 14×14 226 → 255 (b16 173 → 202), 256→256 /2 on 28×28 (3 tiles a row) 263 → 276 (b16 210 → 226), 128→128 /2 on 56×56
+/// (6) 235 → 251 (b16 233 → 247); CIFAR's 16-channel layers at b32 and b128 level or up to 1.04×.
 const MULTI_ROW_TILES: usize = 6;
 
 /// Multiply-adds ×2 that one thread takes at least at a time.
@@ -83,9 +82,9 @@ const POINTWISE_SEGMENT_TILES: usize = 40;
 /// one or half a cache line) rather than subsampled into a copy first. ResNet-18's projections at batch 16 in
 /// `bench --train --convs`, forward GFLOP/s, copy / in place (Intel Xeon, 2 FMA units, 3 alternated runs with
 /// AVX-512, 2 with AVX2): 64→128 on 56×56 141–146 / 190–207 (AVX2 90–92 / 120–121), 128→256 on 28×28 178–181
-/// / 205–210 (104–109 / 124–125); 256→512 on 14×14, 7-column rows, 171–179 / 148–151 in place. ResNet-50's
-/// (weights of 512 KB and 2 MB, then beyond `weights_stay`'s 256 KB) at batch 16, blocked inference: 256→512 on 56×56
-/// 231–236 / 211–214, 512→1024 on 28×28 268–273 / 222–223 in place.
+/// / 205–210 (104–109 / 124–125); 256→512 on 14×14, 7-column rows, 171–179 / 148–151 in place. ResNet-50's at
+/// batch 16, blocked inference, with weights (512 KB, 2 MB) beyond what `weights_stay` then kept (256 KB):
+/// 256→512 on 56×56 231–236 / 211–214, 512→1024 on 28×28 268–273 / 222–223 in place; hence the rule below.
 const STRIDED_POINTWISE_MIN_WIDTH: usize = 14;
 
 /// A convolution with its weights packed for one kernel set, `ReLU?(conv(x) + bias (+ residual))`.

@@ -173,7 +173,7 @@ pub fn weight_grad(
         candle_core::bail!(
             "blocked weight gradient: input [{n}, {c_in}, {h}, {w}], output gradient {:?} \
              for [{n}, {c_out}, {oh}, {ow}], {k}×{k} kernel, stride {stride}: expected a kernel of \
-             {KERNELS:?} padded by half (or 1×1 with the input channels in blocks too), the output channels \
+             {KERNELS:?} padded by half (or 1×1 without padding), the output channels \
              and blocked operands in blocks of {b} and a CPU that runs {isa}",
             dy.dims()
         );
@@ -349,9 +349,9 @@ mod x86 {
     }
 }
 
-/// The tile's sums over one image: per kernel row, the accumulators run over every output pixel, then are
-/// stored (the group's first image) or added to the group's sums so far. The input is read in place: a tap in the zero border adds nothing, so
-/// rows in it are skipped, and the columns at the plane's edges take their taps one by one.
+/// The tile's sums over one image: per kernel row, the accumulators run over every output pixel, then are stored (the
+/// group's first image) or added to the group's sums so far. The input is read in place: a tap in the zero border adds
+/// nothing, so rows in it are skipped, and the columns at the plane's edges take their taps one by one.
 #[inline(always)]
 unsafe fn sum_tile<S: Simd, const F: usize, const CI: usize, const K: usize, const XL: usize>(
     tile: &Tile,
