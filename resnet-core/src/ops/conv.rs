@@ -178,7 +178,7 @@ impl Geometry {
     /// A 1×1 convolution without padding (the projection shortcuts, the bottleneck's 1×1 layers) on blocked
     /// tensors with AVX2 or AVX-512, channels in whole blocks: its forward by the blocked kernel, its input
     /// gradient the blocked kernel's 1×1 convolution of `dy` with Wᵀ (spread to every `stride`-th pixel), its
-    /// weight gradient the blocked weight-gradient tiles (`blocked::pointwise_weight_grad_applies`), both
+    /// weight gradient the blocked weight-gradient tiles (`blocked::weight_grad`, its 1×1 tiles), both
     /// operands read in place.
     fn trains_blocked_pointwise(&self, isa: Isa) -> bool {
         let lanes = blocked::lanes(isa);

@@ -55,7 +55,8 @@ thread_local! {
 /// layers called in turn, 150 rounds, each layer alternately both ways, median µs at batch 1 (Intel Xeon, 2 MB
 /// L2): 128→128 3×3/2 on 56×56 (590 KB of weights) 940 → 845, 256→512 1×1/2 on 56×56 (512 KB) 870 → 787, the other
 /// 12 layers level; at batch 16 (12 rounds) 256→512 1×1/2 14.4 → 11.9 ms, 512→512 3×3 on 7×7 (Winograd) 10.4 →
-/// 10.0, the others level. With 2 MB, 512→1024 1×1/2 on 28×28 (2 MB) ran 0.82×.
+/// 10.0, the others level. With 2 MB, 512→1024 1×1/2 on 28×28 (2 MB) ran 0.82×. Not measured on AMD: there the
+/// bound moved from 256 KB to 512 KB on Zen 4 and stayed on Zen 2 and 3.
 fn weights_stay(values: usize) -> bool {
     values * std::mem::size_of::<f32>() <= crate::ops::cache_size::l2_bytes() / 2
 }

@@ -23,4 +23,4 @@ pub use pool::{max_pool, zero_pad_shortcut, zero_pad_shortcut_values};
 pub use strided_input_grad::{
     strided_input_grad_3x3_blocked, strided_input_grad_3x3_nchw, strided_input_grad_applies,
 };
-pub use weight_grad::{pointwise_weight_grad_applies, weight_grad, weight_grad_applies};
+pub use weight_grad::{weight_grad, weight_grad_applies};

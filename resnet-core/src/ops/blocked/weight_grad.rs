@@ -60,7 +60,7 @@ pub fn weight_grad_applies(
 /// `c_in` to `c_out` channels on `isa`: output channels in whole blocks. Training on blocked tensors sends its
 /// projections here (`ops::conv`); an NCHW one's GEMM reads its operands in place. ResNet-18's projections at
 /// batch 16 against GEMM on NCHW copies of both operands, GFLOP/s: see [`TILES_1X1`].
-pub fn pointwise_weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> bool {
+fn pointwise_weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> bool {
     c_in > 0 && c_out.is_multiple_of(lanes(isa))
 }
 
@@ -69,7 +69,8 @@ pub fn pointwise_weight_grad_applies(isa: Isa, c_in: usize, c_out: usize) -> boo
 /// --convs`, Intel Xeon, 2 FMA units, 2 alternated runs), GFLOP/s, GEMM on NCHW copies / these tiles with one
 /// task per channel group / one task per tile, all channel groups image by image (`weight_grad`): 64→128 on
 /// 56×56 88–90 / 115–119 / 138–140, 128→256 on 28×28 121–135 / 156–158 / 165–168, 256→512 on 14×14 148–151 /
-/// 179–182 / 159–170.
+/// 179–182 / 159–170. With AVX2 ((2, 4)), GEMM / one task per tile (one alternated pair of runs): 64→128 64 / 69–72,
+/// 128→256 84 / 83–86, 256→512 101 / 96.
 const TILES_1X1: [(usize, usize); 5] = [(2, 8), (2, 4), (1, 8), (1, 4), (1, 1)];
 
 /// The register tiles of 3×3, `(F, CI)`: `F` output blocks × `CI` input channels × 3 kernel columns, best
@@ -97,11 +98,6 @@ fn tile_shape(
     if kernel == 3 && x_blocked && isa == Isa::Avx512 && c_in.is_multiple_of(TILE_BLOCKED_INPUT.1) {
         return TILE_BLOCKED_INPUT;
     }
-    let fits = |(f, ci): (usize, usize)| match kernel {
-        3 => true,
-        1 => isa == Isa::Avx512 || f * ci <= 8,
-        _ => isa == Isa::Avx512 || f * ci == 1,
-    };
     let tiles: &[(usize, usize)] = match kernel {
         1 => &TILES_1X1,
         3 => &TILES,
@@ -110,8 +106,24 @@ fn tile_shape(
     tiles
         .iter()
         .copied()
-        .find(|&(f, ci)| fits((f, ci)) && c_out.is_multiple_of(f * b) && c_in.is_multiple_of(ci))
+        .find(|&(f, ci)| {
+            tile_fits(isa, kernel, (f, ci))
+                && c_out.is_multiple_of(f * b)
+                && c_in.is_multiple_of(ci)
+        })
         .unwrap_or((1, 1))
+}
+
+/// Whether a `kernel`×`kernel` tile of `F` output blocks × `CI` input channels keeps its accumulators, the `F`
+/// output-gradient vectors and a broadcast in `isa`'s registers: 3×3 tiles are sized for AVX2's 16; 1×1 ones take
+/// 8 accumulators at most there, 7×7 ones one (7 accumulators); AVX-512's 32 registers hold every listed tile.
+fn tile_fits(isa: Isa, kernel: usize, (f, ci): (usize, usize)) -> bool {
+    match kernel {
+        3 => true,
+        _ if isa == Isa::Avx512 => true,
+        1 => f * ci <= 8,
+        _ => f * ci == 1,
+    }
 }
 
 /// What one kernel call reads and writes: the tile of `F` output blocks (tile `t`) and `CI` input channels
@@ -531,18 +543,10 @@ mod tests {
                 .iter()
                 .map(|&(_, c_in, _, _, c_out, k, _)| (k, tile_shape(isa, k, (c_in, false), c_out)))
                 .collect();
-            let seven = match isa {
-                Isa::Avx512 => &TILES_7X7[..],
-                _ => &TILES_7X7[1..],
-            };
-            let pointwise = TILES_1X1
-                .iter()
-                .filter(|&&(f, ci)| isa == Isa::Avx512 || f * ci <= 8);
-            let all = TILES
-                .iter()
-                .map(|&t| (3, t))
-                .chain(seven.iter().map(|&t| (7, t)))
-                .chain(pointwise.map(|&t| (1, t)));
+            let all = (TILES.iter().map(|&t| (3, t)))
+                .chain(TILES_7X7.iter().map(|&t| (7, t)))
+                .chain(TILES_1X1.iter().map(|&t| (1, t)))
+                .filter(|&(k, t)| tile_fits(isa, k, t));
             assert!(all.clone().all(|t| tiles.contains(&t)), "{isa}: {tiles:?}");
             for (n, c_in, h, w, c_out, k, s) in shapes {
                 let out = |side: usize| (side + 2 * (k / 2) - k) / s + 1;
